@@ -1,0 +1,124 @@
+"""Pytree helpers on optree: flat vectors <-> parameter pytrees, and validation of vectors.
+
+Leaf order is the order a user sees: dicts keep their insertion order (so a module's
+parameter dict flattens in ``named_parameters()`` order), sequences their index order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = [
+    "as_tree",
+    "flatten",
+    "leaves",
+    "num_params",
+    "ravel",
+    "tree_map",
+    "unflatten",
+    "unravel",
+]
+
+PyTree = Any
+_NAMESPACE = "curvfx"
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Leaves of ``tree`` (dicts in insertion order, ``None`` an empty subtree) and its spec."""
+    with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
+        return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: list[Any]) -> PyTree:
+    """Inverse of :func:`flatten`."""
+    return optree.tree_unflatten(spec, leaves)
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """Leaves of ``tree`` in :func:`flatten` order."""
+    return flatten(tree)[0]
+
+
+def tree_map(fn, tree: PyTree, *rest: PyTree) -> PyTree:
+    """Apply ``fn`` leafwise over ``tree`` and trees of the same structure ``rest``."""
+    leaves_, spec = flatten(tree)
+    others = [spec.flatten_up_to(r) for r in rest]
+    return unflatten(spec, [fn(*args) for args in zip(leaves_, *others)])
+
+
+def num_params(tree: PyTree) -> int:
+    """P, the total number of entries over the leaves of ``tree``."""
+    return sum(leaf.numel() for leaf in leaves(tree))
+
+
+def ravel(tree: PyTree) -> Tensor:
+    """Concatenate the leaves of ``tree``, each flattened, into a vector [P].
+
+    A leading batch dimension can be kept with :func:`torch.func.vmap` over ``ravel``.
+    """
+    parts = [leaf.reshape(-1) for leaf in leaves(tree)]
+    if not parts:
+        raise ValueError("ravel: the pytree has no tensor leaves")
+    return torch.cat(parts)
+
+
+def unravel(flat: Tensor, like: PyTree) -> PyTree:
+    """Inverse of :func:`ravel`: split ``flat`` [P] into a pytree shaped like ``like``."""
+    flat_leaves, spec = flatten(like)
+    sizes = [leaf.numel() for leaf in flat_leaves]
+    chunks = torch.split(flat, sizes)
+    return unflatten(spec, [c.reshape(leaf.shape) for c, leaf in zip(chunks, flat_leaves)])
+
+
+def as_tree(v: PyTree | Tensor, params: PyTree, name: str = "v") -> tuple[PyTree, bool]:
+    """Return ``v`` as a pytree shaped like ``params`` and whether it was given flat.
+
+    ``v`` is either a pytree with the structure and leaf shapes of ``params`` or a
+    flat tensor of length P. dtype and device must match ``params`` leaf by leaf.
+
+    Raises:
+        TypeError: If ``v`` is neither a tensor nor a pytree of tensors.
+        ValueError: On a structure, shape, dtype or device mismatch; the message names
+            ``name``, the offending leaf and both shapes.
+    """
+    param_leaves, spec = flatten(params)
+    if not param_leaves:
+        raise ValueError("params has no tensor leaves")
+    params_flat_like = len(param_leaves) == 1 and param_leaves[0].dim() == 1
+    if isinstance(v, Tensor) and not (params_flat_like and isinstance(params, Tensor)):
+        total = sum(p.numel() for p in param_leaves)
+        if v.dim() != 1 or v.shape[0] != total:
+            raise ValueError(
+                f"{name}: a flat vector must have shape [P] = [{total}], got {list(v.shape)}"
+            )
+        _check_dtype_device(v, param_leaves[0], name)
+        return unravel(v, params), True
+    try:
+        v_leaves = spec.flatten_up_to(v)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name}: structure does not match params; expected {spec}, got {flatten(v)[1]}"
+        ) from err
+    with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
+        paths = optree.tree_paths(params, none_is_leaf=False, namespace=_NAMESPACE)
+    for path, leaf, p in zip(paths, v_leaves, param_leaves):
+        where = f"{name}{''.join(f'[{k!r}]' for k in path)}"
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{where}: expected a tensor, got {type(leaf).__name__}")
+        if leaf.shape != p.shape:
+            raise ValueError(
+                f"{where}: shape {list(leaf.shape)} does not match the parameter's {list(p.shape)}"
+            )
+        _check_dtype_device(leaf, p, where)
+    return v, False
+
+
+def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:
+    if v.dtype != p.dtype:
+        raise ValueError(f"{where}: dtype {v.dtype} does not match params dtype {p.dtype}")
+    if v.device != p.device:
+        raise ValueError(f"{where}: device {v.device} does not match params device {p.device}")

@@ -1,0 +1,114 @@
+"""Turn an ``nn.Module`` into a pure function ``fn(params, x)`` over a dict of parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch  # noqa: F401  (used by the doctest)
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["FunctionalModel", "as_function", "call_with_inputs", "make_functional"]
+
+
+def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor]]:
+    """Split ``model`` into a pure function and its trainable parameters.
+
+    Returns ``(fn, params)`` with ``fn(params, x) == model(x)`` for the parameter values
+    in ``params``. ``params`` maps each trainable parameter's name to a detached tensor
+    sharing the parameter's storage, in ``named_parameters()`` order; a tied parameter
+    appears once, under its first name.
+
+    ``fn`` is pure:
+
+    * parameters with ``requires_grad=False`` are not in ``params``; ``fn`` uses the
+      model's current values of them;
+    * buffers are used, but ``fn`` passes copies of them to the module, so a forward
+      that updates buffers in place (BatchNorm in train mode updates its running
+      statistics) leaves the model's buffers unchanged;
+    * the module's mode (``train()``/``eval()``) at call time decides its behaviour,
+      as in ``model(x)``.
+
+    Several inputs: ``x`` is passed as ``model(x)`` when it is a tensor,
+    ``model(*x)`` when it is a tuple or list, and ``model(**x)`` when it is a mapping
+    (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``). A model whose
+    single input is itself a tuple needs a small wrapper module.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> fn, params = make_functional(model)
+        >>> list(params)
+        ['weight', 'bias']
+        >>> x = torch.randn(4, 3)
+        >>> torch.equal(fn(params, x), model(x))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    fn = FunctionalModel(model)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return fn, params
+
+
+class FunctionalModel:
+    """Pure function ``fn(params, x)`` over an ``nn.Module`` (built by :func:`make_functional`).
+
+    Attributes:
+        module: The wrapped module (not copied; its frozen parameters and buffers are read
+            at call time).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
+        """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
+        frozen = {
+            name: p.detach() for name, p in self.module.named_parameters() if not p.requires_grad
+        }
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        return call_with_inputs(
+            lambda *args, **kwargs: functional_call(
+                self.module, (dict(params), frozen, buffers), args, kwargs
+            ),
+            x,
+        )
+
+    @property
+    def couples_samples(self) -> bool:
+        """Whether a forward pass mixes samples of the batch (BatchNorm in train mode)."""
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            for m in self.module.modules()
+        )
+
+    def __repr__(self) -> str:
+        return f"FunctionalModel({type(self.module).__name__})"
+
+
+def call_with_inputs(fn, x: Any) -> Any:
+    """Call ``fn(x)``, ``fn(*x)`` or ``fn(**x)`` for a tensor, sequence or mapping ``x``."""
+    if isinstance(x, Mapping):
+        return fn(**x)
+    if isinstance(x, (tuple, list)):
+        return fn(*x)
+    return fn(x)
+
+
+def as_function(fn: Any, params: Any) -> tuple[Any, Any]:
+    """Normalize ``(model_or_fn, params)`` to a pure ``fn(params, x)`` and its params.
+
+    A module is made functional; ``params=None`` then means its trainable parameters.
+    A callable is used as is and needs ``params``.
+    """
+    if isinstance(fn, nn.Module):
+        pure, own = make_functional(fn)
+        return pure, own if params is None else params
+    if not callable(fn):
+        raise TypeError(
+            f"fn: expected an nn.Module or a callable fn(params, x), got {type(fn).__name__}"
+        )
+    if params is None:
+        raise ValueError("params: required when fn is a pure function, not an nn.Module")
+    return fn, params
