@@ -235,6 +235,11 @@ def _x_two(generator):
     return (randn(generator, N, 4), randn(generator, N, 2))
 
 
+def _x_two_dict(generator):
+    a, b = _x_two(generator)
+    return {"b": b, "a": a}
+
+
 _CLASS_WEIGHT = torch.tensor([0.5, 2.0, 1.25], dtype=DTYPE)
 
 CASES: list[Case] = [
@@ -257,9 +262,7 @@ CASES: list[Case] = [
     ),
     Case(
         "mlp_relu-ce_sum",
-        _module_case(
-            lambda: mlp(nn.ReLU), lambda: nn.CrossEntropyLoss(reduction="sum"), _x_vec, _y_cls
-        ),
+        _module_case(lambda: mlp(nn.ReLU), lambda: nn.CrossEntropyLoss(reduction="sum"), _x_vec, _y_cls),
         seed=4,
     ),
     Case(
@@ -310,7 +313,13 @@ CASES: list[Case] = [
         seed=11,
         mse=True,
     ),
-    Case("pytree_fn-mse_sum", _pure_case(lambda: nn.MSELoss(reduction="sum"), _y_reg), seed=12, mse=True, pure=True),
+    Case(
+        "pytree_fn-mse_sum",
+        _pure_case(lambda: nn.MSELoss(reduction="sum"), _y_reg),
+        seed=12,
+        mse=True,
+        pure=True,
+    ),
     Case("pytree_fn-bce_mean", _pure_case(nn.BCEWithLogitsLoss, _y_bin), seed=13, pure=True),
     Case(
         "two_inputs-ce_sum",
@@ -324,15 +333,18 @@ CASES: list[Case] = [
         mse=True,
     ),
     Case(
+        "two_inputs_dict-ce_mean",
+        _module_case(TwoInputNet, nn.CrossEntropyLoss, _x_two_dict, _y_cls),
+        seed=29,
+    ),
+    Case(
         "sequence-ce_mean",
         _module_case(sequence_net, nn.CrossEntropyLoss, lambda g: randn(g, 4, 2, 5), _y_seq),
         seed=16,
     ),
     Case(
         "sequence-ce_ignore_mean",
-        _module_case(
-            sequence_net, nn.CrossEntropyLoss, lambda g: randn(g, 4, 2, 5), _y_seq_ignore
-        ),
+        _module_case(sequence_net, nn.CrossEntropyLoss, lambda g: randn(g, 4, 2, 5), _y_seq_ignore),
         seed=17,
     ),
     Case(
@@ -367,9 +379,7 @@ CASES: list[Case] = [
     ),
     Case(
         "mlp_tanh-ce_label_smoothing_mean",
-        _module_case(
-            lambda: mlp(nn.Tanh), lambda: nn.CrossEntropyLoss(label_smoothing=0.2), _x_vec, _y_cls
-        ),
+        _module_case(lambda: mlp(nn.Tanh), lambda: nn.CrossEntropyLoss(label_smoothing=0.2), _x_vec, _y_cls),
         seed=21,
     ),
     Case(
@@ -411,9 +421,7 @@ CASES: list[Case] = [
     ),
     Case(
         "linear-ce_sum",
-        _module_case(
-            lambda: nn.Linear(4, 3), lambda: nn.CrossEntropyLoss(reduction="sum"), _x_vec, _y_cls
-        ),
+        _module_case(lambda: nn.Linear(4, 3), lambda: nn.CrossEntropyLoss(reduction="sum"), _x_vec, _y_cls),
         seed=28,
         linear=True,
     ),
@@ -421,6 +429,15 @@ CASES: list[Case] = [
 
 CASES_BY_NAME: dict[str, Case] = {case.name: case for case in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
+
+
+def call_model(model: nn.Module, x: Any) -> Tensor:
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, tuple/list or dict input."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
 
 
 def slice_batch(x: Any, start: int, stop: int) -> Any:

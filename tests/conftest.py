@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cases import CASES
 from dense import dense_truth
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import optree
 import torch
+from cases import CASES_BY_NAME, Case, Problem, slice_batch
 from torch import Tensor
 from torch.func import functional_call, jacrev
-
-from cases import CASES_BY_NAME, Case, Problem, slice_batch
 
 # ---------------------------------------------------------------------------------------
 # pytree <-> flat (our own order: optree's leaf order, used only inside this module)
@@ -55,9 +54,7 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
 
 def random_like(tree: Any, generator: torch.Generator) -> Any:
     """Standard normal pytree shaped like ``tree`` (same dtype)."""
-    return tree_map(
-        lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype), tree
-    )
+    return tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype), tree)
 
 
 def tree_dot(a: Any, b: Any) -> Tensor:
@@ -69,9 +66,7 @@ def same_structure(a: Any, b: Any) -> bool:
     """Whether two pytrees have the same structure and leaf shapes."""
     sa = optree.tree_structure(a, none_is_leaf=False)
     sb = optree.tree_structure(b, none_is_leaf=False)
-    return sa == sb and all(
-        x.shape == y.shape for x, y in zip(tree_leaves(a), tree_leaves(b))
-    )
+    return sa == sb and all(x.shape == y.shape for x, y in zip(tree_leaves(a), tree_leaves(b)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,11 +129,7 @@ def truth_function(problem: Problem) -> tuple[Callable[[Any, Any], Tensor], Any]
         params = tree_map(lambda t: t.detach().clone(), problem.pure_params)
         return problem.pure_fn, params
     model = copy.deepcopy(problem.model)
-    params = {
-        name: p.detach().clone()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
 
     def fn(p: Any, x: Any) -> Tensor:
@@ -221,20 +212,16 @@ class DenseTruth:
             g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, leaves)]
             grads.append(g)
         stacked = [torch.stack(gs) for gs in zip(*grads)]
-        return optree.tree_unflatten(
-            optree.tree_structure(self.params, none_is_leaf=False), stacked
-        )
+        return optree.tree_unflatten(optree.tree_structure(self.params, none_is_leaf=False), stacked)
 
     @functools.cached_property
     def per_sample_jacobians(self) -> Any:
         """Pytree like params, leaves [N, *out_shape, *shape]: ∂ f(x[n:n+1])[0] / ∂θ."""
         p = self.problem
-        per_n = [
-            jacrev(lambda theta, xn=slice_batch(p.x, n, n + 1): self.fn(theta, xn)[0])(
-                self.params
-            )
-            for n in range(p.num_samples)
-        ]
+        per_n = []
+        for n in range(p.num_samples):
+            xn = slice_batch(p.x, n, n + 1)
+            per_n.append(jacrev(lambda theta, xn=xn: self.fn(theta, xn)[0])(self.params))
         return tree_map(lambda *js: torch.stack(js), *per_n)
 
 

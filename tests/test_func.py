@@ -6,10 +6,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
-import curvfx
-from cases import CASES, TiedNet, TwoInputNet, frozen_mlp
+from cases import CASES, TiedNet, TwoInputNet, call_model, frozen_mlp
 from dense import (
     assert_close_rel,
     dense_truth,
@@ -28,6 +25,9 @@ from helpers import (
     loss_of_params,
     unchanged,
 )
+from torch import nn
+
+import curvfx
 
 # ---------------------------------------------------------------------------------------
 # the dense truths agree with each other (so a failure below is about curvfx)
@@ -37,9 +37,7 @@ def test_dense_truth_outputs_match_model(case, problem, dense):
     if problem.model is None:
         expected = problem.pure_fn(problem.pure_params, problem.x)
     else:
-        model = copy.deepcopy(problem.model)
-        x = problem.x
-        expected = model(*x) if isinstance(x, tuple) else model(x)
+        expected = call_model(copy.deepcopy(problem.model), problem.x)
     assert_close_rel(dense.outputs, expected.detach(), tol=1e-14)
 
 
@@ -69,7 +67,7 @@ def test_dense_hessian_is_symmetric_and_nonzero(case, dense):
 
 def test_make_functional_params_in_named_parameters_order(module_case):
     problem = module_case.make()
-    fn, params = curvfx.make_functional(problem.model)
+    _, params = curvfx.make_functional(problem.model)
     trainable = [(n, p) for n, p in problem.model.named_parameters() if p.requires_grad]
     assert isinstance(params, dict)
     assert list(params) == [n for n, _ in trainable]
@@ -79,9 +77,8 @@ def test_make_functional_params_in_named_parameters_order(module_case):
 
 def test_make_functional_matches_model_and_leaves_state(module_case):
     problem = module_case.make()
-    reference = copy.deepcopy(problem.model)
     x = problem.x
-    expected = reference(*x) if isinstance(x, tuple) else reference(x)
+    expected = call_model(copy.deepcopy(problem.model), x)
     fn, params = curvfx.make_functional(problem.model)
     with unchanged(problem, params):
         out = fn(params, x)
@@ -186,6 +183,25 @@ def test_ravel_unravel_round_trip(case, problem):
     assert_close_rel(back, v, tol=0.0, atol=0.0)
 
 
+@pytest.mark.parametrize("strategy", HVP_STRATEGIES)
+@pytest.mark.parametrize("shape", [(5,), (2, 3)], ids=["vector", "matrix"])
+def test_hvp_with_a_single_tensor_as_params(shape, strategy):
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    A = torch.randn(w.numel(), w.numel(), generator=g, dtype=torch.float64)
+
+    def f(t):
+        flat = t.reshape(-1)
+        return torch.tanh(A @ flat).sum() + (flat**4).sum()
+
+    H = torch.autograd.functional.hessian(f, w).reshape(w.numel(), w.numel())
+    v = torch.randn(shape, generator=g, dtype=torch.float64)
+    Hv = curvfx.hvp(f, w, v, strategy=strategy)
+    assert_close_rel(Hv, (H @ v.reshape(-1)).reshape(shape))
+    Hv_flat = curvfx.hvp(f, w, v.reshape(-1), strategy=strategy)
+    assert_close_rel(Hv_flat, H @ v.reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------
 # ggn_vp
 
@@ -215,9 +231,7 @@ def test_ggn_vp_accepts_module_as_fn(module_case, strategy):
     _, params = curvfx.make_functional(problem.model)
     v = random_like(params, torch.Generator().manual_seed(5))
     with unchanged(problem, params):
-        Gv = curvfx.ggn_vp(
-            problem.model, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy
-        )
+        Gv = curvfx.ggn_vp(problem.model, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy)
     assert_close_rel(Gv, dense.ggn_vp(v))
 
 
@@ -271,12 +285,14 @@ def test_per_sample_jacobian_matches_jacrev(independent_case, chunk_size):
     assert_close_rel(jac, dense.per_sample_jacobians, tol=1e-12)
 
 
-def test_per_sample_grad_rejects_batchnorm_in_train_mode():
+def test_per_sample_transforms_reject_batchnorm_in_train_mode():
     case = next(c for c in CASES if c.batchnorm_train)
     problem = case.make()
     fn, params = functional(problem)
     with pytest.raises(ValueError, match=r"(?i)batch ?norm|train"):
         curvfx.per_sample_grad(fn, problem.loss_fn, params, problem.x, problem.y)
+    with pytest.raises(ValueError, match=r"(?i)batch ?norm|train"):
+        curvfx.per_sample_jacobian(fn, params, problem.x)
 
 
 def test_per_sample_grad_batchnorm_eval_mode_is_fine():
@@ -324,9 +340,7 @@ def test_vmap_of_ggn_vp_gives_ggn_columns(problem, dense, strategy):
     GV = torch.func.vmap(
         lambda v: curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy)
     )(V)
-    expected = torch.stack(
-        [curvfx.ravel(dense.ggn_vp(curvfx.unravel(v, params))) for v in V]
-    )
+    expected = torch.stack([curvfx.ravel(dense.ggn_vp(curvfx.unravel(v, params))) for v in V])
     assert GV.shape == V.shape
     assert_close_rel(GV, expected)
 
@@ -346,10 +360,14 @@ def test_vmap_of_hvp_over_pytree_columns(case, problem, dense):
 # no side effects
 
 
-_OPS = [f"hvp-{s}" for s in HVP_STRATEGIES] + [f"ggn_vp-{s}" for s in GGN_STRATEGIES] + [
-    "per_sample_grad",
-    "per_sample_jacobian",
-]
+_OPS = (
+    [f"hvp-{s}" for s in HVP_STRATEGIES]
+    + [f"ggn_vp-{s}" for s in GGN_STRATEGIES]
+    + [
+        "per_sample_grad",
+        "per_sample_jacobian",
+    ]
+)
 
 
 @pytest.mark.parametrize("op", _OPS)
@@ -394,4 +412,3 @@ def test_dense_truths_are_not_trivially_equal():
     dense = dense_truth(next(c for c in CASES if c.name == "mlp_tanh-ce_weight_mean"))
     assert rel_err(dense.ggn, dense.hessian) > 1e-3
     assert len(tree_leaves(dense.per_sample_grads)) == 4
-

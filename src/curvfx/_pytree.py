@@ -21,6 +21,7 @@ __all__ = [
     "tree_map",
     "unflatten",
     "unravel",
+    "unsqueeze_leaves",
 ]
 
 PyTree = Any
@@ -88,13 +89,10 @@ def as_tree(v: PyTree | Tensor, params: PyTree, name: str = "v") -> tuple[PyTree
     param_leaves, spec = flatten(params)
     if not param_leaves:
         raise ValueError("params has no tensor leaves")
-    params_flat_like = len(param_leaves) == 1 and param_leaves[0].dim() == 1
-    if isinstance(v, Tensor) and not (params_flat_like and isinstance(params, Tensor)):
+    if isinstance(v, Tensor) and not (isinstance(params, Tensor) and v.shape == params.shape):
         total = sum(p.numel() for p in param_leaves)
         if v.dim() != 1 or v.shape[0] != total:
-            raise ValueError(
-                f"{name}: a flat vector must have shape [P] = [{total}], got {list(v.shape)}"
-            )
+            raise ValueError(f"{name}: a flat vector must have shape [P] = [{total}], got {list(v.shape)}")
         _check_dtype_device(v, param_leaves[0], name)
         return unravel(v, params), True
     try:
@@ -122,3 +120,8 @@ def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:
         raise ValueError(f"{where}: dtype {v.dtype} does not match params dtype {p.dtype}")
     if v.device != p.device:
         raise ValueError(f"{where}: device {v.device} does not match params device {p.device}")
+
+
+def unsqueeze_leaves(tree: PyTree) -> PyTree:
+    """Every tensor leaf with a new leading dimension of size 1 (one sample as a batch of one)."""
+    return tree_map(lambda t: t.unsqueeze(0), tree)

@@ -23,18 +23,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, vmap
 
-from curvfx._pytree import as_tree, flatten, leaves, ravel, tree_map, unflatten
+from curvfx import _engines
+from curvfx._errors import describe
+from curvfx._factors import FISHER_KINDS, factor_product, output_factor
+from curvfx._pytree import as_tree, leaves, ravel, unsqueeze_leaves
 from curvfx.functional import as_function
 from curvfx.losses import get_loss
 
-__all__ = ["ggn_vp", "hvp", "per_sample_grad", "per_sample_jacobian"]
+__all__ = [
+    "fisher_vp",
+    "ggn_vp",
+    "hvp",
+    "model_jvp",
+    "model_vjp",
+    "per_sample_grad",
+    "per_sample_jacobian",
+]
 
 PyTree = Any
-HVP_STRATEGIES = ("auto", "autograd", "rev-rev", "fwd-rev")
+HVP_STRATEGIES = ("auto", "autograd", "rev-rev", "fwd-rev")  # documented in hvp
 GGN_STRATEGIES = ("auto", "autograd", "forward-ad", "func")
 
 
@@ -67,21 +77,8 @@ def hvp(
         tensor([6., 0.])
     """
     tree, flat = as_tree(v, params)
-    engine = _pick(strategy, HVP_STRATEGIES, eager="autograd", composable="rev-rev")
-    if engine == "autograd":
-        out = _hvp_autograd(f, params, tree)
-    elif engine == "rev-rev":
-        out = vjp(grad(_scalar(f)), params)[1](tree)[0]
-    else:
-        try:
-            out = jvp(grad(_scalar(f)), (params,), (tree,))[1]
-        except RuntimeError as err:
-            if "ZeroTensors are immutable" not in str(err):
-                raise
-            raise ValueError(
-                "strategy: 'fwd-rev' cannot differentiate this function in this torch "
-                "version (ZeroTensors are immutable, e.g. F.mse_loss); use 'rev-rev' or 'autograd'"
-            ) from err
+    engine = _engines.pick(strategy, HVP_STRATEGIES, eager="autograd", composable="rev-rev")
+    out = _engines.hessian_vp(f, params, tree, engine)
     return ravel(out) if flat else out
 
 
@@ -133,17 +130,109 @@ def ggn_vp(
     loss = get_loss(loss_fn)
     tree, flat = as_tree(v, params)
     _check_batch(x, y)
-    engine = _pick(strategy, GGN_STRATEGIES, eager="autograd", composable="func")
-    if engine == "autograd":
-        out = _ggn_vp_autograd(fn, loss, params, x, y, tree)
-    elif engine == "forward-ad":
-        out = _ggn_vp_forward_ad(fn, loss, params, x, y, tree)
-    else:
-        outputs, vjp_fn = vjp(lambda p: fn(p, x), params)
-        loss.check(outputs, y)
-        jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((tree,))[0]  # Jv: transpose of u -> Jᵀu
-        out = vjp_fn(loss.hessian_vp(outputs, y, jv))[0]  # Jᵀ H Jv
+    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="autograd", composable="func")
+    out = _engines.gauss_newton_vp(
+        lambda p: fn(p, x),
+        params,
+        tree,
+        lambda f, u: loss.hessian_vp(f, y, u),  # H_f u
+        lambda f: loss.check(f, y),
+        engine,
+    )
     return ravel(out) if flat else out
+
+
+def fisher_vp(
+    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
+    loss_fn: Any,
+    params: PyTree,
+    x: Any,
+    y: Tensor,
+    v: PyTree | Tensor,
+    *,
+    kind: str = "exact",
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    strategy: str = "auto",
+) -> PyTree | Tensor:
+    """Fisher-vector product ``F v = Σ_n J_nᵀ F_n J_n v`` of the loss as written.
+
+    ``kind`` chooses the output-space matrix ``F_n`` of sample n (Z is the loss's
+    normalizer, ``L = (1/Z) Σ ℓ`` for the mean, Z = 1 for the sum):
+
+    * ``"exact"``: ``F_n = c E_{ỹ ~ p(·|f_n)}[∇_f ℓ ∇_f ℓᵀ]`` from the loss's Fisher factor
+      (equals the GGN for MSE, cross-entropy and BCE with logits);
+    * ``"empirical"``: ``F_n = Z ∇_{f_n} L ∇_{f_n} Lᵀ`` at the given targets ``y``, so
+      ``F = Z Σ_n ∇_θ L_n ∇_θ L_nᵀ`` with ``L_n`` sample n's term of L (for the mean
+      ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ``): per-sample gradients, never the squared batch gradient;
+    * ``"mc"``: the empirical formula at ``num_samples`` targets per sample drawn from the
+      model's predictive (``generator``), averaged; an unbiased estimate of ``"exact"``.
+
+    J is never formed: one forward pass, one Jv, the output-space product, one backward pass
+    (engines as in :func:`ggn_vp`). Per-sample gradients are not materialized either.
+
+    Returns:
+        ``F v`` in the form of ``v``.
+
+    Raises:
+        ValueError: If ``kind`` is unknown, ``num_samples`` is not a positive int, the loss
+            has no Fisher for this kind (e.g. a generic callable with ``"exact"``/``"mc"``),
+            or as :func:`ggn_vp`.
+    """
+    fn, params = as_function(fn, params)
+    loss = get_loss(loss_fn)
+    tree, flat = as_tree(v, params)
+    _check_batch(x, y)
+    check_fisher_kind(kind, num_samples)
+    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="autograd", composable="func")
+    out = _engines.gauss_newton_vp(
+        lambda p: fn(p, x),
+        params,
+        tree,
+        lambda f, u: factor_product(output_factor(loss, f, y, kind, num_samples, generator), u),
+        lambda f: loss.check(f, y),
+        engine,
+    )
+    return ravel(out) if flat else out
+
+
+def model_jvp(
+    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
+    params: PyTree,
+    x: Any,
+    v: PyTree | Tensor,
+) -> Tensor:
+    """Jacobian-vector product of the model, ``J v`` [shaped like the outputs], J = ∂f/∂θ.
+
+    Forward-mode AD (dual numbers; ``torch.func.jvp`` inside transforms): one forward pass.
+    """
+    fn, params = as_function(fn, params)
+    tree, _ = as_tree(v, params)
+    _check_batch(x, None)
+    return _engines.model_jvp(lambda p: fn(p, x), params, tree)[1]
+
+
+def model_vjp(
+    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
+    params: PyTree,
+    x: Any,
+    u: Tensor,
+) -> PyTree:
+    """Vector-Jacobian product of the model, ``Jᵀ u`` as a pytree like ``params``.
+
+    ``u`` is shaped like the outputs ``fn(params, x)``. One forward and one backward pass.
+    """
+    fn, params = as_function(fn, params)
+    _check_batch(x, None)
+    return _engines.model_vjp(lambda p: fn(p, x), params, u)
+
+
+def check_fisher_kind(kind: str, num_samples: int) -> None:
+    """Validate a Fisher ``kind`` and ``num_samples`` (public-boundary check)."""
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"kind: expected one of {FISHER_KINDS}, got {kind!r}")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
 
 
 def per_sample_grad(
@@ -179,14 +268,14 @@ def per_sample_grad(
     _check_independent_samples(fn, "per_sample_grad")
 
     def sample_loss(p, xn, yn):
-        xb, yb = _as_batch_of_one(xn), yn.unsqueeze(0)
+        xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
         outputs = fn(p, xb)
         loss.check(outputs, yb)
         return loss(outputs, yb)
 
-    return vmap(
-        grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different"
-    )(params, x, y)
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different")(
+        params, x, y
+    )
 
 
 def per_sample_jacobian(
@@ -214,87 +303,11 @@ def per_sample_jacobian(
     _check_independent_samples(fn, "per_sample_jacobian")
 
     def sample_outputs(p, xn):
-        return fn(p, _as_batch_of_one(xn))[0]
+        return fn(p, unsqueeze_leaves(xn))[0]
 
-    return vmap(
-        jacrev(sample_outputs), in_dims=(None, 0), chunk_size=chunk_size, randomness="different"
-    )(params, x)
-
-
-def _pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str) -> str:
-    if strategy not in allowed:
-        raise ValueError(f"strategy: expected one of {allowed}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    return composable if _inside_transform() else eager
-
-
-def _inside_transform() -> bool:
-    """Whether we run under a ``torch.func`` transform (where ``torch.autograd`` cannot be used)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _scalar(f):
-    def checked(p):
-        value = f(p)
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise ValueError(f"f: must return a scalar tensor, got {_describe(value)}")
-        return value.reshape(())
-
-    return checked
-
-
-def _hvp_autograd(f, params, v):
-    p_leaves, spec = flatten(params)
-    v_leaves = spec.flatten_up_to(v)
-    with torch.enable_grad():
-        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
-        value = _scalar(f)(unflatten(spec, p))
-        g = torch.autograd.grad(value, p, create_graph=True, allow_unused=True)
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        hv = (
-            torch.autograd.grad(
-                [g[i] for i in live], p, grad_outputs=[v_leaves[i] for i in live], allow_unused=True
-            )
-            if live
-            else [None] * len(p)
-        )
-    return unflatten(spec, [torch.zeros_like(pi) if h is None else h for pi, h in zip(p, hv)])
-
-
-def _ggn_vp_autograd(fn, loss, params, x, y, v):
-    p_leaves, spec = flatten(params)
-    v_leaves = spec.flatten_up_to(v)
-    with torch.enable_grad():
-        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
-        outputs = fn(unflatten(spec, p), x)
-        loss.check(outputs, y)
-        u = torch.zeros_like(outputs, requires_grad=True)
-        jtu = torch.autograd.grad(outputs, p, u, create_graph=True, allow_unused=True)  # Jᵀu
-        live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
-        jv = (
-            torch.autograd.grad([jtu[i] for i in live], u, [v_leaves[i] for i in live])[0]
-            if live
-            else torch.zeros_like(outputs)
-        )  # Jv = ∂(Jᵀu)ᵀv/∂u
-        hjv = loss.hessian_vp(outputs.detach(), y, jv)  # H Jv
-        out = torch.autograd.grad(outputs, p, grad_outputs=hjv, allow_unused=True)  # Jᵀ H Jv
-    return unflatten(spec, [torch.zeros_like(pi) if o is None else o for pi, o in zip(p, out)])
-
-
-def _ggn_vp_forward_ad(fn, loss, params, x, y, v):
-    p_leaves, spec = flatten(params)
-    v_leaves = spec.flatten_up_to(v)
-    with torch.enable_grad(), fwad.dual_level():
-        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
-        duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, v_leaves)]
-        outputs, jv = fwad.unpack_dual(fn(unflatten(spec, duals), x))  # f, Jv
-        loss.check(outputs, y)
-        if jv is None:  # outputs do not depend on params
-            jv = torch.zeros_like(outputs)
-        hjv = loss.hessian_vp(outputs.detach(), y, jv.detach())  # H Jv
-        out = torch.autograd.grad(outputs, p, grad_outputs=hjv, allow_unused=True)  # Jᵀ H Jv
-    return unflatten(spec, [torch.zeros_like(pi) if o is None else o for pi, o in zip(p, out)])
+    return vmap(jacrev(sample_outputs), in_dims=(None, 0), chunk_size=chunk_size, randomness="different")(
+        params, x
+    )
 
 
 def _check_batch(x: Any, y: Tensor | None) -> None:
@@ -307,7 +320,7 @@ def _check_batch(x: Any, y: Tensor | None) -> None:
     if n == 0:
         raise ValueError("x: the batch is empty (N = 0)")
     if y is not None and (not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != n):
-        raise ValueError(f"y: expected targets with leading dimension N = {n}, got {_describe(y)}")
+        raise ValueError(f"y: expected targets with leading dimension N = {n}, got {describe(y)}")
 
 
 def _check_independent_samples(fn, transform: str) -> None:
@@ -316,13 +329,3 @@ def _check_independent_samples(fn, transform: str) -> None:
             f"fn: {transform} needs independent samples, but the model has BatchNorm in "
             "train mode (its batch statistics couple the samples); call model.eval()"
         )
-
-
-def _as_batch_of_one(xn: Any) -> Any:
-    return tree_map(lambda t: t.unsqueeze(0), xn)
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, Tensor):
-        return f"a tensor of shape {list(obj.shape)}"
-    return type(obj).__name__

@@ -64,9 +64,7 @@ class FunctionalModel:
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
-        frozen = {
-            name: p.detach() for name, p in self.module.named_parameters() if not p.requires_grad
-        }
+        frozen = {name: p.detach() for name, p in self.module.named_parameters() if not p.requires_grad}
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
         return call_with_inputs(
             lambda *args, **kwargs: functional_call(
@@ -79,8 +77,7 @@ class FunctionalModel:
     def couples_samples(self) -> bool:
         """Whether a forward pass mixes samples of the batch (BatchNorm in train mode)."""
         return any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-            for m in self.module.modules()
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules()
         )
 
     def __repr__(self) -> str:
@@ -106,9 +103,7 @@ def as_function(fn: Any, params: Any) -> tuple[Any, Any]:
         pure, own = make_functional(fn)
         return pure, own if params is None else params
     if not callable(fn):
-        raise TypeError(
-            f"fn: expected an nn.Module or a callable fn(params, x), got {type(fn).__name__}"
-        )
+        raise TypeError(f"fn: expected an nn.Module or a callable fn(params, x), got {type(fn).__name__}")
     if params is None:
         raise ValueError("params: required when fn is a pure function, not an nn.Module")
     return fn, params

@@ -51,7 +51,12 @@ __all__ = [
 
 
 class Loss:
-    """Interface of a loss with known output curvature (see the module docstring)."""
+    """Interface of a loss with known output curvature (see the module docstring).
+
+    The public methods validate their arguments and call the private ones a concrete
+    loss implements (``_hessian_vp``, and where known ``_hessian_factor``,
+    ``_fisher_factor``, ``_sample_targets``).
+    """
 
     name = "loss"
 
@@ -63,20 +68,57 @@ class Loss:
         """Raise ``ValueError`` if ``targets`` cannot be the targets of ``outputs``."""
         _check_batch(outputs)
 
+    def normalizer(self, targets: Tensor) -> Tensor | float:
+        """Z, the denominator of ``reduction="mean"`` (1 for ``"sum"``): ``L = (1/Z) Σ_i ℓ_i``.
+
+        Batches combine exactly with it: the loss of a concatenation of batches b is
+        ``Σ_b Z_b L_b / Σ_b Z_b`` for the mean.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is abstract")
+
     def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``∇²_f L · v`` for ``v`` shaped like ``outputs``."""
-        raise NotImplementedError(f"{type(self).__name__} is abstract")
+        self.check(outputs, targets)
+        if not isinstance(v, Tensor) or v.shape != outputs.shape:
+            raise ValueError(
+                f"v: expected a tensor shaped like the outputs {list(outputs.shape)}, "
+                f"got {getattr(v, 'shape', type(v).__name__)}"
+            )
+        return self._hessian_vp(outputs, targets, v)
 
     def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-sample factor ``S`` [K, *outputs.shape] of the output Hessian."""
-        raise ValueError(f"{self.name}: no symmetric factor of the output Hessian is known")
+        self.check(outputs, targets)
+        return self._hessian_factor(outputs, targets)
 
     def fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-sample factor ``S`` [K, *outputs.shape] of the output-space Fisher."""
+        self.check(outputs, targets)
+        return self._fisher_factor(outputs, targets)
+
+    def sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
+    ) -> Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs``.
+
+        ``observed`` (optional): the data's targets; positions they ignore (``ignore_index``)
+        stay ignored in the draw.
+        """
+        _check_batch(outputs)
+        if observed is not None:
+            self.check(outputs, observed)
+        return self._sample_targets(outputs, generator, observed=observed)
+
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is abstract")
+
+    def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise ValueError(f"{self.name}: no symmetric factor of the output Hessian is known")
+
+    def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         raise ValueError(f"{self.name}: no factor of the Fisher is known")
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Targets drawn from the model's predictive distribution at ``outputs``."""
+    def _sample_targets(self, outputs: Tensor, generator, *, observed) -> Tensor:
         raise ValueError(f"{self.name}: sampling targets from its predictive is not supported")
 
 
@@ -101,24 +143,28 @@ class MSELoss(Loss):
         _check_batch(outputs)
         _check_same_shape(outputs, targets, self.name)
 
-    def _scale(self, outputs: Tensor) -> float:
-        return 2.0 / outputs.numel() if self.reduction == "mean" else 2.0
+    def normalizer(self, targets: Tensor) -> float:
+        """``N·D`` (number of entries) for the mean, 1 for the sum."""
+        return float(targets.numel()) if self.reduction == "mean" else 1.0
 
-    def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    def _scale(self, outputs: Tensor) -> float:
+        return 2.0 / self.normalizer(outputs)
+
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``2c · v``."""
         return self._scale(outputs) * v
 
-    def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``√(2c) I`` per sample, as [D, *outputs.shape]."""
         return _diagonal_factor(torch.full_like(outputs, self._scale(outputs)))
 
-    fisher_factor = hessian_factor
+    _fisher_factor = _hessian_factor
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
+    ) -> Tensor:
         """``ỹ = f + ε / √2``, ``ε ~ N(0, I)``."""
-        noise = torch.randn(
-            outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
-        )
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
         return outputs.detach() + noise / math.sqrt(2.0)
 
 
@@ -169,6 +215,14 @@ class CrossEntropyLoss(Loss):
         """Logits [N, C, ...]; targets class indices [N, ...] or probabilities [N, C, ...]."""
         _check_class_targets(outputs, targets, self.name, allow_probabilities=True)
 
+    def normalizer(self, targets: Tensor) -> Tensor | float:
+        """Z: counted positions weighted by ``w_{y_i}`` (class indices) or all positions."""
+        if self.reduction == "sum":
+            return 1.0
+        if targets.is_floating_point():
+            return float(targets[:, 0].numel())
+        return _counted_weight(targets, self.weight, self.ignore_index)
+
     def _coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``a_i / Z`` per position, shape [N, d1, ...]."""
         num_classes = outputs.shape[1]
@@ -177,27 +231,25 @@ class CrossEntropyLoss(Loss):
         if targets.is_floating_point():
             smoothed = (1 - eps) * targets + eps / num_classes
             a = torch.einsum("nc...,c->n...", smoothed, w.to(outputs.dtype))
-            z = float(a[0].numel() * a.shape[0])
         else:
             counted = targets != self.ignore_index
-            w_y = w[torch.where(counted, targets, 0)] * counted
-            a = (1 - eps) * w_y + eps * w.sum() / num_classes * counted
-            z = w_y.sum()
-            if self.reduction == "mean" and not bool(z > 0):
-                raise ValueError(f"targets: every position is ignored by {self.name}")
-        return a / z if self.reduction == "mean" else a
+            a = ((1 - eps) * w[torch.where(counted, targets, 0)] + eps * w.mean()) * counted
+        z = self.normalizer(targets)
+        if not bool(z > 0):
+            raise ValueError(f"targets: every position is ignored by {self.name}")
+        return a / z
 
-    def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``(a_i/Z)(p_i ⊙ v_i - p_i (p_iᵀ v_i))`` at every position i."""
         p = outputs.softmax(dim=1)
         s = self._coefficients(outputs, targets).unsqueeze(1)
         return s * (p * v - p * (p * v).sum(dim=1, keepdim=True))
 
-    def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Columns ``√(a_i/Z) √p_ik (e_k - p_i)``, as [C·d1·…, *outputs.shape]."""
         return _softmax_factor(outputs, self._coefficients(outputs, targets))
 
-    def fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Factor of ``Σ_i [i counted] / Z · (diag p_i - p_i p_iᵀ)``."""
         if self.weight is not None:
             raise ValueError(f"{self.name}: the Fisher with a class weight= is not defined")
@@ -209,14 +261,16 @@ class CrossEntropyLoss(Loss):
             if targets.is_floating_point()
             else (targets != self.ignore_index).to(outputs.dtype)
         )
-        z = counted.sum() if self.reduction == "mean" else 1.0
-        return counted / z
+        return counted / self.normalizer(targets)
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
+    ) -> Tensor:
         """Class indices [N, d1, ...] drawn from ``Categorical(softmax(f))`` at every position."""
         if self.weight is not None:
             raise ValueError(f"{self.name}: sampling targets with a class weight= is not defined")
-        return _sample_categorical(outputs.detach().softmax(dim=1), generator)
+        draws = _sample_categorical(outputs.detach().softmax(dim=1), generator)
+        return _keep_ignored(draws, observed, self.ignore_index)
 
 
 class NLLLoss(Loss):
@@ -230,9 +284,7 @@ class NLLLoss(Loss):
     ``Σ_i [i counted]/Z · diag(p_i)``, and ``sample_targets`` draws from Categorical(p).
     """
 
-    def __init__(
-        self, reduction: str = "mean", weight: Tensor | None = None, ignore_index: int = -100
-    ):
+    def __init__(self, reduction: str = "mean", weight: Tensor | None = None, ignore_index: int = -100):
         self.reduction = _check_reduction(reduction, "NLLLoss")
         self.weight, self.ignore_index = weight, ignore_index
         self.name = f"NLLLoss(reduction={reduction!r})"
@@ -251,27 +303,35 @@ class NLLLoss(Loss):
         """Log-probabilities [N, C, ...]; targets class indices [N, ...]."""
         _check_class_targets(outputs, targets, self.name, allow_probabilities=False)
 
-    def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Zero: the loss is linear in the outputs."""
         return torch.zeros_like(v)
 
-    def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """An empty factor [0, *outputs.shape]."""
         return outputs.new_zeros((0, *outputs.shape))
 
-    def fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Factor of ``Σ_i [i counted]/Z · diag(p_i)``: entries ``√(p_ik [i counted]/Z)``."""
         if self.weight is not None:
             raise ValueError(f"{self.name}: the Fisher with a class weight= is not defined")
         counted = (targets != self.ignore_index).to(outputs.dtype)
-        z = counted.sum() if self.reduction == "mean" else 1.0
-        return _diagonal_factor(outputs.softmax(dim=1) * (counted / z).unsqueeze(1))
+        return _diagonal_factor(outputs.softmax(dim=1) * (counted / self.normalizer(targets)).unsqueeze(1))
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def normalizer(self, targets: Tensor) -> Tensor | float:
+        """Z: counted positions weighted by ``w_{y_i}``; 1 for the sum."""
+        if self.reduction == "sum":
+            return 1.0
+        return _counted_weight(targets, self.weight, self.ignore_index)
+
+    def _sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
+    ) -> Tensor:
         """Class indices drawn from ``Categorical(softmax(f))``."""
         if self.weight is not None:
             raise ValueError(f"{self.name}: sampling targets with a class weight= is not defined")
-        return _sample_categorical(outputs.detach().softmax(dim=1), generator)
+        draws = _sample_categorical(outputs.detach().softmax(dim=1), generator)
+        return _keep_ignored(draws, observed, self.ignore_index)
 
 
 class BCEWithLogitsLoss(Loss):
@@ -309,6 +369,10 @@ class BCEWithLogitsLoss(Loss):
         _check_batch(outputs)
         _check_same_shape(outputs, targets, self.name)
 
+    def normalizer(self, targets: Tensor) -> float:
+        """Number of entries for the mean, 1 for the sum."""
+        return float(targets.numel()) if self.reduction == "mean" else 1.0
+
     def _curvature(self, outputs: Tensor, targets: Tensor | None) -> Tensor:
         s = torch.sigmoid(outputs)
         h = s * (1 - s)
@@ -316,24 +380,25 @@ class BCEWithLogitsLoss(Loss):
             h = h * (self.pos_weight * targets + 1 - targets)
         if self.weight is not None:
             h = h * self.weight
-        c = 1.0 / outputs.numel() if self.reduction == "mean" else 1.0
-        return c * h.expand_as(outputs)
+        return h.expand_as(outputs) / self.normalizer(outputs)
 
-    def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Entrywise ``c w (π y + 1 - y) σ (1 - σ) · v``."""
         return self._curvature(outputs, targets) * v
 
-    def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Diagonal factor, as [D, *outputs.shape] (D entries per sample)."""
         return _diagonal_factor(self._curvature(outputs, targets))
 
-    def fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Diagonal factor of ``c w σ (1 - σ)``."""
         if self.pos_weight is not None:
             raise ValueError(f"{self.name}: the Fisher with pos_weight= is not defined")
         return _diagonal_factor(self._curvature(outputs, None))
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _sample_targets(
+        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
+    ) -> Tensor:
         """Targets drawn from ``Bernoulli(σ(f))``, as floats shaped like ``outputs``."""
         if self.pos_weight is not None:
             raise ValueError(f"{self.name}: sampling targets with pos_weight= is not defined")
@@ -344,18 +409,27 @@ class AutogradLoss(Loss):
     """Any scalar ``loss_fn(outputs, targets)``; ``∇²_f L · v`` by reverse-over-reverse autograd.
 
     It knows no factor and no predictive distribution: :meth:`hessian_factor`,
-    :meth:`fisher_factor` and :meth:`sample_targets` raise ``ValueError``.
+    :meth:`fisher_factor` and :meth:`sample_targets` raise ``ValueError``. ``reduction``
+    says how it combines per-sample terms ("mean": average over the N samples, the
+    default; "sum"): it weights batches against each other and scales the empirical Fisher.
     """
 
-    def __init__(self, loss_fn):
+    def __init__(self, loss_fn, reduction: str = "mean"):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
+        self.reduction = _check_reduction(reduction, "AutogradLoss")
         self.name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``loss_fn(outputs, targets)``."""
         return self.loss_fn(outputs, targets)
 
-    def hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    def normalizer(self, targets: Tensor) -> float:
+        """N (number of samples) for the mean, 1 for the sum."""
+        return float(targets.shape[0]) if self.reduction == "mean" else 1.0
+
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``∇²_f L · v`` as the vjp of ``∇_f L`` (the Hessian is symmetric)."""
         _, vjp_fn = vjp(grad(lambda f: self.loss_fn(f, targets)), outputs)
         return vjp_fn(v)[0]
@@ -400,9 +474,7 @@ def get_loss(loss_fn) -> Loss:
             )
         return cls(**keywords)
     if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn: expected a loss module or callable, got {type(loss_fn).__name__}"
-        )
+        raise TypeError(f"loss_fn: expected a loss module or callable, got {type(loss_fn).__name__}")
     return AutogradLoss(loss_fn)
 
 
@@ -416,9 +488,7 @@ _FUNCTIONAL = {
 
 def _check_reduction(reduction: str, loss: str) -> str:
     if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"reduction: {loss} must reduce to a scalar with 'mean' or 'sum', got {reduction!r}"
-        )
+        raise ValueError(f"reduction: {loss} must reduce to a scalar with 'mean' or 'sum', got {reduction!r}")
     return reduction
 
 
@@ -436,14 +506,10 @@ def _check_same_shape(outputs: Tensor, targets: Tensor, loss: str) -> None:
             f"got {list(targets.shape)}"
         )
     if targets.dtype != outputs.dtype:
-        raise ValueError(
-            f"targets: dtype {targets.dtype} does not match outputs dtype {outputs.dtype}"
-        )
+        raise ValueError(f"targets: dtype {targets.dtype} does not match outputs dtype {outputs.dtype}")
 
 
-def _check_class_targets(
-    outputs: Tensor, targets: Tensor, loss: str, allow_probabilities: bool
-) -> None:
+def _check_class_targets(outputs: Tensor, targets: Tensor, loss: str, allow_probabilities: bool) -> None:
     _check_batch(outputs)
     if outputs.dim() < 2:
         raise ValueError(f"outputs: {loss} needs outputs [N, C, ...], got {list(outputs.shape)}")
@@ -453,15 +519,10 @@ def _check_class_targets(
     elif targets.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         if tuple(targets.shape) != index_shape:
             raise ValueError(
-                f"targets: {loss} needs class indices of shape {list(index_shape)}, "
-                f"got {list(targets.shape)}"
+                f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
             )
     else:
-        kinds = (
-            "class indices (int64) or probabilities"
-            if allow_probabilities
-            else "class indices (int64)"
-        )
+        kinds = "class indices (int64) or probabilities" if allow_probabilities else "class indices (int64)"
         raise ValueError(f"targets: {loss} needs {kinds}, got dtype {targets.dtype}")
 
 
@@ -491,6 +552,20 @@ def _softmax_factor(logits: Tensor, coefficients: Tensor) -> Tensor:
         positions = torch.eye(t, dtype=p.dtype, device=p.device).reshape(1, t, 1, 1, t)
         b = (b.unsqueeze(1) * positions).reshape(c * t, n, c, t)
     return b.reshape(b.shape[0], *logits.shape)
+
+
+def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """``Σ_i [y_i ≠ ignore_index] w_{y_i}`` (the count of positions when ``weight`` is None)."""
+    counted = targets != ignore_index
+    if weight is None:
+        return counted.sum()
+    return (weight[torch.where(counted, targets, 0)] * counted).sum()
+
+
+def _keep_ignored(draws: Tensor, observed: Tensor | None, ignore_index: int) -> Tensor:
+    if observed is None or observed.is_floating_point():
+        return draws
+    return torch.where(observed == ignore_index, observed, draws)
 
 
 def _sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:

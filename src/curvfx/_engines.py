@@ -1,0 +1,160 @@
+"""Engines behind the transforms: the same products by plain autograd, forward-mode AD or torch.func.
+
+Every function here takes a parameter pytree and a tangent pytree of the same structure and
+returns a pytree; the public transforms in :mod:`curvfx.func` validate, pick the engine and
+convert flat vectors.
+
+The Gauss-Newton-type products share one shape, ``Jᵀ M(f) J v``, where ``M`` acts in output
+space: the loss's Hessian for the GGN, a factor product for the Fisher kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from curvfx._errors import describe, inside_transform
+from curvfx._pytree import flatten, unflatten
+
+__all__ = ["gauss_newton_vp", "hessian_vp", "model_jvp", "model_vjp", "pick"]
+
+PyTree = Any
+OutputProduct = Callable[[Tensor, Tensor], Tensor]  # (outputs f, u) -> M(f) u
+OutputCheck = Callable[[Tensor], None]
+
+
+def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str) -> str:
+    """Resolve ``strategy`` ("auto": ``eager`` outside torch.func transforms, else ``composable``)."""
+    if strategy not in allowed:
+        raise ValueError(f"strategy: expected one of {allowed}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    return composable if inside_transform() else eager
+
+
+def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine: str) -> PyTree:
+    """``∇²f(params) v`` by ``engine`` in {"autograd", "rev-rev", "fwd-rev"}."""
+    if engine == "autograd":
+        return _hvp_autograd(f, params, v)
+    if engine == "rev-rev":  # vjp of grad: Hᵀv = Hv
+        return vjp(grad(_scalar(f)), params)[1](v)[0]
+    try:
+        return jvp(grad(_scalar(f)), (params,), (v,))[1]
+    except RuntimeError as err:
+        if "ZeroTensors are immutable" not in str(err):
+            raise
+        raise ValueError(
+            "strategy: 'fwd-rev' cannot differentiate this function in this torch "
+            "version (ZeroTensors are immutable, e.g. F.mse_loss); use 'rev-rev' or 'autograd'"
+        ) from err
+
+
+def gauss_newton_vp(
+    model_at: Callable[[PyTree], Tensor],
+    params: PyTree,
+    v: PyTree,
+    output_product: OutputProduct,
+    check: OutputCheck,
+    engine: str,
+) -> PyTree:
+    """``Jᵀ M(f) J v`` with ``f = model_at(params)``, J = ∂f/∂θ, by ``engine``.
+
+    Engines: "autograd" (Jv as the derivative of u ↦ Jᵀu by double backprop), "forward-ad"
+    (dual parameters give f and Jv in one forward pass), "func" (the double-vjp with
+    torch.func). Each evaluates the model once. ``check(f)`` validates the outputs.
+    """
+    if engine == "func":
+        outputs, vjp_fn = vjp(model_at, params)
+        check(outputs)
+        jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
+        return vjp_fn(output_product(outputs, jv))[0]  # Jᵀ M Jv
+    p_leaves, spec = flatten(params)
+    v_leaves = spec.flatten_up_to(v)
+    with torch.enable_grad():
+        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+        if engine == "forward-ad":
+            outputs, jv = _forward_ad(model_at, spec, p, v_leaves)
+            check(outputs)
+        else:
+            outputs = model_at(unflatten(spec, p))
+            check(outputs)
+            jv = _jv_by_double_backprop(outputs, p, v_leaves)
+        mjv = output_product(outputs.detach(), jv)  # M Jv
+        out = torch.autograd.grad(outputs, p, grad_outputs=mjv, allow_unused=True)  # Jᵀ M Jv
+    return _fill_zeros(spec, p, out)
+
+
+def model_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> Tensor:
+    """``(f, J v)``: outputs and Jacobian-vector product, forward mode (torch.func in transforms)."""
+    if inside_transform():
+        return jvp(model_at, (params,), (v,))
+    p_leaves, spec = flatten(params)
+    with torch.no_grad():
+        return _forward_ad(model_at, spec, [p.detach() for p in p_leaves], spec.flatten_up_to(v))
+
+
+def model_vjp(model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor) -> PyTree:
+    """``Jᵀ u`` for ``u`` shaped like the outputs, by one backward pass."""
+    if inside_transform():
+        return vjp(model_at, params)[1](u)[0]
+    p_leaves, spec = flatten(params)
+    with torch.enable_grad():
+        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+        outputs = model_at(unflatten(spec, p))
+        if outputs.shape != u.shape:
+            raise ValueError(
+                f"u: expected a tensor shaped like the outputs {list(outputs.shape)}, got {list(u.shape)}"
+            )
+        out = torch.autograd.grad(outputs, p, grad_outputs=u, allow_unused=True)
+    return _fill_zeros(spec, p, out)
+
+
+def _forward_ad(model_at, spec, p: list[Tensor], v_leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
+    with fwad.dual_level():
+        duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, v_leaves)]
+        outputs, jv = fwad.unpack_dual(model_at(unflatten(spec, duals)))  # f, Jv
+    return outputs, torch.zeros_like(outputs) if jv is None else jv.detach()
+
+
+def _jv_by_double_backprop(outputs: Tensor, p: list[Tensor], v_leaves: list[Tensor]) -> Tensor:
+    u = torch.zeros_like(outputs, requires_grad=True)
+    jtu = torch.autograd.grad(outputs, p, u, create_graph=True, allow_unused=True)  # Jᵀu
+    live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+    if not live:  # outputs do not depend on params
+        return torch.zeros_like(outputs)
+    return torch.autograd.grad([jtu[i] for i in live], u, [v_leaves[i] for i in live])[0]  # Jv
+
+
+def _hvp_autograd(f, params, v):
+    p_leaves, spec = flatten(params)
+    v_leaves = spec.flatten_up_to(v)
+    with torch.enable_grad():
+        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+        value = _scalar(f)(unflatten(spec, p))
+        g = torch.autograd.grad(value, p, create_graph=True, allow_unused=True)  # ∇f
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        hv = (
+            torch.autograd.grad([g[i] for i in live], p, [v_leaves[i] for i in live], allow_unused=True)
+            if live
+            else [None] * len(p)
+        )  # ∇(∇fᵀv)
+    return _fill_zeros(spec, p, hv)
+
+
+def _fill_zeros(spec, p: list[Tensor], grads) -> PyTree:
+    return unflatten(spec, [torch.zeros_like(pi) if g is None else g for pi, g in zip(p, grads)])
+
+
+def _scalar(f):
+    def checked(p):
+        value = f(p)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"f: must return a scalar tensor, got {describe(value)}")
+        return value.reshape(())
+
+    return checked

@@ -1,0 +1,22 @@
+"""Small shared helpers for argument checking and error messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["describe", "inside_transform"]
+
+
+def describe(obj: Any) -> str:
+    """A short description of ``obj`` for error messages (shape for tensors, else the type)."""
+    if isinstance(obj, Tensor):
+        return f"a tensor of shape {list(obj.shape)}"
+    return type(obj).__name__
+
+
+def inside_transform() -> bool:
+    """Whether we run under a ``torch.func`` transform (where ``torch.autograd`` cannot be used)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -1,0 +1,87 @@
+"""Output-space factors of the curvature matrices, and the exact diagonal they give.
+
+Each Gauss-Newton-type matrix is ``Σ_n J_nᵀ (Σ_k s_kn s_knᵀ) J_n`` with per-sample output
+factors ``S`` [K, N, ...] (``S[k, n]`` shaped like one sample's outputs):
+
+* GGN: ``S`` = the loss's Hessian factor;
+* exact Fisher: the loss's Fisher factor;
+* empirical Fisher: ``S[0, n] = √Z ∇_{f_n} L(f, y)``, K = 1, so
+  ``F_emp = Z Σ_n ∇_θ L_n ∇_θ L_nᵀ`` where ``L_n`` is sample n's term of the loss as written
+  and Z its normalizer (``L = (1/Z) Σ ℓ``; Z = 1 for the sum). For the mean this is
+  ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with ℓ_n the sample's unnormalized loss (curvlinops' convention);
+* Monte-Carlo Fisher: the empirical one at targets ỹ_m drawn from the model's predictive,
+  averaged over M draws: ``S[m, n] = √(Z/M) ∇_{f_n} L(f, ỹ_m)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vjp, vmap
+
+from curvfx._pytree import tree_map
+from curvfx.losses import Loss
+
+__all__ = ["FISHER_KINDS", "factor_diagonal", "factor_product", "output_factor"]
+
+FISHER_KINDS = ("exact", "empirical", "mc")
+PyTree = Any
+
+
+def output_factor(
+    loss: Loss,
+    outputs: Tensor,
+    y: Tensor,
+    kind: str,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample output factor ``S`` [K, *outputs.shape] of the curvature ``kind``.
+
+    ``kind``: "ggn", or a Fisher kind in :data:`FISHER_KINDS` (see the module docstring).
+    """
+    if kind == "ggn":
+        return loss.hessian_factor(outputs, y)
+    if kind == "exact":
+        return loss.fisher_factor(outputs, y)
+    if kind == "empirical":
+        return _gradient_factor(loss, outputs, [y])
+    draws = [loss.sample_targets(outputs, generator, observed=y) for _ in range(num_samples)]
+    return _gradient_factor(loss, outputs, draws)
+
+
+def factor_product(S: Tensor, u: Tensor) -> Tensor:
+    """``M u`` with ``M = blockdiag_n(Σ_k s_kn s_knᵀ)``, for ``S`` [K, N, ...] and ``u`` [N, ...]."""
+    dots = (S * u).flatten(2).sum(-1)  # [K, N]: s_knᵀ u_n
+    return (S * dots.reshape(*dots.shape, *([1] * (u.dim() - 1)))).sum(0)
+
+
+def factor_diagonal(
+    sample_outputs, params: PyTree, x: Any, S: Tensor, chunk_size: int | None = None
+) -> PyTree:
+    """``diag(Σ_n Σ_k J_nᵀ s_kn s_knᵀ J_n) = Σ_n Σ_k (J_nᵀ s_kn)²`` as a pytree like ``params``.
+
+    ``sample_outputs(params, x_n)`` gives one sample's outputs; the samples are vmapped,
+    ``chunk_size`` at a time, and the K factor columns of each sample are back-propagated
+    together (vmap over k). Cost: N·K vector-Jacobian products batched; memory
+    ``chunk_size · K · P``.
+    """
+
+    def one_sample(xn, sn):  # sn [K, *sample_output_shape]
+        _, vjp_fn = vjp(lambda p: sample_outputs(p, xn), params)
+        grads = vmap(lambda s: vjp_fn(s)[0])(sn)  # leaves [K, *shape]: J_nᵀ s_kn
+        return tree_map(lambda g: (g**2).sum(0), grads)
+
+    per_sample = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
+    return tree_map(lambda d: d.sum(0), per_sample)
+
+
+def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:
+    """``S[m] = √(Z_m / M) ∇_f L(f, ỹ_m)`` stacked over the M target sets."""
+    rows = []
+    for t in targets:
+        r = grad(lambda f, t=t: loss(f, t))(outputs)  # ∇_f L(f, t): sample n's row is ∇ L_n
+        rows.append(r * torch.sqrt(torch.as_tensor(loss.normalizer(t), dtype=r.dtype) / len(targets)))
+    return torch.stack(rows)

@@ -1,0 +1,82 @@
+"""Random probe vectors for the stochastic estimators, drawn from an explicit generator."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["DISTRIBUTIONS", "make_generator", "probes"]
+
+DISTRIBUTIONS = ("rademacher", "normal")
+
+
+def probes(
+    size: int,
+    num: int,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``num`` independent probe vectors as the columns of a matrix Ω [size, num].
+
+    Entries are i.i.d. with E[ω] = 0 and E[ω ωᵀ] = I:
+
+        "rademacher":  ω_i = ±1 with probability 1/2 each (ω ⊙ ω = 1 exactly)
+        "normal":      ω_i ~ N(0, 1)
+
+    Args:
+        size: P, the length of each probe.
+        num: K, the number of probes.
+        distribution: ``"rademacher"`` or ``"normal"``.
+        generator: Source of randomness. The values are drawn on the generator's device
+            and moved to ``device``, so one seed gives the same probes on every device.
+            ``None`` draws from :func:`make_generator` (one draw of torch's global RNG).
+        dtype: dtype of Ω; torch's default dtype if ``None``.
+        device: device of Ω; the generator's device if ``None``.
+
+    Returns:
+        Ω [size, num].
+
+    Raises:
+        ValueError: If ``distribution`` is unknown or ``size``/``num`` is not a positive int.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = probes(4, 2, generator=g, dtype=torch.float64)
+        >>> V.shape, bool((V.abs() == 1).all())
+        (torch.Size([4, 2]), True)
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution: expected one of {', '.join(map(repr, DISTRIBUTIONS))}, got {distribution!r}"
+        )
+    for name, value in (("size", size), ("num", num)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    dtype = dtype or torch.get_default_dtype()
+    generator = make_generator(generator, device)
+    where = generator.device
+    if distribution == "rademacher":
+        signs = torch.randint(0, 2, (size, num), generator=generator, device=where)
+        omega = (2 * signs - 1).to(dtype)
+    else:
+        omega = torch.randn(size, num, generator=generator, device=where, dtype=dtype)
+    return omega.to(device if device is not None else where)
+
+
+def make_generator(
+    generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Generator:
+    """``generator`` itself, or (if ``None``) a fresh generator on ``device``.
+
+    The fresh generator is seeded by one ``torch.randint`` draw from torch's global RNG,
+    so ``torch.manual_seed`` makes a call without a generator reproducible; that draw
+    advances the global RNG stream by one step.
+    """
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        return generator
+    seed = int(torch.randint(0, 2**62, ()).item())
+    return torch.Generator(device=device or "cpu").manual_seed(seed)

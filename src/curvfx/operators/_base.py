@@ -1,0 +1,402 @@
+"""The ``LinearOperator`` base: formats (flat or pytree, vector or matrix), ``@``, arithmetic, export.
+
+A concrete operator sets ``shape``, ``dtype``, ``device`` (and optionally ``in_like`` /
+``out_like``, the pytrees that flat inputs / outputs correspond to, and ``symmetric``) and
+implements ``_matvec`` on flat vectors [N] -> [M]; non-symmetric operators that support
+``.T`` also implement ``_rmatvec``.
+Everything else is done here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from curvfx._errors import describe, inside_transform
+from curvfx._pytree import as_tree, ravel, unravel
+
+__all__ = [
+    "DenseOperator",
+    "FunctionOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "apply_columns",
+    "as_operator",
+    "identity",
+]
+
+PyTree = Any
+
+
+class LinearOperator:
+    """A matrix A [M, N] known through its products.
+
+    * ``A @ v`` / ``A.matvec(v)``: ``v`` a flat tensor [N] or a pytree shaped like
+      ``A.in_like`` (the parameters); the result has the same form.
+    * ``A @ V`` / ``A.matmat(V)``: ``V`` [N, K]; columns are batched with
+      ``torch.func.vmap`` (``A.chunk_size`` columns at a time; random operations such as
+      dropout or sampling draw the same values for every column, as one matvec would) and
+      fall back to a loop over columns, with a warning, when the product cannot be vmapped.
+    * ``v @ A`` = ``Aᵀ v``; ``A.T``; ``A + B``, ``A - B``, ``c * A``, ``-A``, ``A @ B``;
+      ``A + λ * identity(N)`` for damping.
+    * ``A.to_dense()`` [M, N] (materializes the matrix: M·N memory) and ``A.to_scipy()``
+      (a ``scipy.sparse.linalg.LinearOperator``, e.g. for ``scipy.sparse.linalg.eigsh``).
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    in_like: PyTree | None = None
+    out_like: PyTree | None = None
+    symmetric: bool = False
+    chunk_size: int | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    def _matvec(self, v: Tensor) -> Tensor:
+        """A v for a flat vector v [N] -> [M]."""
+        raise NotImplementedError(f"{type(self).__name__} is abstract")
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        """Aᵀ v for a flat vector v [M] -> [N]."""
+        if self.symmetric:
+            return self._matvec(v)
+        raise ValueError(f"{type(self).__name__} has no transpose product")
+
+    # -- products ---------------------------------------------------------------------------
+    def matvec(self, v: PyTree | Tensor) -> PyTree | Tensor:
+        """A v, with ``v`` flat [N] or a pytree like ``in_like``; returns the same form."""
+        flat, was_tree = self._flat_input(v, self.shape[1], self.in_like)
+        out = self._checked(self._matvec(flat))
+        return unravel(out, self.out_like) if was_tree and self.out_like is not None else out
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """A V for V [N, K] -> [M, K], columns batched by vmap."""
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] != self.shape[1]:
+            raise ValueError(f"V: expected a matrix [N, K] with N = {self.shape[1]}, got {describe(V)}")
+        self._check_tensor(V, "V")
+        return self._checked(self._matmat(V))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        try:
+            return vmap(self._matvec, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+        except RuntimeError as err:
+            warnings.warn(
+                f"{type(self).__name__}: the product could not be vmapped over columns "
+                f"({str(err).splitlines()[0][:200]}); using a loop over columns",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return torch.stack([self._matvec(V[:, k]) for k in range(V.shape[1])], dim=1)
+
+    def _rmatmat(self, V: Tensor) -> Tensor:
+        if self.symmetric:
+            return self._matmat(V)
+        return torch.stack([self._rmatvec(V[:, k]) for k in range(V.shape[1])], dim=1)
+
+    def __matmul__(self, other):
+        if isinstance(other, LinearOperator):
+            return ProductOperator(self, other)
+        if isinstance(other, Tensor) and other.dim() == 2:
+            return self.matmat(other)
+        return self.matvec(other)
+
+    def __rmatmul__(self, other):
+        if isinstance(other, Tensor) and other.dim() == 2:  # X A = (Aᵀ Xᵀ)ᵀ
+            return self.T.matmat(other.T).T
+        return self.T.matvec(other)
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transpose Aᵀ (``self`` for a symmetric operator)."""
+        return self if self.symmetric else TransposedOperator(self)
+
+    # -- arithmetic -------------------------------------------------------------------------
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        return SumOperator([self, _as_operator(other)], [1.0, 1.0])
+
+    def __sub__(self, other: LinearOperator) -> LinearOperator:
+        return SumOperator([self, _as_operator(other)], [1.0, -1.0])
+
+    def __mul__(self, c: float) -> LinearOperator:
+        if isinstance(c, LinearOperator | Tensor) and not (isinstance(c, Tensor) and c.numel() == 1):
+            raise TypeError("use @ for operator products; * scales by a number")
+        return SumOperator([self], [float(c)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> LinearOperator:
+        return SumOperator([self], [-1.0])
+
+    # -- export -----------------------------------------------------------------------------
+    def to_dense(self) -> Tensor:
+        """The matrix [M, N], built from products with identity columns (M·N memory)."""
+        return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` with this operator's products (float64 numpy)."""
+        try:
+            from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("to_scipy needs scipy: pip install 'curvfx[scipy]'") from err
+
+        def wrap(product):
+            def apply(x):
+                t = torch.as_tensor(x, device=self.device).to(self.dtype).reshape(-1)
+                return product(t).detach().cpu().double().numpy()
+
+            return apply
+
+        def matmat(X):
+            t = torch.as_tensor(X, device=self.device).to(self.dtype)
+            return self._matmat(t).detach().cpu().double().numpy()
+
+        return ScipyLinearOperator(
+            shape=self.shape,
+            matvec=wrap(self._matvec),
+            rmatvec=wrap(self._rmatvec),
+            matmat=matmat,
+            dtype="float64",
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _flat_input(self, v, size: int, like: PyTree | None) -> tuple[Tensor, bool]:
+        if isinstance(v, Tensor):
+            if v.dim() != 1 or v.shape[0] != size:
+                raise ValueError(f"v: expected a flat vector [{size}], got {describe(v)}")
+            self._check_tensor(v, "v")
+            return v, False
+        if like is None:
+            raise TypeError(f"v: {type(self).__name__} takes flat tensors [{size}], got {describe(v)}")
+        tree, _ = as_tree(v, like)
+        return ravel(tree), True
+
+    def _check_tensor(self, v: Tensor, name: str) -> None:
+        if v.dtype != self.dtype:
+            raise ValueError(f"{name}: dtype {v.dtype} does not match the operator's {self.dtype}")
+        if v.device != self.device:
+            raise ValueError(f"{name}: device {v.device} does not match the operator's {self.device}")
+
+    def _checked(self, out: Tensor) -> Tensor:
+        if not inside_transform() and not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"{type(self).__name__}: the product has non-finite entries (inf/nan); "
+                "check the model, data and vector"
+            )
+        return out
+
+
+class SumOperator(LinearOperator):
+    """Σ_i c_i A_i for operators of one shape (also scaling: a single term)."""
+
+    def __init__(self, ops: list[LinearOperator], coeffs: list[float]):
+        flat_ops, flat_coeffs = [], []
+        for op, c in zip(ops, coeffs):
+            if isinstance(op, SumOperator):  # keep sums flat
+                flat_ops += op.ops
+                flat_coeffs += [c * ci for ci in op.coeffs]
+            else:
+                flat_ops.append(op)
+                flat_coeffs.append(c)
+        first = next((op for op in flat_ops if not isinstance(op, IdentityOperator)), flat_ops[0])
+        for op in flat_ops:
+            if op.shape != first.shape:
+                raise ValueError(f"cannot add operators of shapes {first.shape} and {op.shape}")
+        flat_ops = [_adapted(op, first) for op in flat_ops]
+        self.ops, self.coeffs = flat_ops, flat_coeffs
+        self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
+        self.in_like = next((op.in_like for op in flat_ops if op.in_like is not None), None)
+        self.out_like = next((op.out_like for op in flat_ops if op.out_like is not None), None)
+        self.symmetric = all(op.symmetric for op in flat_ops)
+        self.chunk_size = first.chunk_size
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return sum(c * op._matvec(v) for op, c in zip(self.ops, self.coeffs))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return sum(c * op._matmat(V) for op, c in zip(self.ops, self.coeffs))
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        return sum(c * op._rmatvec(v) for op, c in zip(self.ops, self.coeffs))
+
+
+class ProductOperator(LinearOperator):
+    """A B, applied right to left."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator):
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"cannot compose operators of shapes {a.shape} and {b.shape}")
+        a, b = _adapted(a, b), _adapted(b, a)
+        self.a, self.b = a, b
+        self.shape, self.dtype, self.device = (a.shape[0], b.shape[1]), a.dtype, a.device
+        self.in_like, self.out_like = b.in_like, a.out_like
+        self.chunk_size = b.chunk_size
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.a._matvec(self.b._matvec(v))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.a._matmat(self.b._matmat(V))
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        return self.b._rmatvec(self.a._rmatvec(v))
+
+
+class TransposedOperator(LinearOperator):
+    """Aᵀ of an operator that implements ``_rmatvec``."""
+
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.shape, self.dtype, self.device = (op.shape[1], op.shape[0]), op.dtype, op.device
+        self.in_like, self.out_like = op.out_like, op.in_like
+        self.chunk_size = op.chunk_size
+        op._rmatvec(torch.zeros(op.shape[0], dtype=op.dtype, device=op.device))  # fail early
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.op._rmatvec(v)
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        return self.op._matvec(v)
+
+    @property
+    def T(self) -> LinearOperator:
+        """The original operator."""
+        return self.op
+
+
+class IdentityOperator(LinearOperator):
+    """The identity I [N, N]."""
+
+    symmetric = True
+
+    def __init__(self, n: int, dtype: torch.dtype | None = None, device=None):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        self.shape = (n, n)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device or "cpu")
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return v
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return V
+
+
+def identity(n: int, dtype: torch.dtype | None = None, device=None) -> IdentityOperator:
+    """The identity operator I [n, n]; its dtype and device adapt when added to an operator."""
+    return IdentityOperator(n, dtype, device)
+
+
+class DenseOperator(LinearOperator):
+    """A dense matrix [M, N] seen as a ``LinearOperator``."""
+
+    def __init__(self, matrix: Tensor, symmetric: bool | None = None):
+        if not isinstance(matrix, Tensor) or matrix.dim() != 2:
+            raise ValueError(f"matrix: expected a 2-D tensor, got {describe(matrix)}")
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.dtype, self.device = matrix.dtype, matrix.device
+        self.symmetric = (
+            symmetric
+            if symmetric is not None
+            else bool(matrix.shape[0] == matrix.shape[1] and torch.equal(matrix, matrix.T))
+        )
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.matrix @ v
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        return self.matrix.T @ v
+
+
+class FunctionOperator(LinearOperator):
+    """A square operator from a callable ``matvec(v [N]) -> [N]`` (assumed symmetric if told)."""
+
+    def __init__(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        symmetric: bool = True,
+    ):
+        if not callable(matvec):
+            raise TypeError(f"matvec: expected a callable, got {type(matvec).__name__}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: expected a positive int, got {size!r}")
+        self.fn, self.shape = matvec, (size, size)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device or "cpu")
+        self.symmetric = symmetric
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.fn(v)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return torch.stack([self.fn(V[:, k]) for k in range(V.shape[1])], dim=1)
+
+
+def as_operator(
+    A: LinearOperator | Tensor | Callable[[Tensor], Tensor], size: int | None = None
+) -> LinearOperator:
+    """Normalize an estimator input: an operator, a dense square tensor, or ``matvec`` + ``size``."""
+    if isinstance(A, LinearOperator):
+        return A
+    if isinstance(A, Tensor):
+        return DenseOperator(A)
+    if callable(A):
+        if size is None:
+            raise ValueError("size: required when the operator is given as a matvec callable")
+        return FunctionOperator(A, size)
+    raise TypeError(
+        f"A: expected a LinearOperator, a dense tensor or a matvec callable, got {type(A).__name__}"
+    )
+
+
+def apply_columns(matvec: Callable[[Tensor], Tensor], V: Tensor, chunk_size: int | None, name: str) -> Tensor:
+    """``[matvec(V[:, 0]), ...]`` as columns.
+
+    Vmapped (random operations draw the same values for every column), or a loop with a
+    warning when ``matvec`` cannot be vmapped.
+    """
+    try:
+        return vmap(matvec, in_dims=1, out_dims=1, chunk_size=chunk_size, randomness="same")(V)
+    except RuntimeError as err:
+        warnings.warn(
+            f"{name}: the product could not be vmapped over columns "
+            f"({str(err).splitlines()[0][:200]}); using a loop over columns",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.stack([matvec(V[:, k]) for k in range(V.shape[1])], dim=1)
+
+
+def _as_operator(other) -> LinearOperator:
+    if isinstance(other, LinearOperator):
+        return other
+    raise TypeError(f"expected a LinearOperator, got {type(other).__name__}")
+
+
+def _adapted(op: LinearOperator, partner: LinearOperator) -> LinearOperator:
+    """``op``, with an identity re-made in ``partner``'s dtype/device; else checks they agree."""
+    if isinstance(op, IdentityOperator):
+        return IdentityOperator(op.shape[0], partner.dtype, partner.device)
+    if isinstance(partner, IdentityOperator):
+        return op
+    if op.dtype != partner.dtype or op.device != partner.device:
+        raise ValueError(
+            f"operators differ in dtype/device: {op.dtype}/{op.device} vs {partner.dtype}/{partner.device}"
+        )
+    return op

@@ -1,0 +1,373 @@
+"""Curvature operators over data: Hessian, GGN, Fisher (exact / MC / empirical) and the Jacobian.
+
+Each operator is a thin object over a transform of :mod:`curvfx.func`; the base class
+combines batches exactly. With ``L = loss_fn`` on the concatenation of all batches and
+``Z_b`` the loss's normalizer of batch b (``L_b = (1/Z_b) Σ_{i∈b} ℓ_i`` for the mean, e.g.
+Z_b = N_b for cross-entropy, N_b·C for MSE):
+
+    A = factor · Σ_b Z_b A_b / Σ_b Z_b   (reduction "mean"),   A = factor · Σ_b A_b   ("sum")
+
+so a product over several batches equals the product over their concatenation, with
+unequal batch sizes handled exactly. ``factor`` rescales (e.g. to the size of a full
+dataset when ``data`` is a subset, as laplax's ``factor``).
+
+Model state: the model is evaluated in the mode it is in (train/eval); BatchNorm running
+statistics are never updated (see :func:`curvfx.make_functional`). With active dropout each
+product draws one mask per batch (the columns of a matmat share it); use ``model.eval()``
+for a fixed matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvfx._factors import factor_diagonal, output_factor
+from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
+from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, model_vjp
+from curvfx.functional import as_function
+from curvfx.losses import Loss, get_loss
+from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._data import Batches
+
+__all__ = [
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "JacobianOperator",
+    "empirical_fisher",
+    "fisher",
+    "ggn",
+    "hessian",
+    "jacobian",
+]
+
+PyTree = Any
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of the P × P curvature operators: batch weighting, formats, exact diagonals.
+
+    Subclasses set ``model_fn, params, loss, data, factor`` in their ``__init__`` and
+    implement ``_product(b, x, y, v)`` (the curvature of batch b's loss as written, times the
+    params-shaped ``v``).
+    """
+
+    symmetric = True
+    model_fn: Callable
+    params: PyTree
+    loss: Loss
+    data: Batches
+    factor: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(P, P)."""
+        p = num_params(self.params)
+        return (p, p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return leaves(self.params)[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return leaves(self.params)[0].device
+
+    @property
+    def in_like(self) -> PyTree:
+        """The parameters: pytree inputs and outputs are shaped like them."""
+        return self.params
+
+    out_like = in_like
+
+    def _product(self, b: int, x: Any, y: Tensor, v: PyTree) -> PyTree:
+        raise NotImplementedError(f"{type(self).__name__} is abstract")
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._over_batches(lambda b, x, y: ravel(self._product(b, x, y, unravel(v, self.params))))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        name = type(self).__name__
+        return self._over_batches(
+            lambda b, x, y: apply_columns(
+                lambda v: ravel(self._product(b, x, y, unravel(v, self.params))), V, self.chunk_size, name
+            )
+        )
+
+    def _over_batches(self, per_batch: Callable[[int, Any, Tensor], Tensor]) -> Tensor:
+        """``factor · Σ_b w_b per_batch(b)`` with the weights of the module docstring."""
+        total, z_total = None, 0.0
+        mean = self.loss.reduction == "mean"
+        for b, (x, y) in enumerate(self.data):
+            z = self.loss.normalizer(y) if mean else 1.0
+            term = per_batch(b, x, y) * z
+            total = term if total is None else total + term
+            z_total = z_total + z
+        return self.factor * (total / z_total if mean else total)
+
+
+class HessianOperator(CurvatureOperator):
+    """Hessian of the loss as written, ``H = ∇²_θ L(θ)``, over all batches of ``data``.
+
+    Cost per product: one HVP per batch (:func:`curvfx.hvp`, about 2–3 gradients).
+    """
+
+    def __init__(self, model_fn, loss_fn, params, data, *, factor=1.0, chunk_size=None):
+        self.model_fn, self.params = model_fn, params
+        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.factor, self.chunk_size = float(factor), chunk_size
+
+    def _product(self, b, x, y, v):
+        return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v)
+
+
+class GGNOperator(CurvatureOperator):
+    """Generalized Gauss-Newton ``G = Jᵀ H_f J`` of the loss as written (:func:`curvfx.ggn_vp`).
+
+    ``H_f = ∇²_f L`` keeps the reduction: ``MSELoss()`` gives ``(2/(N·C)) JᵀJ``. Cost per
+    product: about two gradients per batch. Exact diagonal: from the loss's Hessian factor.
+    """
+
+    def __init__(self, model_fn, loss_fn, params, data, *, factor=1.0, chunk_size=None):
+        self.model_fn, self.params = model_fn, params
+        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.factor, self.chunk_size = float(factor), chunk_size
+
+    def _product(self, b, x, y, v):
+        return ggn_vp(self.model_fn, self.loss, self.params, x, y, v)
+
+    def _exact_diagonal(self) -> Tensor:
+        return _factored_diagonal(self, "ggn", 1, lambda b: None)
+
+
+class FisherOperator(CurvatureOperator):
+    """Fisher of the loss as written: ``kind`` "exact", "mc" or "empirical" (:func:`curvfx.fisher_vp`).
+
+    * "exact": ``Σ_n J_nᵀ E_{ỹ~p(·|f_n)}[∇_f ℓ ∇_f ℓᵀ] J_n``, scaled as the loss (equals
+      the GGN for MSE, cross-entropy, BCE with logits);
+    * "mc": the same expectation estimated with ``num_samples`` draws per sample. The draws
+      come from a generator re-seeded for each batch from one seed taken at construction
+      (from ``generator``, else one draw of torch's global RNG), so the operator is one
+      fixed symmetric matrix when the data is iterated in the same order;
+    * "empirical": ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ`` at the data's targets (per-sample gradients
+      of the loss terms, never the squared batch gradient; for the mean
+      ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ``).
+
+    Cost per product: about two gradients per batch (per-sample gradients are not
+    materialized). Exact diagonal: from the output factor of the kind.
+    """
+
+    def __init__(
+        self,
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        *,
+        kind="mc",
+        num_samples=1,
+        generator=None,
+        factor=1.0,
+        chunk_size=None,
+    ):
+        check_fisher_kind(kind, num_samples)
+        self.model_fn, self.params = model_fn, params
+        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.factor, self.chunk_size = float(factor), chunk_size
+        self.kind, self.num_samples = kind, num_samples
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
+
+    def _generator(self, b: int) -> torch.Generator | None:
+        if self.kind != "mc":
+            return None
+        return torch.Generator(self.device).manual_seed(self.seed + b)
+
+    def _product(self, b, x, y, v):
+        return fisher_vp(
+            self.model_fn,
+            self.loss,
+            self.params,
+            x,
+            y,
+            v,
+            kind=self.kind,
+            num_samples=self.num_samples,
+            generator=self._generator(b),
+        )
+
+    def _exact_diagonal(self) -> Tensor:
+        return _factored_diagonal(self, self.kind, self.num_samples, self._generator)
+
+
+class JacobianOperator(LinearOperator):
+    """Jacobian ``J = ∂ vec(f(X; θ)) / ∂θ`` [N·C, P] of the model outputs on one input batch.
+
+    ``J @ v`` (v flat [P] or params-shaped) gives ``vec(J v)`` [N·C] by forward-mode AD;
+    ``J.T @ u`` (u [N·C]) gives ``Jᵀ u`` (flat [P])
+    by one backward pass. The output shape is read by one forward pass without gradients
+    the first time ``shape`` is needed.
+    """
+
+    def __init__(self, model_fn, params, x, *, chunk_size=None):
+        self.model_fn, self.params, self.x = model_fn, params, x
+        self.chunk_size = chunk_size
+        self._output_shape = None
+
+    @property
+    def output_shape(self) -> torch.Size:
+        """Shape of the model outputs f(X; θ) [N, ...]."""
+        if self._output_shape is None:
+            with torch.no_grad():
+                self._output_shape = self.model_fn(self.params, self.x).shape
+        return self._output_shape
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N·C, P)."""
+        return (self.output_shape.numel(), num_params(self.params))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return leaves(self.params)[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return leaves(self.params)[0].device
+
+    @property
+    def in_like(self) -> PyTree:
+        """The parameters (inputs may be params-shaped)."""
+        return self.params
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return model_jvp(self.model_fn, self.params, self.x, unravel(v, self.params)).reshape(-1)
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return ravel(model_vjp(self.model_fn, self.params, self.x, u.reshape(self.output_shape)))
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return apply_columns(self._rmatvec, U, self.chunk_size, "JacobianOperator.T")
+
+
+def hessian(
+    model: nn.Module | Callable,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: PyTree | None = None,
+    factor: float = 1.0,
+    chunk_size: int | None = None,
+) -> HessianOperator:
+    """Hessian operator ``∇²_θ L`` of ``loss_fn(model(X), y)`` over ``data`` (see :class:`HessianOperator`).
+
+    Args:
+        model: An ``nn.Module`` or a pure ``fn(params, x)`` (then ``params`` is required).
+        loss_fn: A torch loss (module or function), a :class:`curvfx.losses.Loss`, or any
+            ``loss_fn(outputs, targets) -> scalar``.
+        data: One ``(X, y)`` batch or a re-iterable of batches (list, DataLoader).
+        params: Parameter pytree (default: the module's trainable parameters).
+        factor: Scale of the whole operator.
+        chunk_size: Columns per vmap call in ``matmat`` (None: all).
+    """
+    model_fn, params = as_function(model, params)
+    return HessianOperator(model_fn, loss_fn, params, data, factor=factor, chunk_size=chunk_size)
+
+
+def ggn(
+    model: nn.Module | Callable,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: PyTree | None = None,
+    factor: float = 1.0,
+    chunk_size: int | None = None,
+) -> GGNOperator:
+    """GGN operator ``Jᵀ (∇²_f L) J`` over ``data`` (:class:`GGNOperator`; arguments as :func:`hessian`)."""
+    model_fn, params = as_function(model, params)
+    return GGNOperator(model_fn, loss_fn, params, data, factor=factor, chunk_size=chunk_size)
+
+
+def fisher(
+    model: nn.Module | Callable,
+    loss_fn: Any,
+    data: Any,
+    *,
+    kind: str = "mc",
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    params: PyTree | None = None,
+    factor: float = 1.0,
+    chunk_size: int | None = None,
+) -> FisherOperator:
+    """Fisher operator of ``kind`` "mc", "exact" or "empirical" (see :class:`FisherOperator`).
+
+    ``num_samples`` and ``generator`` apply to "mc"; other arguments as :func:`hessian`.
+    """
+    model_fn, params = as_function(model, params)
+    return FisherOperator(
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        kind=kind,
+        num_samples=num_samples,
+        generator=generator,
+        factor=factor,
+        chunk_size=chunk_size,
+    )
+
+
+def empirical_fisher(
+    model: nn.Module | Callable,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: PyTree | None = None,
+    factor: float = 1.0,
+    chunk_size: int | None = None,
+) -> FisherOperator:
+    """Empirical Fisher ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ``: :func:`fisher` with ``kind="empirical"``."""
+    return fisher(model, loss_fn, data, kind="empirical", params=params, factor=factor, chunk_size=chunk_size)
+
+
+def jacobian(
+    model: nn.Module | Callable,
+    x: Any,
+    *,
+    params: PyTree | None = None,
+    chunk_size: int | None = None,
+) -> JacobianOperator:
+    """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes."""
+    model_fn, params = as_function(model, params)
+    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size)
+
+
+def _factored_diagonal(op, kind: str, num_samples: int, generator_for) -> Tensor:
+    """Exact diagonal ``Σ_n Σ_k (J_nᵀ s_kn)²`` from the output factor of ``kind``, over all batches.
+
+    Samples are processed ``op.chunk_size`` at a time (default: as many as keep the
+    per-sample gradients of the K factor columns under 2²⁴ numbers).
+    """
+    if getattr(op.model_fn, "couples_samples", False):
+        raise ValueError(
+            "the exact diagonal needs independent samples, but the model has BatchNorm in train "
+            "mode; use method='hutchinson' or call model.eval()"
+        )
+
+    def per_batch(b, x, y):
+        with torch.no_grad():
+            outputs = op.model_fn(op.params, x)
+        S = output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
+        chunk = op.chunk_size or max(1, 2**24 // max(1, S.shape[0] * op.shape[0]))
+        diag = factor_diagonal(lambda p, xn: op.model_fn(p, unsqueeze_leaves(xn))[0], op.params, x, S, chunk)
+        return ravel(diag)
+
+    return op._over_batches(per_batch)
