@@ -12,63 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
-from torch import nn
+from _common import cases, print_table, time_ops
 
 import curvfx
-
-
-def mlp(widths=(784, 256, 256, 10)) -> nn.Module:
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 8 * 8, 10),
-    )
-
-
-def cases(device):
-    g = torch.Generator().manual_seed(0)
-    x_mlp = torch.randn(128, 784, generator=g)
-    y_cls = torch.randint(0, 10, (128,), generator=g)
-    x_cnn = torch.randn(64, 3, 32, 32, generator=g)
-    y_cnn = torch.randint(0, 10, (64,), generator=g)
-    y_reg = torch.randn(128, 10, generator=g)
-    return {
-        "MLP 784-256-256-10 N=128 CE": (mlp(), nn.CrossEntropyLoss(), x_mlp, y_cls),
-        "MLP 784-256-256-10 N=128 MSE": (mlp(), nn.MSELoss(), x_mlp, y_reg),
-        "CNN 2conv+linear N=64 CE": (cnn(), nn.CrossEntropyLoss(), x_cnn, y_cnn),
-    }
-
-
-def median_time(fn, repeats: int, device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_case(model, loss_fn, x, y, repeats, device):
@@ -91,17 +39,11 @@ def run_case(model, loss_fn, x, y, repeats, device):
     ops = {"gradient": gradient, "HVP plain double backprop": double_backprop}
     for s in ("autograd", "rev-rev", "fwd-rev"):
         ops[f"HVP curvfx strategy={s}"] = lambda s=s: curvfx.hvp(batch_loss, params, v, strategy=s)
-    for s in ("autograd", "func"):
+    for s in ("autograd", "forward-ad", "func"):
         ops[f"GGN-vp curvfx strategy={s}"] = lambda s=s: curvfx.ggn_vp(
             fn, loss_fn, params, x, y, v, strategy=s
         )
-    rows = {}
-    for name, op in ops.items():
-        try:
-            rows[name] = median_time(op, repeats, device)
-        except ValueError as err:  # e.g. fwd-rev on mse_loss in torch 2.13
-            rows[name] = f"n/a ({str(err).split(';')[0]})"
-    return rows
+    return time_ops(ops, repeats, device)
 
 
 def main():
@@ -123,15 +65,8 @@ def main():
     print(f"# curvfx core benchmark — {results['machine']}\n")
     for case, (model, loss_fn, x, y) in cases(device).items():
         rows = run_case(model, loss_fn, x, y, repeats, device)
-        base = rows["gradient"]
         results["cases"][case] = rows
-        print(f"## {case}\n\n| op | median ms | ratio to gradient |\n|---|---:|---:|")
-        for name, t in rows.items():
-            if isinstance(t, float):
-                print(f"| {name} | {1e3 * t:.2f} | {t / base:.2f}× |")
-            else:
-                print(f"| {name} | {t} | — |")
-        print()
+        print_table(case, rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
