@@ -2,6 +2,7 @@
 
 from curvfx import losses
 from curvfx._pytree import ravel, unravel
+from curvfx.estimators import CGInfo, cg, density, diagonal, eigsh, spectral_density, trace
 from curvfx.func import (
     fisher_vp,
     ggn_vp,
@@ -25,7 +26,12 @@ from curvfx.operators import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGInfo",
     "LinearOperator",
+    "cg",
+    "density",
+    "diagonal",
+    "eigsh",
     "empirical_fisher",
     "fisher",
     "fisher_vp",
@@ -42,5 +48,7 @@ __all__ = [
     "per_sample_grad",
     "per_sample_jacobian",
     "ravel",
+    "spectral_density",
+    "trace",
     "unravel",
 ]

@@ -23,6 +23,7 @@ def lanczos(
     bar: Any,
     who: str,
     stop_fn: Callable[[Tensor, Tensor], bool] | None = None,
+    breakdown_tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run B independent Lanczos recurrences, one per column of V0 [P, B], as one matmat per step.
 
@@ -32,13 +33,16 @@ def lanczos(
         w ← w - Q_t Q_tᵀ w  (twice: full reorthogonalization),   β_t = ‖w‖,  q_{t+1} = w / β_t
 
     so that Q_tᵀ A Q_t = T_t = tridiag(β, α, β) and A Q_t = Q_t T_t + β_t q_{t+1} e_tᵀ.
-    If β_t ≤ 10 ε max(|α|, β) (the Krylov space is invariant) the column restarts with a
-    random vector orthogonal to its basis and β_t is set to 0: T_t stays QᵀAQ, block
-    diagonal. Cost: one product with A per step for all B columns; memory P·B·num_steps.
+    If β_t ≤ ``breakdown_tol`` · max(|α|, β) (default 10 ε: the Krylov space is invariant)
+    the column restarts with a random vector orthogonal to its basis and β_t is set to 0:
+    T_t stays QᵀAQ (to that tolerance), block diagonal, and eigenvalues outside the
+    exhausted Krylov space (other eigenvalues, further copies of repeated ones) are found
+    by the next block. Cost: one product with A per step for all B columns; memory
+    P·B·num_steps.
 
-    ``stop_fn(alphas, betas)`` is called after each step and ends the run when it returns
-    True. Returns ``(alphas [B, t], betas [B, t], basis [t, P, B])``, where ``betas[:, -1]``
-    is the last residual norm β_t (not part of T_t).
+    ``stop_fn(alphas, betas)`` is called after each step without a restart and ends the
+    run when it returns True. Returns ``(alphas [B, t], betas [B, t], basis [t, P, B])``,
+    where ``betas[:, -1]`` is the last residual norm β_t (not part of T_t).
     """
     P, B = V0.shape
     eps = torch.finfo(op.dtype).eps
@@ -60,9 +64,12 @@ def lanczos(
         beta = torch.linalg.vector_norm(w, dim=0)
         alphas[:, t], betas[:, t] = alpha, beta
         scale = max(scale, float(alpha.abs().max()), float(beta.max()))
-        if t + 1 == num_steps or (stop_fn is not None and stop_fn(alphas[:, : t + 1], betas[:, : t + 1])):
+        if t + 1 == num_steps:
             break
-        broken = beta <= 10 * eps * scale
+        broken = beta <= (10 * eps if breakdown_tol is None else breakdown_tol) * scale
+        if not bool(broken.any()) and stop_fn is not None:
+            if stop_fn(alphas[:, : t + 1], betas[:, : t + 1]):
+                break
         if bool(broken.any()):  # invariant subspace: restart those columns
             fresh = probes(P, B, "normal", generator, op.dtype, op.device)
             w = torch.where(broken, _orthogonalized(fresh, basis[: t + 1]), w)

@@ -16,8 +16,12 @@ def leave_one_out_vectors(R: Tensor) -> Tensor:
     Webber 2024, sec. 2). Cost: one triangular solve, O(s³).
 
     Differs from the reference in: diagonal entries of R below ε·max|R| (a sketch of
-    rank < s, e.g. A of low rank) are raised to that floor so that the solve stays finite;
-    the rank-deficient directions then carry the leave-one-out correction.
+    rank < s, e.g. A of rank < s) are raised to that floor so that the solve stays finite.
+    s_i then points along the rank-deficient direction, and Q_i = range(A) whenever the
+    other s - 1 columns of A Ω span range(A) (with probability 1 for normal probes); the
+    estimators are then exact. Rademacher probes on a matrix of very low rank and simple
+    structure can give parallel columns of A Ω, where the true Q_i loses two directions
+    and this one only one.
     """
     eps = torch.finfo(R.dtype).eps
     floor = max(eps * float(R.abs().max()), torch.finfo(R.dtype).tiny)

@@ -46,7 +46,8 @@ def eigsh(
 
     Differs from Lanczos (1950) / ARPACK in: no implicit restarts (the basis grows to
     ``num_iters``); two passes of classical Gram-Schmidt against the whole basis at every
-    step; an exhausted Krylov space (β_t ≈ 0) is continued from a fresh random vector, so
+    step; a Krylov space exhausted to the tolerance (β_t ≤ tol · max(|α|, β)) is continued
+    from a fresh random vector orthogonal to it instead of being declared converged, so
     repeated eigenvalues are found with their multiplicity.
 
     Args:
@@ -112,7 +113,7 @@ def eigsh(
         return bool(_ritz(alphas, betas, k, which, tol)[3].all())
 
     with progress_bar(progress, num_iters, f"eigsh ({which} {k})") as bar:
-        alphas, betas, basis = lanczos(op, v0, num_iters, g, bar, "eigsh", stop_fn)
+        alphas, betas, basis = lanczos(op, v0, num_iters, g, bar, "eigsh", stop_fn, tol)
     theta, Y, residual, converged = _ritz(alphas, betas, k, which, tol)
     if not bool(converged.all()):
         warnings.warn(

@@ -114,11 +114,10 @@ def cg(
 
     def B(v: Tensor) -> Tensor:  # (A + λI) v
         out = op._matvec(v)
-        if out.shape != v.shape or not bool(out.isfinite().all()):
-            raise ValueError(
-                f"cg: the product A v returned {describe(out)} with shape {list(out.shape)} "
-                "or non-finite entries (inf/nan); check the operator"
-            )
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            raise ValueError(f"cg: the product A v returned {describe(out)}, expected [{P}]")
+        if not bool(out.isfinite().all()):
+            raise ValueError("cg: the product A v has non-finite entries (inf/nan); check the operator")
         return out + damping * v if damping else out
 
     with torch.no_grad():

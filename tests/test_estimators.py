@@ -1,0 +1,608 @@
+"""Estimators against dense truths (torch.linalg), by convergence with seeded generators."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from typing import ClassVar
+
+import pytest
+import torch
+
+from curvfx.estimators import (
+    CGInfo,
+    cg,
+    density,
+    diagonal,
+    eigsh,
+    probes,
+    spectral_density,
+    trace,
+)
+from curvfx.operators._base import DenseOperator, FunctionOperator, LinearOperator, identity
+
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# matrices
+
+
+def symmetric(P: int, seed: int = 0) -> torch.Tensor:
+    """A random symmetric (indefinite) matrix, exactly symmetric."""
+    M = torch.randn(P, P, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    return (M + M.T) / 2
+
+
+def psd(P: int, seed: int = 0) -> torch.Tensor:
+    """A random symmetric positive definite matrix."""
+    B = torch.randn(P, P, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    M = B @ B.T / P + 0.1 * torch.eye(P, dtype=DTYPE)
+    return (M + M.T) / 2
+
+
+def with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """U diag(λ) Uᵀ for a random orthogonal U, exactly symmetric."""
+    P = eigenvalues.shape[0]
+    G = torch.randn(P, P, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    U, _ = torch.linalg.qr(G)
+    M = U @ torch.diag(eigenvalues.to(DTYPE)) @ U.T
+    return (M + M.T) / 2
+
+
+def decaying(P: int = 100, rate: float = 0.8, seed: int = 0) -> torch.Tensor:
+    """A PSD matrix with eigenvalues 10 · rate^j: a fast-decaying spectrum."""
+    return with_spectrum(10 * rate ** torch.arange(P, dtype=DTYPE), seed)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Counting(LinearOperator):
+    """A dense symmetric operator that counts its products (columns) and matmat calls."""
+
+    symmetric = True
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix, self.shape = matrix, tuple(matrix.shape)
+        self.dtype, self.device = matrix.dtype, matrix.device
+        self.num_products, self.num_calls = 0, 0
+
+    def _matvec(self, v):
+        self.num_products, self.num_calls = self.num_products + 1, self.num_calls + 1
+        return self.matrix @ v
+
+    def _matmat(self, V):
+        self.num_products, self.num_calls = self.num_products + V.shape[1], self.num_calls + 1
+        return self.matrix @ V
+
+
+@pytest.fixture
+def float64_default():
+    """Callables are taken in torch's default dtype: make it float64 for the test."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    yield
+    torch.set_default_dtype(old)
+
+
+# ---------------------------------------------------------------------------------------
+# probes
+
+
+def test_probes_distributions_and_reproducibility():
+    R = probes(1000, 8, "rademacher", gen(0), DTYPE)
+    assert R.shape == (1000, 8) and R.dtype == DTYPE and bool((R.abs() == 1).all())
+    N = probes(4000, 3, "normal", gen(0), torch.float32)
+    assert N.dtype == torch.float32
+    assert abs(float(N.mean())) < 0.05 and abs(float(N.var()) - 1) < 0.05
+    assert torch.equal(probes(50, 4, generator=gen(3)), probes(50, 4, generator=gen(3)))
+    assert not torch.equal(probes(50, 4, generator=gen(3)), probes(50, 4, generator=gen(4)))
+
+
+def test_probes_without_generator_follow_the_global_seed():
+    torch.manual_seed(11)
+    first = probes(20, 2)
+    torch.manual_seed(11)
+    assert torch.equal(first, probes(20, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# exact trace and diagonal
+
+
+def test_exact_trace_and_diagonal_of_dense():
+    M = symmetric(30)
+    for A in (M, DenseOperator(M)):
+        torch.testing.assert_close(trace(A), torch.trace(M))
+        torch.testing.assert_close(diagonal(A), torch.diagonal(M), rtol=0, atol=0)
+    N = torch.randn(7, 7, dtype=DTYPE, generator=gen(1))  # not symmetric
+    torch.testing.assert_close(diagonal(DenseOperator(N).T), torch.diagonal(N))
+
+
+def test_exact_diagonal_of_sum_and_damping_uses_the_terms():
+    M, N = symmetric(12, 0), symmetric(12, 1)
+    A = DenseOperator(M) - 2.0 * DenseOperator(N) + 0.5 * identity(12)
+    expected = torch.diagonal(M - 2 * N) + 0.5
+    torch.testing.assert_close(diagonal(A), expected)
+    torch.testing.assert_close(trace(A), expected.sum())
+
+
+def test_exact_generic_fallback_multiplies_identity_columns(float64_default):
+    M = symmetric(300)
+    counted = Counting(M)
+    torch.testing.assert_close(diagonal(counted), torch.diagonal(M), rtol=0, atol=0)
+    assert counted.num_products == 300 and counted.num_calls == 2  # 256 + 44 columns
+    torch.testing.assert_close(trace(lambda v: M @ v, size=300), torch.trace(M))
+
+
+def test_exact_fallback_refused_above_max_size():
+    A = FunctionOperator(lambda v: 2 * v, 50, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"P = 50 products.*max_size=50.*'xdiag'"):
+        diagonal(A, max_size=49)
+    with pytest.raises(ValueError, match=r"max_size=50.*'hutch\+\+'"):
+        trace(A, max_size=10)
+    torch.testing.assert_close(trace(A, max_size=50), torch.tensor(100.0, dtype=DTYPE))
+
+
+def test_exact_uses_the_operators_own_trace_and_diagonal():
+    class Factored(LinearOperator):
+        symmetric = True
+        shape, dtype, device = (4, 4), DTYPE, torch.device("cpu")
+
+        def _matvec(self, v):
+            raise AssertionError("exact trace/diagonal must not multiply")
+
+        def _exact_diagonal(self):
+            return torch.arange(4.0, dtype=DTYPE)
+
+    torch.testing.assert_close(diagonal(Factored()), torch.arange(4.0, dtype=DTYPE))
+    torch.testing.assert_close(trace(Factored()), torch.tensor(6.0, dtype=DTYPE))
+    Factored._exact_trace = lambda self: torch.tensor(-1.0, dtype=DTYPE)
+    torch.testing.assert_close(trace(Factored()), torch.tensor(-1.0, dtype=DTYPE))
+    _, std = trace(Factored(), return_std=True)
+    assert float(std) == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# stochastic trace
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_trace_within_four_standard_errors(method, distribution):
+    M = psd(80) + with_spectrum(torch.linspace(-1, 3, 80), 5)  # indefinite, slow decay
+    exact = torch.trace(M)
+    for seed in range(5):
+        estimate, std = trace(
+            M,
+            method,
+            num_samples=30,
+            distribution=distribution,
+            generator=gen(seed),
+            return_std=True,
+        )
+        assert float(std) > 0
+        assert abs(float(estimate - exact)) <= 4 * float(std), (seed, estimate, exact, std)
+
+
+def test_standard_error_matches_the_spread_of_hutchinson():
+    M = symmetric(40)
+    # Var(ωᵀMω) = 2 (‖M‖_F² - Σ M_ii²) for Rademacher ω
+    true_se = math.sqrt(2 * (M.square().sum() - M.diagonal().square().sum()) / 50)
+    stds = [
+        float(trace(M, "hutchinson", num_samples=50, generator=gen(s), return_std=True)[1]) for s in range(20)
+    ]
+    assert 0.8 * true_se < sum(stds) / len(stds) < 1.2 * true_se
+
+
+def test_hutchpp_and_xtrace_beat_hutchinson_on_a_decaying_spectrum():
+    M = decaying(100, 0.8)
+    exact = float(torch.trace(M))
+
+    def mean_error(method: str) -> float:
+        errors = [abs(float(trace(M, method, num_samples=30, generator=gen(s))) - exact) for s in range(20)]
+        return sum(errors) / len(errors)
+
+    hutchinson, hutchpp, xtrace = (mean_error(m) for m in ("hutchinson", "hutch++", "xtrace"))
+    assert hutchpp < 0.5 * hutchinson, (hutchpp, hutchinson)
+    assert xtrace < hutchpp, (xtrace, hutchpp)
+
+
+def test_trace_converges_within_a_budget():
+    M = decaying(120, 0.7)
+    exact = float(torch.trace(M))
+    for method, budget in (("hutch++", 60), ("xtrace", 40)):
+        estimate = float(trace(M, method, num_samples=budget, generator=gen(0)))
+        assert abs(estimate - exact) / exact < 1e-3, method
+
+
+def test_low_rank_is_exact_and_products_are_batched():
+    G = torch.randn(60, 4, dtype=DTYPE, generator=gen(2))
+    M = G @ G.T
+    for method, m in (("hutch++", 15), ("xtrace", 10)):
+        counted = Counting((M + M.T) / 2)
+        estimate = trace(counted, method, num_samples=m, distribution="normal", generator=gen(1))
+        torch.testing.assert_close(estimate, torch.trace(M))
+        assert counted.num_calls == 2 and counted.num_products <= m
+    counted = Counting(M)
+    trace(counted, "hutchinson", num_samples=17, generator=gen(0))
+    assert counted.num_calls == 1 and counted.num_products == 17
+
+
+def test_trace_of_a_non_symmetric_matrix():
+    N = torch.randn(50, 50, dtype=DTYPE, generator=gen(3)) + 5 * torch.eye(50, dtype=DTYPE)
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        estimate, std = trace(N, method, num_samples=40, generator=gen(0), return_std=True)
+        assert abs(float(estimate - torch.trace(N))) <= 4 * float(std)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_trace_reproducible(method):
+    M = symmetric(40)
+    first = trace(M, method, num_samples=12, generator=gen(7), return_std=True)
+    again = trace(M, method, num_samples=12, generator=gen(7), return_std=True)
+    other = trace(M, method, num_samples=12, generator=gen(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other)
+    torch.manual_seed(3)
+    without = trace(M, method, num_samples=12)
+    torch.manual_seed(3)
+    assert torch.equal(without, trace(M, method, num_samples=12))
+
+
+def test_trace_keeps_the_dtype():
+    M = symmetric(20).float()
+    assert trace(M, "hutch++", num_samples=9, generator=gen(0)).dtype == torch.float32
+    assert diagonal(M, "xdiag", num_samples=8, generator=gen(0)).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# stochastic diagonal
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_within_four_standard_errors(method):
+    M = decaying(80, 0.9) + 0.1 * symmetric(80, 3)
+    exact = torch.diagonal(M)
+    for seed in range(3):
+        estimate, std = diagonal(M, method, num_samples=40, generator=gen(seed), return_std=True)
+        assert estimate.shape == std.shape == (80,)
+        error = estimate - exact
+        assert float(error.norm()) <= 4 * float(std.norm()), seed
+        assert float((error.abs() > 4 * std).float().mean()) < 0.05, seed
+
+
+def test_xdiag_beats_hutchinson_on_a_decaying_spectrum_and_is_exact_at_low_rank():
+    M = decaying(100, 0.7)
+    exact = torch.diagonal(M)
+
+    def mean_error(method: str) -> float:
+        errors = [
+            float((diagonal(M, method, num_samples=40, generator=gen(s)) - exact).norm()) for s in range(10)
+        ]
+        return sum(errors) / len(errors)
+
+    assert mean_error("xdiag") < 0.1 * mean_error("hutchinson")
+    G = torch.randn(50, 3, dtype=DTYPE, generator=gen(0))
+    N = G @ torch.randn(3, 50, dtype=DTYPE, generator=gen(1))  # rank 3, not symmetric
+    estimate = diagonal(N, "xdiag", num_samples=8, distribution="normal", generator=gen(2))
+    torch.testing.assert_close(estimate, torch.diagonal(N))
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_reproducible(method):
+    M = symmetric(30)
+    first = diagonal(M, method, num_samples=10, generator=gen(5))
+    assert torch.equal(first, diagonal(M, method, num_samples=10, generator=gen(5)))
+    assert not torch.equal(first, diagonal(M, method, num_samples=10, generator=gen(6)))
+
+
+# ---------------------------------------------------------------------------------------
+# eigsh
+
+
+@pytest.mark.parametrize("make", [symmetric, psd], ids=["symmetric", "psd"])
+def test_eigsh_matches_eigvalsh(make):
+    M = make(60)
+    truth = torch.linalg.eigvalsh(M)
+    for which, expected in (("largest", truth.flip(0)[:3]), ("smallest", truth[:3])):
+        values, vectors = eigsh(M, k=3, which=which, generator=gen(0))
+        torch.testing.assert_close(values, expected, rtol=0, atol=1e-8)
+        assert vectors.shape == (60, 3)
+        torch.testing.assert_close(M @ vectors, vectors * values, rtol=0, atol=1e-7)
+        torch.testing.assert_close(vectors.T @ vectors, torch.eye(3, dtype=DTYPE), atol=1e-10, rtol=0)
+
+
+def test_eigsh_stops_early_once_converged():
+    eigenvalues = torch.cat([torch.tensor([50.0, 40.0, 30.0]), torch.rand(297, generator=gen(0))])
+    counted = Counting(with_spectrum(eigenvalues))
+    values = eigsh(counted, k=3, generator=gen(1), return_eigenvectors=False)
+    torch.testing.assert_close(values, torch.tensor([50.0, 40.0, 30.0], dtype=DTYPE), rtol=1e-10, atol=0)
+    assert counted.num_products < 40 and counted.num_calls == counted.num_products
+
+
+def test_eigsh_finds_repeated_eigenvalues():
+    M = torch.diag(torch.tensor([5.0, 5.0, 5.0, 2.0, 1.0, 1.0, 0.5, 0.0], dtype=DTYPE))
+    values, vectors = eigsh(M, k=4, generator=gen(0))
+    torch.testing.assert_close(values, torch.tensor([5.0, 5.0, 5.0, 2.0], dtype=DTYPE))
+    torch.testing.assert_close(M @ vectors, vectors * values, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        eigsh(torch.zeros(5, 5, dtype=DTYPE), k=2, generator=gen(0))[0], torch.zeros(2, dtype=DTYPE)
+    )
+
+
+def test_eigsh_warns_when_not_converged_and_is_reproducible():
+    M = symmetric(200)
+    with pytest.warns(RuntimeWarning, match="increase num_iters"):
+        first = eigsh(M, k=2, num_iters=5, generator=gen(0), return_eigenvectors=False)
+    with pytest.warns(RuntimeWarning):
+        again = eigsh(M, k=2, num_iters=5, generator=gen(0), return_eigenvectors=False)
+    assert torch.equal(first, again)
+
+
+def test_eigsh_of_a_callable(float64_default):
+    M = psd(40)
+    values = eigsh(lambda v: M @ v, k=2, size=40, generator=gen(0), return_eigenvectors=False)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(M).flip(0)[:2], atol=1e-8, rtol=0)
+
+
+def test_to_scipy_eigsh_agrees():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    M = psd(50)
+    values = scipy_linalg.eigsh(DenseOperator(M).to_scipy(), k=3, which="LA")[0]
+    torch.testing.assert_close(
+        torch.from_numpy(values).sort(descending=True).values,
+        eigsh(M, k=3, generator=gen(0), return_eigenvectors=False),
+        atol=1e-8,
+        rtol=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# spectral density
+
+
+def test_spectral_density_quadrature():
+    M = psd(100) + with_spectrum(torch.linspace(-2, 1, 100), 4)
+    nodes, weights = spectral_density(M, num_probes=20, num_steps=30, generator=gen(0))
+    assert nodes.shape == weights.shape == (20, 30)
+    torch.testing.assert_close(weights.sum(1), torch.ones(20, dtype=DTYPE))
+    truth = torch.linalg.eigvalsh(M)
+    assert float(nodes.min()) >= float(truth[0]) - 1e-8 and float(nodes.max()) <= float(truth[-1]) + 1e-8
+    # the mean Σ τ θ / B estimates tr(M)/P; Var(ωᵀMω) = 2 (‖M‖_F² - Σ M_ii²) (Rademacher)
+    mean = float((weights * nodes).sum()) / 20
+    se = math.sqrt(2 * (M.square().sum() - M.diagonal().square().sum()) / 20) / 100
+    assert abs(mean - float(torch.trace(M)) / 100) <= 4 * se
+    grid = torch.linspace(float(truth[0]) - 1, float(truth[-1]) + 1, 2001, dtype=DTYPE)
+    phi = density(nodes, weights, grid, sigma=0.05)
+    assert abs(float(torch.trapezoid(phi, grid)) - 1) < 1e-6 and bool((phi >= 0).all())
+
+
+def test_spectral_density_with_a_full_krylov_space_finds_the_eigenvalues():
+    M = torch.diag(torch.tensor([3.0, 1.0, 1.0, -2.0], dtype=DTYPE))
+    nodes, weights = spectral_density(M, num_probes=2, num_steps=4, generator=gen(0))
+    for row_nodes, row_weights in zip(nodes, weights):  # exhausted after 3 steps: a restart
+        support = row_nodes[row_weights > 1e-12]
+        torch.testing.assert_close(support.sort().values, torch.tensor([-2.0, 1.0, 3.0], dtype=DTYPE))
+        torch.testing.assert_close(row_weights.sum(), torch.tensor(1.0, dtype=DTYPE))
+    first = spectral_density(M, num_probes=2, num_steps=4, generator=gen(0))
+    assert torch.equal(first[0], nodes) and torch.equal(first[1], weights)
+
+
+# ---------------------------------------------------------------------------------------
+# cg
+
+
+def test_cg_solves_the_damped_system():
+    M = psd(80)
+    b = torch.randn(80, dtype=DTYPE, generator=gen(0))
+    for damping in (0.0, 0.3):
+        x, info = cg(M, b, damping=damping, tol=1e-10)
+        assert isinstance(info, CGInfo) and info.converged and 0 < info.num_iters <= 80
+        residual = torch.linalg.vector_norm(b - M @ x - damping * x)
+        assert float(residual) <= 1e-10 * float(b.norm()) * 1.01
+        assert math.isclose(info.residual_norm, float(residual), rel_tol=1e-3, abs_tol=1e-13)
+    x, info = cg(M, b, damping=0.3, tol=1e-10, x0=x)  # a warm start that is the answer
+    assert info.converged and info.num_iters <= 2
+    x, info = cg(M, torch.zeros(80, dtype=DTYPE))
+    assert info.converged and info.num_iters == 0 and float(x.abs().max()) == 0
+
+
+def test_cg_takes_and_returns_pytrees():
+    like = {"w": torch.zeros(3, 4, dtype=DTYPE), "b": torch.zeros(4, dtype=DTYPE)}
+    op = DenseOperator(psd(16))
+    op.in_like = like
+    b = {"w": torch.randn(3, 4, dtype=DTYPE, generator=gen(0)), "b": torch.ones(4, dtype=DTYPE)}
+    x, info = cg(op, b, tol=1e-12)
+    assert set(x) == {"w", "b"} and x["w"].shape == (3, 4) and info.converged
+    b_flat = torch.cat([b["w"].reshape(-1), b["b"]])
+    x_flat = torch.cat([x["w"].reshape(-1), x["b"]])
+    torch.testing.assert_close(op.matrix @ x_flat, b_flat)
+    with pytest.raises(ValueError, match=r"b\['w'\]: shape \[4, 3\]"):
+        cg(op, {"w": torch.zeros(4, 3, dtype=DTYPE), "b": torch.zeros(4, dtype=DTYPE)})
+    with pytest.raises(TypeError, match="pass a flat tensor"):
+        cg(psd(16), b)
+
+
+def test_cg_jacobi_preconditioner_needs_fewer_iterations():
+    scales = 10.0 ** torch.linspace(-3, 3, 100, dtype=DTYPE)
+    S = torch.diag(scales.sqrt())
+    M = S @ (psd(100) + 5 * torch.eye(100, dtype=DTYPE)) @ S  # badly scaled, diagonally dominant
+    M = (M + M.T) / 2
+    b = torch.randn(100, dtype=DTYPE, generator=gen(1))
+    _, plain = cg(M, b, tol=1e-8, maxiter=2000)
+    x, jacobi = cg(M, b, tol=1e-8, preconditioner=diagonal(M))
+    assert jacobi.converged and jacobi.num_iters < plain.num_iters / 3, (jacobi, plain)
+    assert float((b - M @ x).norm()) <= 1.01e-8 * float(b.norm())
+    _, as_callable = cg(M, b, tol=1e-8, preconditioner=lambda r: r / torch.diagonal(M))
+    assert as_callable.num_iters == jacobi.num_iters
+
+
+def test_cg_stops_on_negative_curvature():
+    M = torch.diag(torch.tensor([1.0, 2.0, -3.0], dtype=DTYPE))
+    x, info = cg(M, torch.ones(3, dtype=DTYPE))
+    assert not info.converged and info.num_iters < 3 and bool(x.isfinite().all())
+    _, info = cg(M, torch.ones(3, dtype=DTYPE), damping=4.0, tol=1e-12)  # damped: PD
+    assert info.converged
+
+
+def test_cg_maxiter():
+    M = psd(50)
+    _, info = cg(M, torch.ones(50, dtype=DTYPE), tol=1e-14, maxiter=3)
+    assert not info.converged and info.num_iters == 3
+
+
+# ---------------------------------------------------------------------------------------
+# progress bars
+
+
+class FakeBar:
+    instances: ClassVar[list] = []
+
+    def __init__(self, total=None, desc="", unit=""):
+        self.total, self.n = total, 0
+        FakeBar.instances.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s=""):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_progress_bar_counts_products(monkeypatch):
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    FakeBar.instances = []
+    M = psd(30)
+    trace(M, "hutch++", num_samples=12, generator=gen(0), progress=True)
+    diagonal(Counting(M), progress=True)
+    eigsh(M, k=1, num_iters=10, tol=0.1, generator=gen(0), progress=True)
+    cg(M, torch.ones(30, dtype=DTYPE), progress=True)
+    spectral_density(M, num_probes=2, num_steps=5, generator=gen(0), progress=True)
+    counts = [(bar.total, bar.n) for bar in FakeBar.instances]
+    assert counts[:2] == [(12, 12), (30, 30)] and counts[4] == (5, 5)
+    assert counts[2][0] == 10 and 0 < counts[2][1] <= 10  # eigsh: steps done
+    assert counts[3][0] == 300 and counts[3][1] > 0  # cg: iterations of at most 10 P
+
+
+def test_progress_without_tqdm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match=r"pip install 'curvfx\[progress\]'"):
+        trace(psd(5), "hutchinson", num_samples=2, generator=gen(0), progress=True)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+
+def test_unknown_names():
+    M = psd(10)
+    with pytest.raises(ValueError, match=r"method: expected one of .*got 'hutch'"):
+        trace(M, "hutch")
+    with pytest.raises(ValueError, match=r"method: .*got 'xtrace'"):
+        diagonal(M, "xtrace")
+    with pytest.raises(ValueError, match=r"distribution: .*got 'gauss'"):
+        trace(M, "hutchinson", distribution="gauss", generator=gen(0))
+    with pytest.raises(ValueError, match="distribution"):
+        spectral_density(M, distribution="uniform", generator=gen(0))
+    with pytest.raises(ValueError, match="which: expected 'largest' or 'smallest', got 'LM'"):
+        eigsh(M, which="LM")
+
+
+def test_bad_counts():
+    M = psd(10)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            trace(M, "hutchinson", num_samples=bad)
+    with pytest.raises(ValueError, match="num_samples: expected an int >= 3"):
+        trace(M, "hutch++", num_samples=2)
+    with pytest.raises(ValueError, match="even m"):
+        trace(M, "xtrace", num_samples=5)
+    with pytest.raises(ValueError, match="m/2 <= P = 10"):
+        diagonal(M, "xdiag", num_samples=22)
+    with pytest.raises(ValueError, match=r"return_std=True needs .* >= 2"):
+        trace(M, "hutchinson", num_samples=1, return_std=True)
+    with pytest.raises(ValueError, match=r"k: expected an int with 1 <= k <= P = 10, got 11"):
+        eigsh(M, k=11)
+    with pytest.raises(ValueError, match="k: "):
+        eigsh(M, k=0)
+    with pytest.raises(ValueError, match="num_iters: at most P = 10"):
+        eigsh(M, k=1, num_iters=11)
+    with pytest.raises(ValueError, match="num_steps: at most P = 10"):
+        spectral_density(M, num_steps=11)
+    with pytest.raises(ValueError, match="num_probes"):
+        spectral_density(M, num_probes=0)
+    with pytest.raises(ValueError, match="sigma"):
+        density(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(5), sigma=0)
+    with pytest.raises(ValueError, match="damping"):
+        cg(M, torch.ones(10, dtype=DTYPE), damping=-1.0)
+    with pytest.raises(ValueError, match="maxiter"):
+        cg(M, torch.ones(10, dtype=DTYPE), maxiter=-1)
+
+
+def test_non_finite_products():
+    def nan_product(v):
+        return torch.full_like(v, float("nan"))
+
+    op = FunctionOperator(nan_product, 8, dtype=DTYPE)
+    b = torch.ones(8, dtype=DTYPE)
+    calls = [
+        lambda: trace(op, "hutchinson", num_samples=4, generator=gen(0)),
+        lambda: trace(op, "hutch++", num_samples=6, generator=gen(0)),
+        lambda: trace(op, "xtrace", num_samples=4, generator=gen(0)),
+        lambda: trace(op),
+        lambda: diagonal(op, "xdiag", num_samples=4, generator=gen(0)),
+        lambda: eigsh(op, generator=gen(0)),
+        lambda: spectral_density(op, num_steps=3, generator=gen(0)),
+        lambda: cg(op, b),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="non-finite"):
+            call()
+    with pytest.raises(ValueError, match="b: has non-finite"):
+        cg(psd(3), torch.tensor([1.0, float("inf"), 0.0], dtype=DTYPE))
+
+
+def test_bad_operators_and_vectors():
+    with pytest.raises(ValueError, match="size: required"):
+        trace(lambda v: v, "hutchinson")
+    with pytest.raises(ValueError, match="size: required"):
+        eigsh(lambda v: v)
+    with pytest.raises(TypeError, match="A: expected a LinearOperator"):
+        diagonal([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"square matrix \[P, P\]"):
+        trace(torch.zeros(3, 4, dtype=DTYPE))
+    with pytest.raises(ValueError, match="must be square"):
+        diagonal(DenseOperator(torch.zeros(3, 4, dtype=DTYPE)))
+    N = torch.randn(6, 6, dtype=DTYPE, generator=gen(0))
+    for call in (lambda: eigsh(N), lambda: cg(N, torch.ones(6, dtype=DTYPE)), lambda: spectral_density(N)):
+        with pytest.raises(ValueError, match=r"must be symmetric.*DenseOperator"):
+            call()
+    with pytest.raises(ValueError, match=r"expected a flat vector \[6\]"):
+        cg(psd(6), torch.ones(5, dtype=DTYPE))
+    with pytest.raises(ValueError, match="dtype/device"):
+        cg(psd(6), torch.ones(6))
+    with pytest.raises(ValueError, match="preconditioner: the diagonal must be finite and positive"):
+        cg(psd(6), torch.ones(6, dtype=DTYPE), preconditioner=torch.zeros(6, dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"preconditioner: a diagonal must be \[P\] = \[6\]"):
+        cg(psd(6), torch.ones(6, dtype=DTYPE), preconditioner=torch.ones(5, dtype=DTYPE))
+    with pytest.raises(TypeError, match=r"generator: expected a torch.Generator"):
+        trace(psd(6), "hutchinson", generator=0)
+    with pytest.raises(ValueError, match=r"A V returned a tensor of shape \[3, 2\]"):
+        trace(FunctionOperator(lambda v: v[:3], 6, dtype=DTYPE), "hutchinson", num_samples=2)

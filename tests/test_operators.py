@@ -1,0 +1,631 @@
+"""Curvature operators (hessian, ggn, fisher, empirical_fisher, jacobian) against dense truths.
+
+The truths come from ``dense.py`` (autograd Hessians, jacrev Jacobians in its own flat
+order, permuted here to curvfx's ``named_parameters()`` order) and, for the empirical
+Fisher, from a loop of ``torch.autograd.grad`` over single-sample losses built below.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+from cases import CASES_BY_NAME, Problem, slice_batch
+from dense import (
+    DenseTruth,
+    assert_close_rel,
+    dense_truth,
+    flatten,
+    rel_err,
+    tree_leaves,
+    tree_map,
+    unflatten,
+)
+from helpers import unchanged
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from operator_checks import assert_matches_dense
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvfx
+
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# glue: operators of a problem, truths in curvfx's flat order
+
+
+def _model(problem: Problem) -> tuple:
+    """``(model_or_fn, kwargs)`` as the operator constructors take them."""
+    if problem.model is None:
+        return problem.pure_fn, {"params": problem.pure_params}
+    return problem.model, {}
+
+
+def _op(builder, problem: Problem, data=None, **kwargs) -> curvfx.LinearOperator:
+    """``builder(model, loss_fn, data, ...)`` for a curvature operator; data defaults to the batch."""
+    model, extra = _model(problem)
+    data = (problem.x, problem.y) if data is None else data
+    return builder(model, problem.loss_fn, data, **extra, **kwargs)
+
+
+def _fisher_exact(model, loss_fn, data, **kwargs):
+    return curvfx.fisher(model, loss_fn, data, kind="exact", **kwargs)
+
+
+BUILDERS = {
+    "hessian": curvfx.hessian,
+    "ggn": curvfx.ggn,
+    "fisher_exact": _fisher_exact,
+    "empirical_fisher": curvfx.empirical_fisher,
+}
+
+
+def _order(dense: DenseTruth) -> Tensor:
+    """Indices ``perm`` with (curvfx flat vector)[i] = (dense.py flat vector)[perm[i]]."""
+    index = unflatten(torch.arange(dense.num_params), dense.params)  # dense.py position of each entry
+    problem = dense.problem
+    if problem.model is None:  # pure params: leaf order is the pytree's own (no reordered dict keys)
+        assert list(problem.pure_params) == sorted(problem.pure_params)
+        return flatten(index)
+    names = [n for n, p in problem.model.named_parameters() if p.requires_grad]
+    return torch.cat([index[n].reshape(-1) for n in names])
+
+
+def _square(dense: DenseTruth, M: Tensor) -> Tensor:
+    """A P x P truth, rows and columns in curvfx's order."""
+    perm = _order(dense)
+    return M[perm][:, perm]
+
+
+def _is_canonical(loss_fn) -> bool:
+    """MSE, cross-entropy (no class weight) and BCE with logits: exact Fisher == GGN."""
+    canonical = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+    return isinstance(loss_fn, canonical) and getattr(loss_fn, "weight", None) is None
+
+
+def _summed(loss_fn):
+    """The same loss with ``reduction="sum"``."""
+    out = copy.deepcopy(loss_fn)
+    out.reduction = "sum"
+    return out
+
+
+@functools.cache
+def empirical_fisher_truth(dense: DenseTruth) -> Tensor:
+    """``EF = (1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ`` (mean) or ``Σ_n ∇ℓ_n ∇ℓ_nᵀ`` (sum), in curvfx's order.
+
+    ℓ_n is sample n's unnormalized loss (its entries summed, ``reduction="sum"`` on the
+    sample alone), its gradient one ``torch.autograd.grad`` per sample. Z is the mean's
+    denominator on the whole batch, read off torch itself as ``L_sum / L_mean`` (torch's
+    mean is the sum divided by Z: N·C for MSE/BCE, Σ of counted class weights for CE).
+    """
+    problem = dense.problem
+    summed = _summed(problem.loss_fn)
+    grads = []
+    for n in range(problem.num_samples):
+        flat = dense.flat.detach().clone().requires_grad_(True)
+        xn, yn = slice_batch(problem.x, n, n + 1), problem.y[n : n + 1]
+        loss_n = summed(dense.fn(unflatten(flat, dense.params), xn), yn)
+        (g,) = torch.autograd.grad(loss_n, flat)
+        grads.append(g)
+    G = torch.stack(grads)  # [N, P]
+    if problem.loss_fn.reduction == "mean":
+        z = summed(dense.outputs, problem.y) / problem.loss_fn(dense.outputs, problem.y)
+        EF = G.T @ G / z
+    else:
+        EF = G.T @ G
+    return _square(dense, EF)
+
+
+def _truth_matrix(name: str, dense: DenseTruth) -> Tensor:
+    """The dense matrix of operator ``name`` (a key of BUILDERS), in curvfx's order."""
+    if name == "hessian":
+        return _square(dense, dense.hessian)
+    if name in ("ggn", "fisher_exact"):
+        return _square(dense, dense.ggn)
+    return empirical_fisher_truth(dense)
+
+
+@functools.cache
+def _variant(name: str, reduction: str) -> DenseTruth:
+    """Dense truth of registry case ``name`` with its loss switched to ``reduction``."""
+    problem = CASES_BY_NAME[name].make()
+    loss_fn = copy.deepcopy(problem.loss_fn)
+    loss_fn.reduction = reduction
+    return DenseTruth(dataclasses.replace(problem, loss_fn=loss_fn))
+
+
+def _split(problem: Problem, bounds: list[int]) -> list[tuple]:
+    """The batch cut at ``bounds`` (e.g. [0, 1, 4, 6]) into a list of (X, y) batches."""
+    return [
+        (slice_batch(problem.x, a, b), problem.y[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def _random(n: int, seed: int = 0) -> Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+# ---------------------------------------------------------------------------------------
+# every registry case against its dense truth
+
+
+def test_hessian_matches_dense(problem, dense):
+    assert_matches_dense(_op(curvfx.hessian, problem), _square(dense, dense.hessian))
+
+
+def test_ggn_matches_dense(problem, dense):
+    assert_matches_dense(_op(curvfx.ggn, problem), _square(dense, dense.ggn))
+
+
+def test_fisher_exact_equals_dense_ggn(problem, dense):
+    if not _is_canonical(problem.loss_fn):
+        pytest.skip("exact Fisher == GGN only for MSE / cross-entropy / BCE with logits")
+    assert_matches_dense(_op(_fisher_exact, problem), _square(dense, dense.ggn))
+
+
+def test_empirical_fisher_matches_per_sample_gradients(independent_case):
+    dense = dense_truth(independent_case)
+    op = _op(curvfx.empirical_fisher, independent_case.make())
+    assert_matches_dense(op, empirical_fisher_truth(dense))
+
+
+def test_empirical_fisher_is_not_the_squared_batch_gradient():
+    dense = dense_truth(CASES_BY_NAME["mlp_tanh-mse_mean"])
+    g = torch.func.grad(dense.loss_of_flat)(dense.flat)
+    squared = _square(dense, torch.outer(g, g))
+    EF = _op(curvfx.empirical_fisher, dense.problem).to_dense()
+    assert rel_err(EF, squared) > 0.1
+
+
+def test_jacobian_matches_jacrev(problem, dense):
+    model, extra = _model(problem)
+    J = curvfx.jacobian(model, problem.x, **extra)
+    truth = dense.jacobian[:, _order(dense)]
+    assert truth.shape == (dense.outputs.numel(), dense.num_params)
+    assert_matches_dense(J, truth)
+    assert_matches_dense(J.T, truth.T)
+
+
+def test_ggn_of_pure_function_with_pytree_params():
+    dense = dense_truth(CASES_BY_NAME["pytree_fn-bce_mean"])
+    problem = dense.problem
+    params = problem.pure_params
+    op = curvfx.ggn(problem.pure_fn, problem.loss_fn, (problem.x, problem.y), params=params)
+    M = _square(dense, dense.ggn)
+    assert_matches_dense(op, M)
+    v = tree_map(torch.ones_like, params)
+    Gv = op @ v
+    assert isinstance(Gv, dict) and isinstance(Gv["layer"], list) and isinstance(Gv["out"], tuple)
+    assert [t.shape for t in tree_leaves(Gv)] == [t.shape for t in tree_leaves(params)]
+    assert_close_rel(curvfx.ravel(Gv), M @ curvfx.ravel(v))
+
+
+# ---------------------------------------------------------------------------------------
+# several batches == their concatenation
+
+# (registry case, cut points of its N samples into unequal batches)
+MULTI_BATCH = {
+    "mlp_tanh-mse_mean": [0, 1, 4, 6],
+    "mlp_relu-ce_sum": [0, 3, 4, 6],
+    "mlp_tanh-ce_ignore_sum": [0, 1, 4, 6],  # ignored samples 1 and 4: 0 / 1 / 1 per batch
+    "sequence-ce_ignore_mean": [0, 2, 3, 4],  # counted positions 11 / 4 / 5 of 12 / 6 / 6
+    "mlp_tanh-ce_weight_mean": [0, 2, 5, 6],  # Z_b = Σ class weights, not N_b
+    "mlp_tanh-bce_mean": [0, 1, 3, 6],
+    "two_inputs_dict-ce_mean": [0, 4, 5, 6],
+    "pytree_fn-mse_sum": [0, 2, 6],
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("operator", list(BUILDERS))
+@pytest.mark.parametrize("name", list(MULTI_BATCH))
+def test_batches_combine_exactly(name, operator, reduction):
+    dense = _variant(name, reduction)
+    problem = dense.problem
+    if operator == "fisher_exact" and not _is_canonical(problem.loss_fn):
+        pytest.skip("exact Fisher == GGN only without a class weight")
+    batches = _split(problem, MULTI_BATCH[name])
+    op = _op(BUILDERS[operator], problem, batches)
+    M = _truth_matrix(operator, dense)
+    assert_close_rel(op.to_dense(), M, tol=1e-10)
+    v = _random(M.shape[0])
+    assert_close_rel(op @ v, M @ v, tol=1e-10)
+
+
+def test_ignore_index_mean_batches_with_different_ignored_counts():
+    # the mean over counted positions: weighting batches by N_b instead of Z_b is off
+    dense = _variant("mlp_tanh-ce_ignore_sum", "mean")
+    problem = dense.problem
+    batches = _split(problem, [0, 1, 4, 6])  # Z_b = 1, 2, 1 for N_b = 1, 3, 2
+    assert [int((y != -1).sum()) for _, y in batches] == [1, 2, 1]
+    for operator in ("ggn", "empirical_fisher", "fisher_exact"):
+        op = _op(BUILDERS[operator], problem, batches)
+        assert_close_rel(op.to_dense(), _truth_matrix(operator, dense), tol=1e-10)
+
+
+@pytest.mark.parametrize("operator", list(BUILDERS))
+def test_dataloader_as_data(operator):
+    dense = dense_truth(CASES_BY_NAME["mlp_tanh-mse_mean"])
+    problem = dense.problem
+    loader = DataLoader(TensorDataset(problem.x, problem.y), batch_size=4)  # batches of 4 and 2
+    op = _op(BUILDERS[operator], problem, loader)
+    assert_matches_dense(op, _truth_matrix(operator, dense))
+
+
+@pytest.mark.parametrize("operator", list(BUILDERS))
+def test_factor_scales_exactly(operator):
+    dense = dense_truth(CASES_BY_NAME["mlp_relu-ce_mean"])
+    problem = dense.problem
+    op = _op(BUILDERS[operator], problem, _split(problem, [0, 2, 6]), factor=3.75)
+    assert_close_rel(op.to_dense(), 3.75 * _truth_matrix(operator, dense), tol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# exact diagonals
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher_exact", "empirical_fisher"])
+def test_exact_diagonal_matches_dense(independent_case, operator):
+    dense = dense_truth(independent_case)
+    problem = dense.problem
+    if operator == "fisher_exact" and not _is_canonical(problem.loss_fn):
+        pytest.skip("exact Fisher == GGN only for MSE / cross-entropy / BCE with logits")
+    op = _op(BUILDERS[operator], problem)
+    diag = op._exact_diagonal()
+    assert isinstance(diag, Tensor) and diag.shape == (dense.num_params,)
+    assert_close_rel(diag, torch.diagonal(_truth_matrix(operator, dense)), tol=1e-10)
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher_exact", "empirical_fisher"])
+def test_exact_diagonal_over_batches(operator):
+    dense = _variant("sequence-ce_ignore_mean", "mean")
+    op = _op(BUILDERS[operator], dense.problem, _split(dense.problem, [0, 2, 3, 4]), factor=0.5)
+    assert_close_rel(op._exact_diagonal(), 0.5 * torch.diagonal(_truth_matrix(operator, dense)), tol=1e-10)
+
+
+MC_CASES = [
+    "mlp_tanh-mse_mean",
+    "mlp_relu-ce_sum",
+    "sequence-ce_ignore_mean",
+    "mlp_tanh-bce_mean",
+    "log_softmax-nll_mean",
+    "pytree_fn-mse_sum",
+]
+
+
+@pytest.mark.parametrize("name", MC_CASES)
+def test_mc_fisher_diagonal_is_diagonal_of_its_matrix(name):
+    problem = CASES_BY_NAME[name].make()
+    batches = _split(problem, [0, 1, problem.num_samples])
+    op = _op(
+        curvfx.fisher, problem, batches, kind="mc", num_samples=3, generator=torch.Generator().manual_seed(7)
+    )
+    assert_close_rel(op._exact_diagonal(), torch.diagonal(op.to_dense()), tol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mlp_relu-ce_mean", "mlp_tanh-mse_mean", "mlp_tanh-bce_mean"])
+def test_mc_fisher_converges_to_exact_fisher(name):
+    dense = dense_truth(CASES_BY_NAME[name])
+    exact = _square(dense, dense.ggn)
+    errors = {}
+    for num_samples in (10, 1000):
+        g = torch.Generator().manual_seed(0)
+        op = _op(curvfx.fisher, dense.problem, kind="mc", num_samples=num_samples, generator=g)
+        errors[num_samples] = rel_err(op.to_dense(), exact)
+    assert errors[1000] < errors[10], errors
+    assert errors[1000] < 0.1, errors
+
+
+def test_mc_fisher_fixed_generator_is_reproducible_and_fixed():
+    problem = CASES_BY_NAME["mlp_relu-ce_mean"].make()
+    batches = _split(problem, [0, 2, 6])
+
+    def build(seed):
+        return _op(curvfx.fisher, problem, batches, kind="mc", generator=torch.Generator().manual_seed(seed))
+
+    A, B = build(3), build(3)
+    F = A.to_dense()
+    assert torch.equal(F, B.to_dense()), "same seed, different matrices"
+    assert torch.equal(F, A.to_dense()), "one operator changed between calls"
+    assert_close_rel(F, F.T, tol=1e-12)
+    v = _random(F.shape[0])
+    assert torch.equal(A @ v, A @ v)
+    assert_close_rel(A @ v, F @ v, tol=1e-10)
+    assert rel_err(build(4).to_dense(), F) > 1e-3, "a different seed should give different draws"
+
+
+# ---------------------------------------------------------------------------------------
+# arithmetic
+
+ARITHMETIC = {
+    "A + B": (lambda A, B: A + B, lambda A, B: A + B),
+    "A - B": (lambda A, B: A - B, lambda A, B: A - B),
+    "2.5 * A": (lambda A, B: 2.5 * A, lambda A, B: 2.5 * A),
+    "A * 2.5": (lambda A, B: A * 2.5, lambda A, B: 2.5 * A),
+    "-A": (lambda A, B: -A, lambda A, B: -A),
+    "A + 0.3 I": (
+        lambda A, B: A + 0.3 * curvfx.identity(A.shape[0]),
+        lambda A, B: A + 0.3 * torch.eye(A.shape[0], dtype=DTYPE),
+    ),
+    "A @ B": (lambda A, B: A @ B, lambda A, B: A @ B),
+    "(A - 2 B) @ (B + A)": (lambda A, B: (A - 2 * B) @ (B + A), lambda A, B: (A - 2 * B) @ (B + A)),
+}
+
+
+@pytest.mark.parametrize("expression", list(ARITHMETIC))
+def test_arithmetic_matches_dense(expression):
+    dense = dense_truth(CASES_BY_NAME["mlp_tanh-ce_label_smoothing_mean"])
+    H, G = _op(curvfx.hessian, dense.problem), _op(curvfx.ggn, dense.problem)
+    ops, dense_fn = ARITHMETIC[expression]
+    expected = dense_fn(_square(dense, dense.hessian), _square(dense, dense.ggn))
+    assert_matches_dense(ops(H, G), expected)
+
+
+def test_jacobian_composes_with_curvature():
+    dense = dense_truth(CASES_BY_NAME["mlp_relu-ce_mean"])
+    problem = dense.problem
+    J = curvfx.jacobian(problem.model, problem.x)
+    G = _op(curvfx.ggn, problem)
+    Jd, Gd = dense.jacobian[:, _order(dense)], _square(dense, dense.ggn)
+    assert_matches_dense(J @ G, Jd @ Gd)
+    assert_matches_dense(J.T @ J, Jd.T @ Jd)
+    assert_matches_dense(J @ G @ J.T, Jd @ Gd @ Jd.T)
+
+
+def test_arithmetic_rejects_mismatched_shapes():
+    problem = CASES_BY_NAME["mlp_relu-ce_mean"].make()
+    G = _op(curvfx.ggn, problem)
+    J = curvfx.jacobian(problem.model, problem.x)
+    P, M = G.shape[0], J.shape[0]
+    assert P != M
+    with pytest.raises(ValueError, match="compose"):
+        G @ J
+    with pytest.raises(ValueError, match="add"):
+        G + J
+    with pytest.raises(ValueError, match="add"):
+        G + curvfx.identity(P + 1)
+    with pytest.raises(ValueError, match="add"):
+        J.T @ J - curvfx.identity(P - 1)
+    with pytest.raises(TypeError, match="@"):
+        G * G
+
+
+# ---------------------------------------------------------------------------------------
+# scipy
+
+
+def test_to_scipy_eigsh_matches_eigvalsh():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    dense = dense_truth(CASES_BY_NAME["cnn-ce_mean"])
+    M = _square(dense, dense.ggn)
+    op = _op(curvfx.ggn, dense.problem)
+    top = scipy_linalg.eigsh(op.to_scipy(), k=2, which="LA", return_eigenvectors=False, tol=1e-12)
+    expected = torch.linalg.eigvalsh(M)[-2:]
+    assert_close_rel(torch.as_tensor(sorted(top), dtype=DTYPE), expected, tol=1e-8)
+    H = _op(curvfx.hessian, dense.problem).to_scipy()
+    x = _random(M.shape[0]).numpy()
+    Hd = _square(dense, dense.hessian)
+    assert_close_rel(torch.as_tensor(H @ x), Hd @ torch.as_tensor(x), tol=1e-10)
+    assert_close_rel(torch.as_tensor(H.rmatvec(x)), Hd @ torch.as_tensor(x), tol=1e-10)
+    X = torch.randn(M.shape[0], 2, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    assert_close_rel(torch.as_tensor(H.matmat(X.numpy())), Hd @ X, tol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# side effects, BatchNorm in train mode
+
+
+def _all_products(problem: Problem) -> None:
+    """Every operator, every kind of product, and exact diagonals where they are defined."""
+    for builder in BUILDERS.values():
+        op = _op(builder, problem)
+        v = _random(op.shape[0])
+        op @ v
+        op @ curvfx.unravel(v, op.in_like)
+        op @ torch.stack([v, 2 * v], dim=1)
+        v @ op
+        op.to_dense()
+        if hasattr(op, "_exact_diagonal") and not _couples(problem):
+            op._exact_diagonal()
+    mc = _op(curvfx.fisher, problem, kind="mc", num_samples=2, generator=torch.Generator().manual_seed(0))
+    mc @ v
+    J = curvfx.jacobian(problem.model, problem.x)
+    J @ v
+    J.T @ _random(J.shape[0])
+    J.to_dense()
+
+
+def _couples(problem: Problem) -> bool:
+    return any(isinstance(m, nn.BatchNorm1d) and m.training for m in problem.model.modules())
+
+
+@pytest.mark.parametrize(
+    "name", ["batchnorm_train-ce_mean", "mlp_relu-ce_mean", "frozen-mse_mean", "tied-ce_mean"]
+)
+def test_products_leave_model_state_alone(name):
+    problem = CASES_BY_NAME[name].make()
+    params_before = {k: p.detach().clone() for k, p in problem.model.named_parameters()}
+    with unchanged(problem):
+        _all_products(problem)
+    for k, p in problem.model.named_parameters():
+        assert torch.equal(p.detach(), params_before[k]), k
+
+
+@pytest.mark.parametrize("name", ["batchnorm_train-ce_mean", "batchnorm_train-mse_mean"])
+def test_batchnorm_train_matches_batch_truth(name):
+    dense = dense_truth(CASES_BY_NAME[name])
+    problem = CASES_BY_NAME[name].make()
+    with unchanged(problem):
+        H = _op(curvfx.hessian, problem).to_dense()
+        G = _op(curvfx.ggn, problem).to_dense()
+    assert problem.model.training
+    assert_close_rel(H, _square(dense, dense.hessian), tol=1e-10)
+    assert_close_rel(G, _square(dense, dense.ggn), tol=1e-10)
+    # and the batch statistics matter: the eval-mode matrix is a different one
+    problem.model.eval()
+    assert rel_err(_op(curvfx.ggn, problem).to_dense(), G) > 1e-3
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher_exact", "empirical_fisher"])
+def test_exact_diagonal_rejects_batchnorm_train(operator):
+    problem = CASES_BY_NAME["batchnorm_train-ce_mean"].make()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        _op(BUILDERS[operator], problem)._exact_diagonal()
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+_BAD = CASES_BY_NAME["mlp_relu-ce_mean"]
+
+
+def _ggn():
+    problem = _BAD.make()
+    return _op(curvfx.ggn, problem), problem
+
+
+@pytest.mark.parametrize("builder", list(BUILDERS))
+def test_rejects_wrong_vector_length(builder):
+    problem = _BAD.make()
+    op = _op(BUILDERS[builder], problem)
+    P = op.shape[0]
+    with pytest.raises(ValueError, match=rf"\[{P}\]"):
+        op @ torch.zeros(P + 1, dtype=DTYPE)
+    with pytest.raises(ValueError, match=rf"\[{P}\]"):
+        torch.zeros(P - 1, dtype=DTYPE) @ op
+    with pytest.raises(ValueError, match="V"):
+        op @ torch.zeros(P + 1, 2, dtype=DTYPE)
+
+
+def test_rejects_wrong_pytree_structure():
+    op, problem = _ggn()
+    good = {k: torch.zeros_like(p) for k, p in problem.model.named_parameters()}
+    missing = dict(list(good.items())[1:])
+    with pytest.raises(ValueError, match="structure"):
+        op @ missing
+    first = next(iter(good))
+    wrong_leaf = {**good, first: torch.zeros(3, dtype=DTYPE)}
+    with pytest.raises(ValueError, match=first):
+        op @ wrong_leaf
+    with pytest.raises((ValueError, TypeError), match=r"\bv\b"):
+        op @ list(good.values())
+
+
+def test_rejects_dtype_mismatch():
+    op, problem = _ggn()
+    P = op.shape[0]
+    with pytest.raises(ValueError, match="dtype"):
+        op @ torch.zeros(P, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        op @ torch.zeros(P, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        op @ {k: torch.zeros_like(p, dtype=torch.float32) for k, p in problem.model.named_parameters()}
+
+
+@pytest.mark.parametrize("builder", list(BUILDERS))
+def test_rejects_empty_data(builder):
+    problem = _BAD.make()
+    with pytest.raises(ValueError, match="empty"):
+        _op(BUILDERS[builder], problem, []) @ _random(_op(BUILDERS[builder], problem).shape[0])
+
+
+def test_rejects_one_shot_iterator():
+    problem = _BAD.make()
+    batches = ((problem.x[i : i + 2], problem.y[i : i + 2]) for i in range(0, 6, 2))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        _op(curvfx.ggn, problem, batches)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        _op(curvfx.hessian, problem, iter([(problem.x, problem.y)]))
+
+
+def test_rejects_batch_that_is_not_a_pair():
+    problem = _BAD.make()
+    P = _ggn()[0].shape[0]
+    bad = [(problem.x, problem.y), (problem.x, problem.y, problem.y)]
+    with pytest.raises(ValueError, match="batch 1 is not an"):
+        _op(curvfx.ggn, problem, bad) @ _random(P)
+    with pytest.raises(ValueError, match="not an"):
+        _op(curvfx.hessian, problem, [problem.x]) @ _random(P)
+    with pytest.raises(TypeError, match="data"):
+        _op(curvfx.ggn, problem, problem.x)
+
+
+def test_rejects_unknown_fisher_kind_and_bad_num_samples():
+    problem = _BAD.make()
+    with pytest.raises(ValueError, match="kind"):
+        _op(curvfx.fisher, problem, kind="empirial")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            _op(curvfx.fisher, problem, kind="mc", num_samples=bad)
+
+
+def test_rejects_pure_function_without_params():
+    problem = CASES_BY_NAME["pytree_fn-mse_sum"].make()
+    for builder in (*BUILDERS.values(), curvfx.fisher):
+        with pytest.raises(ValueError, match="params"):
+            builder(problem.pure_fn, problem.loss_fn, (problem.x, problem.y))
+    with pytest.raises(ValueError, match="params"):
+        curvfx.jacobian(problem.pure_fn, problem.x)
+
+
+@pytest.mark.parametrize("operator", list(BUILDERS))
+def test_rejects_non_finite_products(operator):
+    problem = _BAD.make()
+    x = problem.x.clone()
+    x[2, 1] = float("nan")
+    op = _op(BUILDERS[operator], problem, [(problem.x[:3], problem.y[:3]), (x, problem.y)])
+    with pytest.raises(ValueError, match="non-finite"):
+        op @ _random(op.shape[0])
+    with pytest.raises(ValueError, match="non-finite"):
+        op.to_dense()
+
+
+def test_fisher_with_class_weight_is_refused():
+    problem = CASES_BY_NAME["mlp_tanh-ce_weight_mean"].make()
+    P = _op(curvfx.ggn, problem).shape[0]
+    with pytest.raises(ValueError, match="weight"):
+        _op(_fisher_exact, problem) @ _random(P)
+    with pytest.raises(ValueError, match="weight"):
+        _op(curvfx.fisher, problem, kind="mc", generator=torch.Generator().manual_seed(0)) @ _random(P)
+
+
+# ---------------------------------------------------------------------------------------
+# properties
+
+_PROPERTY_CASES = ["mlp_relu-ce_mean", "mlp_tanh-mse_sum", "sequence-ce_ignore_mean", "pytree_fn-bce_mean"]
+
+
+@functools.cache
+def _property_ops(name: str) -> dict:
+    problem = CASES_BY_NAME[name].make()
+    batches = _split(problem, [0, 1, problem.num_samples])
+    return {key: _op(builder, problem, batches) for key, builder in BUILDERS.items()}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(_PROPERTY_CASES),
+    operator=st.sampled_from(list(BUILDERS)),
+    seed=st.integers(0, 2**31 - 1),
+    a=st.floats(-3.0, 3.0, allow_nan=False),
+    b=st.floats(-3.0, 3.0, allow_nan=False),
+)
+def test_ggn_symmetric_psd_and_operators_linear(name, operator, seed, a, b):
+    ops = _property_ops(name)
+    G, A = ops["ggn"], ops[operator]
+    g = torch.Generator().manual_seed(seed)
+    v, w = (torch.randn(G.shape[0], generator=g, dtype=DTYPE) for _ in range(2))
+    Gv, Gw = G @ v, G @ w
+    scale = (v.norm() * Gw.norm() + w.norm() * Gv.norm()).item()
+    assert abs((w @ Gv - v @ Gw).item()) <= 1e-10 * scale + 1e-14
+    assert (v @ Gv).item() >= -1e-12 * (v @ v).item()
+    Av, Aw = A @ v, A @ w
+    lhs, rhs = A @ (a * v + b * w), a * Av + b * Aw
+    assert (lhs - rhs).norm().item() <= 1e-10 * (abs(a) * Av.norm() + abs(b) * Aw.norm()).item() + 1e-13
