@@ -40,4 +40,4 @@ def bench(session):
 def docs(session):
     install(session, "test,docs")
     session.run("python", "-m", "curvfx")
-    session.run("python", "-m", "pytest", "-q", "--doctest-glob=*.md", "docs")
+    session.run("python", "-m", "pytest", "-q", "docs")

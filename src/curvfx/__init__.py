@@ -1,7 +1,9 @@
 """curvfx: curvature of PyTorch models as composable torch.func transforms and operators."""
 
-from curvfx import losses
+from curvfx import losses, optim
 from curvfx._pytree import ravel, unravel
+from curvfx.api import *  # noqa: F403  (the seed-compatible functions)
+from curvfx.api import __all__ as _api_all
 from curvfx.estimators import CGInfo, cg, density, diagonal, eigsh, spectral_density, trace
 from curvfx.func import (
     fisher_vp,
@@ -26,6 +28,7 @@ from curvfx.operators import (
 __version__ = "0.1.0"
 
 __all__ = [
+    *_api_all,
     "CGInfo",
     "LinearOperator",
     "cg",
@@ -43,6 +46,7 @@ __all__ = [
     "jacobian",
     "losses",
     "make_functional",
+    "optim",
     "model_jvp",
     "model_vjp",
     "per_sample_grad",

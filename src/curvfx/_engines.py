@@ -69,11 +69,14 @@ def gauss_newton_vp(
     "auto-eager" ("forward-ad", falling back to "autograd" when an operation of the model
     has no forward-mode derivative) each evaluate the model once; "func" (``torch.func.jvp``
     then ``torch.func.vjp``) evaluates it twice, which under ``vmap`` over tangents is
-    twice as fast per column as a double-vjp. ``check(f)`` validates the outputs.
+    twice as fast per column as a double-vjp; the random number state is replayed for the
+    second pass, so both see the same dropout masks. ``check(f)`` validates the outputs.
     """
     if engine == "func":
+        rng = _rng_state()
         outputs, jv = jvp(model_at, (params,), (v,))  # f, Jv
         check(outputs)
+        _set_rng_state(rng)  # the second pass draws the same dropout masks as the first
         _, vjp_fn = vjp(model_at, params)
         return vjp_fn(output_product(outputs, jv))[0]  # Jᵀ M Jv
     if engine == "auto-eager":
@@ -129,6 +132,18 @@ def _forward_ad(model_at, spec, p: list[Tensor], v_leaves: list[Tensor]) -> tupl
         duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, v_leaves)]
         outputs, jv = fwad.unpack_dual(model_at(unflatten(spec, duals)))  # f, Jv
     return outputs, torch.zeros_like(outputs) if jv is None else jv.detach()
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _jv_by_double_backprop(outputs: Tensor, p: list[Tensor], v_leaves: list[Tensor]) -> Tensor:

@@ -115,8 +115,8 @@ def ggn_vp(
             and Jv in one forward pass, then one backward pass: the fastest eager engine,
             1.6–2.2× a gradient), ``"autograd"`` (Jv as the derivative of ``u ↦ Jᵀu`` by
             double backprop, then ``Jᵀ(H_f Jv)``), ``"func"`` (``torch.func.jvp`` then
-            ``torch.func.vjp``: two forward passes, so with active dropout the passes
-            draw different masks), or ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an
+            ``torch.func.vjp``: two forward passes replaying the same random numbers,
+            so dropout masks agree), or ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an
             operation of the model has no forward-mode derivative), ``"func"`` inside a
             ``torch.func`` transform. ``benchmarks/bench_core.py`` times them.
 

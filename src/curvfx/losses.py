@@ -410,15 +410,20 @@ class AutogradLoss(Loss):
 
     It knows no factor and no predictive distribution: :meth:`hessian_factor`,
     :meth:`fisher_factor` and :meth:`sample_targets` raise ``ValueError``. ``reduction``
-    says how it combines per-sample terms ("mean": average over the N samples, the
-    default; "sum"): it weights batches against each other and scales the empirical Fisher.
+    says how it combines its terms, which weights batches against each other and scales the
+    empirical Fisher: ``"mean"`` over all target entries (Z = ``targets.numel()``, as
+    torch's elementwise losses), ``"batchmean"`` over samples (Z = N), or ``"sum"`` (Z = 1).
+    :func:`get_loss` reads it from a loss module's ``reduction`` attribute.
     """
 
     def __init__(self, loss_fn, reduction: str = "mean"):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        self.loss_fn = loss_fn
-        self.reduction = _check_reduction(reduction, "AutogradLoss")
+        if reduction not in ("mean", "batchmean", "sum"):
+            raise ValueError(
+                f"reduction: expected 'mean', 'batchmean' or 'sum' (a scalar loss), got {reduction!r}"
+            )
+        self.loss_fn, self.reduction = loss_fn, reduction
         self.name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -426,8 +431,10 @@ class AutogradLoss(Loss):
         return self.loss_fn(outputs, targets)
 
     def normalizer(self, targets: Tensor) -> float:
-        """N (number of samples) for the mean, 1 for the sum."""
-        return float(targets.shape[0]) if self.reduction == "mean" else 1.0
+        """Entries of ``targets`` ("mean"), samples N ("batchmean"), or 1 ("sum")."""
+        if self.reduction == "sum":
+            return 1.0
+        return float(targets.numel() if self.reduction == "mean" else targets.shape[0])
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``∇²_f L · v`` as the vjp of ``∇_f L`` (the Hessian is symmetric)."""
@@ -475,7 +482,10 @@ def get_loss(loss_fn) -> Loss:
         return cls(**keywords)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a loss module or callable, got {type(loss_fn).__name__}")
-    return AutogradLoss(loss_fn)
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in ("mean", "batchmean", "sum"):
+        raise ValueError(f"loss_fn: reduction={reduction!r} does not give a scalar loss; use 'mean' or 'sum'")
+    return AutogradLoss(loss_fn, reduction)
 
 
 _FUNCTIONAL = {

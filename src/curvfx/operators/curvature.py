@@ -5,7 +5,7 @@ combines batches exactly. With ``L = loss_fn`` on the concatenation of all batch
 ``Z_b`` the loss's normalizer of batch b (``L_b = (1/Z_b) Σ_{i∈b} ℓ_i`` for the mean, e.g.
 Z_b = N_b for cross-entropy, N_b·C for MSE):
 
-    A = factor · Σ_b Z_b A_b / Σ_b Z_b   (reduction "mean"),   A = factor · Σ_b A_b   ("sum")
+    A = factor · Σ_b Z_b A_b / Σ_b Z_b   (a mean reduction),   A = factor · Σ_b A_b   ("sum")
 
 so a product over several batches equals the product over their concatenation, with
 unequal batch sizes handled exactly. ``factor`` rescales (e.g. to the size of a full
@@ -103,7 +103,7 @@ class CurvatureOperator(LinearOperator):
     def _over_batches(self, per_batch: Callable[[int, Any, Tensor], Tensor]) -> Tensor:
         """``factor · Σ_b w_b per_batch(b)`` with the weights of the module docstring."""
         total, z_total = None, 0.0
-        mean = self.loss.reduction == "mean"
+        mean = self.loss.reduction != "sum"
         for b, (x, y) in enumerate(self.data):
             z = self.loss.normalizer(y) if mean else 1.0
             term = per_batch(b, x, y) * z
