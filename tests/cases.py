@@ -131,6 +131,11 @@ def log_softmax_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(dim=1))
 
 
+def log_cosh_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """A convex loss curvfx does not know (generic autograd fallback): mean log cosh(f - y)."""
+    return torch.log(torch.cosh(outputs - targets)).mean()
+
+
 def pytree_fn(params: dict, x: Tensor) -> Tensor:
     """Pure function over nested params ``{"layer": [w, b], "out": (w2,)}``."""
     w, b = params["layer"]
@@ -427,8 +432,18 @@ CASES: list[Case] = [
     ),
 ]
 
-CASES_BY_NAME: dict[str, Case] = {case.name: case for case in CASES}
-assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
+# Losses curvfx does not know (generic autograd fallback). Kept out of CASES: operators
+# that need a factor or a reduction (exact diagonals, empirical Fisher) refuse them.
+GENERIC_LOSS_CASES: list[Case] = [
+    Case(
+        "mlp_tanh-log_cosh_custom",
+        _module_case(lambda: mlp(nn.Tanh), lambda: log_cosh_loss, _x_vec, _y_reg),
+        seed=30,
+    ),
+]
+
+CASES_BY_NAME: dict[str, Case] = {case.name: case for case in CASES + GENERIC_LOSS_CASES}
+assert len(CASES_BY_NAME) == len(CASES) + len(GENERIC_LOSS_CASES), "case names must be unique"
 
 
 def call_model(model: nn.Module, x: Any) -> Tensor:

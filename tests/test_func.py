@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from cases import CASES, TiedNet, TwoInputNet, call_model, frozen_mlp
+from cases import CASES, CASES_BY_NAME, GENERIC_LOSS_CASES, TiedNet, TwoInputNet, call_model, frozen_mlp
 from dense import (
     assert_close_rel,
     dense_truth,
@@ -244,6 +244,58 @@ def test_ggn_vp_mse_mean_is_two_over_nc_jtj(case, problem, dense):
     expected = unflatten(2.0 / dense.outputs.numel() * J.T @ (J @ flatten(v)), dense.params)
     Gv = curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, v)
     assert_close_rel(Gv, expected)
+
+
+# Eager engines return detached results. The torch.func engines ("rev-rev", "fwd-rev",
+# "func") stay differentiable with respect to live parameters, like torch.func.grad does.
+_EAGER = ("auto", "autograd", "forward-ad")
+
+
+@pytest.mark.parametrize("strategy", sorted(set(HVP_STRATEGIES) | set(GGN_STRATEGIES)))
+@pytest.mark.parametrize("case_name", ["mlp_tanh-mse_sum", "batchnorm_train-ce_mean", "tied-ce_mean"])
+def test_products_with_live_parameters(case_name, strategy):
+    """``params = dict(model.named_parameters())`` (leaves requiring grad) gives the same numbers."""
+    case = CASES_BY_NAME[case_name]
+    problem = case.make()
+    dense = dense_truth(case)
+    fn, _ = curvfx.make_functional(problem.model)
+    params = dict(problem.model.named_parameters())
+    v = random_like(dense.params, torch.Generator().manual_seed(13))
+    with unchanged(problem):
+        if strategy in HVP_STRATEGIES:
+            Hv = hvp_or_none(loss_of_params(problem, fn), params, v, strategy, mse=case.mse)
+            if Hv is not None:
+                assert_close_rel(Hv, dense.hvp(v))
+                if strategy in _EAGER:
+                    assert not any(t.requires_grad for t in tree_leaves(Hv))
+        if strategy in GGN_STRATEGIES:
+            Gv = curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy)
+            assert_close_rel(Gv, dense.ggn_vp(v))
+            if strategy in _EAGER:
+                assert not any(t.requires_grad for t in tree_leaves(Gv))
+
+
+@pytest.mark.parametrize("name", [c.name for c in GENERIC_LOSS_CASES])
+def test_products_with_a_loss_curvfx_does_not_know(name):
+    """Generic autograd fallback: hvp, ggn_vp (every strategy, also under vmap), per-sample grads."""
+    case = CASES_BY_NAME[name]
+    problem = case.make()
+    dense = dense_truth(case)
+    fn, params = functional(problem)
+    v = random_like(params, torch.Generator().manual_seed(14))
+    with unchanged(problem, params):
+        for strategy in HVP_STRATEGIES:
+            Hv = hvp_or_none(loss_of_params(problem, fn), params, v, strategy, mse=False)
+            assert_close_rel(Hv, dense.hvp(v))
+        for strategy in GGN_STRATEGIES:
+            Gv = curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy)
+            assert_close_rel(Gv, dense.ggn_vp(v))
+        grads = curvfx.per_sample_grad(fn, problem.loss_fn, params, problem.x, problem.y)
+    assert_close_rel(grads, dense.per_sample_grads, tol=1e-12)
+    V = torch.stack([curvfx.ravel(v), curvfx.ravel(random_like(params, torch.Generator().manual_seed(15)))])
+    GV = torch.func.vmap(lambda u: curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, u))(V)
+    expected = torch.stack([curvfx.ravel(dense.ggn_vp(curvfx.unravel(u, params))) for u in V])
+    assert_close_rel(GV, expected)
 
 
 # ---------------------------------------------------------------------------------------

@@ -170,10 +170,10 @@ def test_fisher_exact_equals_dense_ggn(problem, dense):
     assert_matches_dense(_op(_fisher_exact, problem), _square(dense, dense.ggn))
 
 
-def test_empirical_fisher_matches_per_sample_gradients(independent_case):
-    dense = dense_truth(independent_case)
-    op = _op(curvfx.empirical_fisher, independent_case.make())
-    assert_matches_dense(op, empirical_fisher_truth(dense))
+def test_empirical_fisher_matches_per_sample_gradients(case, problem, dense):
+    if case.batchnorm_train:
+        pytest.skip("per-sample losses are undefined with BatchNorm in train mode (coupled samples)")
+    assert_matches_dense(_op(curvfx.empirical_fisher, problem), empirical_fisher_truth(dense))
 
 
 def test_empirical_fisher_is_not_the_squared_batch_gradient():
@@ -190,7 +190,14 @@ def test_jacobian_matches_jacrev(problem, dense):
     truth = dense.jacobian[:, _order(dense)]
     assert truth.shape == (dense.outputs.numel(), dense.num_params)
     assert_matches_dense(J, truth)
-    assert_matches_dense(J.T, truth.T)
+
+
+@pytest.mark.parametrize("name", ["mlp_relu-ce_mean", "two_inputs_dict-ce_mean", "pytree_fn-bce_mean"])
+def test_jacobian_transpose_matches_jacrev(name):
+    dense = dense_truth(CASES_BY_NAME[name])
+    model, extra = _model(dense.problem)
+    J = curvfx.jacobian(model, dense.problem.x, **extra)
+    assert_matches_dense(J.T, dense.jacobian[:, _order(dense)].T)
 
 
 def test_ggn_of_pure_function_with_pytree_params():
@@ -213,15 +220,13 @@ def test_ggn_of_pure_function_with_pytree_params():
     "tensor (its docstring and curvfx.ggn_vp accept it)",
 )
 def test_single_tensor_params_take_a_params_shaped_vector():
-    dense = dense_truth(CASES_BY_NAME["linear-mse_mean"])
-    problem = dense.problem
-    (W,) = [p for n, p in problem.model.named_parameters() if n == "weight"]
-    b = problem.model.bias.detach()
+    problem = CASES_BY_NAME["linear-mse_mean"].make()
+    W, b = problem.model.weight.detach(), problem.model.bias.detach()
 
     def fn(w, x):
         return x @ w.T + b
 
-    op = curvfx.ggn(fn, problem.loss_fn, (problem.x, problem.y), params=W.detach())
+    op = curvfx.ggn(fn, problem.loss_fn, (problem.x, problem.y), params=W)
     V = torch.ones_like(W)
     expected = (op @ V.reshape(-1)).reshape(W.shape)
     got = op.matvec(V)
@@ -333,9 +338,9 @@ def test_factor_scales_exactly(operator):
 
 
 @pytest.mark.parametrize("operator", ["ggn", "fisher_exact", "empirical_fisher"])
-def test_exact_diagonal_matches_dense(independent_case, operator):
-    dense = dense_truth(independent_case)
-    problem = dense.problem
+def test_exact_diagonal_matches_dense(case, problem, dense, operator):
+    if case.batchnorm_train:
+        pytest.skip("no exact diagonal with BatchNorm in train mode (see test_exact_diagonal_rejects_...)")
     if operator == "fisher_exact" and not _is_canonical(problem.loss_fn):
         pytest.skip("exact Fisher == GGN only for MSE / cross-entropy / BCE with logits")
     op = _op(BUILDERS[operator], problem)
@@ -375,13 +380,15 @@ def test_mc_fisher_diagonal_is_diagonal_of_its_matrix(name):
 def test_mc_fisher_converges_to_exact_fisher(name):
     dense = dense_truth(CASES_BY_NAME[name])
     exact = _square(dense, dense.ggn)
-    errors = {}
-    for num_samples in (10, 1000):
+    errors = []
+    for num_samples in (10, 100, 1000):
         g = torch.Generator().manual_seed(0)
         op = _op(curvfx.fisher, dense.problem, kind="mc", num_samples=num_samples, generator=g)
-        errors[num_samples] = rel_err(op.to_dense(), exact)
-    assert errors[1000] < errors[10], errors
-    assert errors[1000] < 0.1, errors
+        errors.append(rel_err(op.to_dense(), exact))
+    # unbiased: the error falls like 1/sqrt(num_samples) (seen: 0.15-0.42 -> 0.01-0.05)
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 3, errors
+    assert errors[2] < 0.1, errors
 
 
 def test_mc_fisher_fixed_generator_is_reproducible_and_fixed():
@@ -592,9 +599,11 @@ def test_rejects_dtype_mismatch():
 
 @pytest.mark.parametrize("builder", list(BUILDERS))
 def test_rejects_empty_data(builder):
-    problem = _BAD.make()
+    op = _op(BUILDERS[builder], _BAD.make(), [])
     with pytest.raises(ValueError, match="empty"):
-        _op(BUILDERS[builder], problem, []) @ _random(_op(BUILDERS[builder], problem).shape[0])
+        op @ _random(op.shape[0])
+    with pytest.raises(ValueError, match="empty"):
+        op.to_dense()
 
 
 def test_rejects_one_shot_iterator():

@@ -12,6 +12,7 @@ from curvfx.func import (
     model_jvp,
     model_vjp,
     per_sample_grad,
+    per_sample_grad_norms,
     per_sample_jacobian,
 )
 from curvfx.functional import make_functional
@@ -50,6 +51,7 @@ __all__ = [
     "model_jvp",
     "model_vjp",
     "per_sample_grad",
+    "per_sample_grad_norms",
     "per_sample_jacobian",
     "ravel",
     "spectral_density",

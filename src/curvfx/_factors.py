@@ -59,14 +59,20 @@ def factor_product(S: Tensor, u: Tensor) -> Tensor:
 
 
 def factor_diagonal(
-    sample_outputs, params: PyTree, x: Any, S: Tensor, chunk_size: int | None = None
+    sample_outputs,
+    params: PyTree,
+    x: Any,
+    S: Tensor,
+    chunk_size: int | None = None,
+    per_sample: bool = False,
 ) -> PyTree:
     """``diag(Σ_n Σ_k J_nᵀ s_kn s_knᵀ J_n) = Σ_n Σ_k (J_nᵀ s_kn)²`` as a pytree like ``params``.
 
-    ``sample_outputs(params, x_n)`` gives one sample's outputs; the samples are vmapped,
-    ``chunk_size`` at a time, and the K factor columns of each sample are back-propagated
-    together (vmap over k). Cost: N·K vector-Jacobian products batched; memory
-    ``chunk_size · K · P``.
+    With ``per_sample=True`` each leaf is instead ``[Σ_k ‖J_nᵀ s_kn‖²]_n`` [N], the leaf's
+    share of each sample's squared norm. ``sample_outputs(params, x_n)`` gives one sample's
+    outputs; the samples are vmapped, ``chunk_size`` at a time, and the K factor columns of
+    each sample are back-propagated together (vmap over k). Cost: N·K vector-Jacobian
+    products batched; memory ``chunk_size · K · P``.
     """
 
     def one_sample(xn, sn):  # sn [K, *sample_output_shape]
@@ -74,8 +80,10 @@ def factor_diagonal(
         grads = vmap(lambda s: vjp_fn(s)[0])(sn)  # leaves [K, *shape]: J_nᵀ s_kn
         return tree_map(lambda g: (g**2).sum(0), grads)
 
-    per_sample = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
-    return tree_map(lambda d: d.sum(0), per_sample)
+    squares = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
+    if per_sample:
+        return tree_map(lambda d: d.reshape(d.shape[0], -1).sum(1), squares)
+    return tree_map(lambda d: d.sum(0), squares)
 
 
 def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:

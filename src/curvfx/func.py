@@ -28,9 +28,10 @@ from torch.func import grad, jacrev, vmap
 
 from curvfx import _engines
 from curvfx._errors import describe
-from curvfx._factors import FISHER_KINDS, factor_product, output_factor
+from curvfx._factors import FISHER_KINDS, factor_diagonal, factor_product, output_factor
 from curvfx._pytree import as_tree, leaves, ravel, unsqueeze_leaves
-from curvfx.functional import as_function
+from curvfx._structured import structured_diagonal
+from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import get_loss
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "model_jvp",
     "model_vjp",
     "per_sample_grad",
+    "per_sample_grad_norms",
     "per_sample_jacobian",
 ]
 
@@ -277,6 +279,55 @@ def per_sample_grad(
     return vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different")(
         params, x, y
     )
+
+
+def per_sample_grad_norms(
+    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
+    loss_fn: Any,
+    params: PyTree,
+    x: Any,
+    y: Tensor,
+    chunk_size: int | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Norms ``‖g_n‖`` [N] of the per-sample gradients of :func:`per_sample_grad`, never forming g_n.
+
+    ``g_n = J_nᵀ r_n`` with ``r_n = ∇_{f_n} loss_fn(f_n, y_n)`` (the loss on sample n alone).
+    For ``nn.Linear`` / ``nn.Conv1d/2d`` layers of a module (``backend="auto"`` or
+    ``"structured"``) the squared norm is contracted from the layer's input and output
+    gradient, ``‖Σ_t g_t a_tᵀ‖²`` (for one position ``‖g‖²‖a‖²``), at the cost of about one
+    gradient; other parameters (or ``backend="generic"``) take a per-sample vmap,
+    ``chunk_size`` samples at a time.
+
+    Raises:
+        ValueError: As :func:`per_sample_grad`, or for an unknown ``backend``.
+    """
+    fn, params = as_function(fn, params)
+    loss = get_loss(loss_fn)
+    _check_batch(x, y)
+    _check_independent_samples(fn, "per_sample_grad_norms")
+    if backend not in ("auto", "structured", "generic"):
+        raise ValueError(f"backend: expected 'auto', 'structured' or 'generic', got {backend!r}")
+    with torch.no_grad():
+        outputs = fn(params, x)
+    loss.check(outputs, y)
+    r = vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y)  # [N, ...]: r_n
+    structured = isinstance(fn, FunctionalModel) and isinstance(params, dict) and backend != "generic"
+    if backend == "structured" and not structured:
+        raise ValueError("backend: 'structured' needs an nn.Module model")
+    if structured:
+        squares = structured_diagonal(fn, params, x, r.unsqueeze(0), chunk_size, per_sample=True)
+    else:
+        squares = factor_diagonal(
+            lambda p, xn: fn(p, unsqueeze_leaves(xn))[0],
+            params,
+            x,
+            r.unsqueeze(0),
+            chunk_size,
+            per_sample=True,
+        )
+    return sum(leaves(squares)).sqrt()
 
 
 def per_sample_jacobian(

@@ -70,10 +70,10 @@ def create_ggn_mv_without_data(
       ``loss_hessian_mv(u, pred=f, target=y)``, called per data point (under
       ``torch.func.vmap``) when ``vmap_over_data`` is True, on the whole batch otherwise.
 
-    ``vmap_over_data=True`` calls ``model_fn`` on one data point at a time (no batch
-    dimension) under ``torch.func.vmap``, as laplax does; ``False`` calls it once on the
-    batch, so it must accept batches. Both run the whole batch at once (the same memory) and
-    give the same numbers for the string losses and for sum-reduced losses. Cost: one
+    ``vmap_over_data=True`` calls ``model_fn`` on single data points (no batch dimension),
+    vectorized by ``torch.func.vmap``, as laplax does; ``False`` calls it once on the batch,
+    so it must accept batches. Both process the batch in one pass (about the same memory)
+    and give the same numbers for the string losses and for sum-reduced losses. Cost: one
     forward pass with Jv and one backward pass per product (:func:`curvfx.ggn_vp`); J is
     never formed.
 
@@ -333,6 +333,8 @@ def _batch_size(x: Any) -> int:
     x_leaves = [t for t in leaves(x) if isinstance(t, Tensor)]
     if not x_leaves or x_leaves[0].dim() == 0:
         raise ValueError(f"data['input']: expected a batch of tensors [N, ...], got {describe(x)}")
+    if x_leaves[0].shape[0] == 0:
+        raise ValueError("data['input']: the batch is empty (N = 0)")
     return int(x_leaves[0].shape[0])
 
 

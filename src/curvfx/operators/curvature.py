@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
+from curvfx._structured import structured_diagonal
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, model_vjp
-from curvfx.functional import as_function
+from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
 from curvfx.operators._data import Batches
@@ -142,8 +143,8 @@ class GGNOperator(CurvatureOperator):
     def _product(self, b, x, y, v):
         return ggn_vp(self.model_fn, self.loss, self.params, x, y, v)
 
-    def _exact_diagonal(self) -> Tensor:
-        return _factored_diagonal(self, "ggn", 1, lambda b: None)
+    def _exact_diagonal(self, backend: str = "auto") -> Tensor:
+        return _factored_diagonal(self, "ggn", 1, lambda b: None, backend)
 
 
 class FisherOperator(CurvatureOperator):
@@ -201,8 +202,8 @@ class FisherOperator(CurvatureOperator):
             generator=self._generator(b),
         )
 
-    def _exact_diagonal(self) -> Tensor:
-        return _factored_diagonal(self, self.kind, self.num_samples, self._generator)
+    def _exact_diagonal(self, backend: str = "auto") -> Tensor:
+        return _factored_diagonal(self, self.kind, self.num_samples, self._generator, backend)
 
 
 class JacobianOperator(LinearOperator):
@@ -350,12 +351,20 @@ def jacobian(
     return JacobianOperator(model_fn, params, x, chunk_size=chunk_size)
 
 
-def _factored_diagonal(op, kind: str, num_samples: int, generator_for) -> Tensor:
+def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:
     """Exact diagonal ``Σ_n Σ_k (J_nᵀ s_kn)²`` from the output factor of ``kind``, over all batches.
 
-    Samples are processed ``op.chunk_size`` at a time (default: as many as keep the
-    per-sample gradients of the K factor columns under 2²⁴ numbers).
+    ``backend``: "structured" (layer-aware, :mod:`curvfx._structured`; needs a module made
+    functional), "generic" (per-sample vmap over all parameters), or "auto" (structured when
+    possible). The generic route processes ``op.chunk_size`` samples at a time (default: as
+    many as keep the per-sample gradients of the K factor columns under 2²⁴ numbers).
     """
+    structured = isinstance(op.model_fn, FunctionalModel) and isinstance(op.params, dict)
+    if backend not in ("auto", "structured", "generic"):
+        raise ValueError(f"backend: expected 'auto', 'structured' or 'generic', got {backend!r}")
+    if backend == "structured" and not structured:
+        raise ValueError("backend: 'structured' needs an nn.Module model (made functional by curvfx)")
+    structured = structured and backend != "generic"
     if getattr(op.model_fn, "couples_samples", False):
         raise ValueError(
             "the exact diagonal needs independent samples, but the model has BatchNorm in train "
@@ -367,6 +376,8 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for) -> Tensor
             outputs = op.model_fn(op.params, x)
         S = output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
         chunk = op.chunk_size or max(1, 2**24 // max(1, S.shape[0] * op.shape[0]))
+        if structured:
+            return ravel(structured_diagonal(op.model_fn, op.params, x, S, chunk))
         diag = factor_diagonal(lambda p, xn: op.model_fn(p, unsqueeze_leaves(xn))[0], op.params, x, S, chunk)
         return ravel(diag)
 

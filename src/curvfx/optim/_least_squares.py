@@ -62,7 +62,7 @@ class Linearization:
 
     @property
     def loss(self) -> Tensor:
-        """f = rᵀr, a 0-d tensor."""
+        """The sum of squares f = rᵀr, a 0-d tensor."""
         return torch.dot(self.residuals, self.residuals)
 
     def slope(self, d: Tensor) -> float:
@@ -205,7 +205,7 @@ def flat_params(params: list[Tensor]) -> Tensor:
 
 
 def sum_of_squares(closure: Closure, like: Tensor) -> float:
-    """f = rᵀr at the current parameters, without autograd; ``inf`` for non-finite residuals."""
+    """The sum of squares f = rᵀr at the current parameters, without autograd (``inf`` if non-finite)."""
     with torch.no_grad():
         r = closure(False)
     _check_residuals(r, like, finite=False)
