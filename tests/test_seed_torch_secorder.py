@@ -227,12 +227,12 @@ def test_approximate_hvp_seed_example_with_damping():
     model, x = mlp(), batch()
 
     def loss_func():
-        return torch.tanh(model(x)).pow(2).sum()
+        return model(x).sum()
 
     g = torch.Generator().manual_seed(4)
     v = [torch.randn(p.shape, generator=g, dtype=DT) for p in model.parameters()]
     hvp_result = curvfx.approximate_hvp(loss_func, list(model.parameters()), v, num_samples=10, damping=0.1)
-    H = Flat(model).hessian(lambda f, _: torch.tanh(f).pow(2).sum(), x, None)
+    H = Flat(model).hessian(lambda f, _: f.sum(), x, None)
     expected = H @ _flat(v) + 0.1 * _flat(v)
     assert isinstance(hvp_result, list) and rel_err(hvp_result, expected) < 1e-8
     one = curvfx.approximate_hvp(loss_func, list(model.parameters()), v)
@@ -459,7 +459,7 @@ def test_hessian_trace_sparse_seed_example_and_reproducibility():
     model, x = mlp(), batch()
 
     def loss_func():
-        return torch.tanh(model(x)).pow(2).sum()
+        return model(x).sum()
 
     a = curvfx.hessian_trace(loss_func, list(model.parameters()), num_samples=10, sparse=True,
                              generator=torch.Generator().manual_seed(1))  # fmt: skip
@@ -628,6 +628,17 @@ def test_generalized_fisher_diagonal_seed_example_is_the_fisher():
     nll = F.nll_loss(F.log_softmax(model(inputs), -1), targets, reduction="sum")
     assert rel_err(diag, batch_grad(model, nll) ** 2) > 0.5
     outputs.sum().backward()  # the outputs' graph is still usable
+
+
+def test_generalized_fisher_is_exact_with_batchnorm_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    inputs, targets = batch(8), torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    diag = curvfx.generalized_fisher_diagonal(model, model(inputs), targets)
+    # J_n = ∂f_n/∂θ of the whole batch (batch statistics couple the samples)
+    assert rel_err(diag, fisher_truth(model, inputs).diagonal()) < 1e-10
+    with pytest.raises(ValueError, match="BatchNorm"):  # per-sample gradients do not exist here
+        curvfx.empirical_fisher_diagonal(model, nn.CrossEntropyLoss(), inputs, targets)
 
 
 def test_generalized_fisher_trace_seed_example():

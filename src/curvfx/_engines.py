@@ -70,8 +70,15 @@ def gauss_newton_vp(
     has no forward-mode derivative) each evaluate the model once; "func" (``torch.func.jvp``
     then ``torch.func.vjp``) evaluates it twice, which under ``vmap`` over tangents is
     twice as fast per column as a double-vjp; the random number state is replayed for the
-    second pass, so both see the same dropout masks. ``check(f)`` validates the outputs.
+    second pass, so both see the same dropout masks. "func-vjp" is that double-vjp with
+    torch.func (one forward pass, no state replay: the engine that ``torch.compile``
+    traces without graph breaks). ``check(f)`` validates the outputs.
     """
+    if engine == "func-vjp":
+        outputs, vjp_fn = vjp(model_at, params)
+        check(outputs)
+        jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
+        return vjp_fn(output_product(outputs, jv))[0]  # Jᵀ M Jv
     if engine == "func":
         rng = _rng_state()
         outputs, jv = jvp(model_at, (params,), (v,))  # f, Jv

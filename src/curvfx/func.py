@@ -47,7 +47,7 @@ __all__ = [
 
 PyTree = Any
 HVP_STRATEGIES = ("auto", "autograd", "rev-rev", "fwd-rev")  # documented in hvp
-GGN_STRATEGIES = ("auto", "autograd", "forward-ad", "func")
+GGN_STRATEGIES = ("auto", "autograd", "forward-ad", "func", "func-vjp")
 
 
 def hvp(
@@ -118,7 +118,8 @@ def ggn_vp(
             1.6–2.2× a gradient), ``"autograd"`` (Jv as the derivative of ``u ↦ Jᵀu`` by
             double backprop, then ``Jᵀ(H_f Jv)``), ``"func"`` (``torch.func.jvp`` then
             ``torch.func.vjp``: two forward passes replaying the same random numbers,
-            so dropout masks agree), or ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an
+            so dropout masks agree), ``"func-vjp"`` (one ``torch.func.vjp`` and Jv by
+            transposing it: one forward pass; what compiled operators use), or ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an
             operation of the model has no forward-mode derivative), ``"func"`` inside a
             ``torch.func`` transform. ``benchmarks/bench_core.py`` times them.
 

@@ -129,12 +129,12 @@ def gauss_newton_matrix_approximation(
     ``H_f = ∇²_f loss_fn``: ``2/(N·C) I`` for ``nn.MSELoss()`` (mean over the N·C entries of
     the outputs [N, C]), ``2 I`` for ``reduction="sum"``, so
     ``diag G = (2/(N·C)) Σ_rows J²`` (column-wise sums of squared Jacobian entries). Computed
-    by :func:`curvfx.diagonal` (``method="exact"``) of :func:`curvfx.ggn`: one vmapped
-    vector-Jacobian product per output entry, never the P × P matrix.
+    by :func:`curvfx.diagonal` (``method="exact"``) of :func:`curvfx.ggn`, from the loss's
+    output-Hessian factor; neither J nor the P × P matrix is formed.
 
     Differs from torch-secorder in: the loss Hessian is included. torch-secorder returns
     ``diag(JᵀJ)`` whatever the reduction, which is the GGN of ``½ Σ (f - y)²``; curvfx's
-    is that of the loss you pass, smaller by ``2/(N·C)`` for ``nn.MSELoss()``. The
+    is that of the loss you pass, ``2/(N·C)`` times it for ``nn.MSELoss()``. The
     ``ValueError`` for other losses is kept; the exact GGN diagonal of any supported loss
     is ``curvfx.diagonal(curvfx.ggn(model, loss_fn, (inputs, targets)), method="exact")``.
 
@@ -183,8 +183,9 @@ def empirical_fisher_diagonal(
     cross-entropy (mean) and single-output MSE (mean) this is the mean over samples of the
     squared per-sample gradients ``(1/N) Σ_n g_n²``, ``g_n = ∇_θ loss_fn(model(x_n), y_n)``
     (for C-output MSE, ``(C/N) Σ_n g_n²``). Computed by :func:`curvfx.diagonal`
-    (``method="exact"``) of :func:`curvfx.empirical_fisher`: N vmapped per-sample gradients.
-    A generic callable ``loss_fn`` is taken as a mean over the N samples.
+    (``method="exact"``) of :func:`curvfx.empirical_fisher`, from the per-sample output
+    gradients (never the P × P matrix), after one forward pass without gradients that
+    checks the targets. A generic callable ``loss_fn`` is taken as a mean over the N samples.
 
     Differs from torch-secorder in: torch-secorder squares the batch gradient,
     ``(∇_θ L)² = ((1/N) Σ_n g_n)²``, which is not the diagonal of any Fisher; curvfx uses
@@ -399,7 +400,7 @@ def _empirical_fisher(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any)
     """
     fn, params, index = model_parts(model, False)
     loss = get_loss(loss_fn)
-    if isinstance(targets, Tensor) and isinstance(inputs, Tensor) and inputs.shape[:1] == targets.shape[:1]:
+    if isinstance(targets, Tensor):
         with torch.no_grad():
             loss.check(fn(params, inputs), targets)
     return empirical_fisher(fn, loss, (inputs, targets), params=params), params, index

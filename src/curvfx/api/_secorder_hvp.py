@@ -107,8 +107,8 @@ def approximate_hvp(
     for j = 0 … m-1 (m = ``num_samples`` steps spread over one octave, averaged), with
     ``h = ε^(1/3) (1 + ‖θ‖) / ‖v‖``, ε the machine epsilon of the parameters' dtype (the
     step that balances the O(h²) truncation error against the O(ε/h) rounding error of
-    central differences). Exact up to rounding for a quadratic ``func``; relative error
-    about ε^(2/3) otherwise (1e-10 in float64, 5e-6 in float32). Cost: 2m gradients.
+    central differences). Exact up to rounding for a quadratic ``func``; relative error of
+    order ε^(2/3) otherwise (about 1e-10 in float64, 1e-4 in float32). Cost: 2m gradients.
 
     The gradients are taken at stand-in tensors θ ± h_j v (see the module docstring): the
     parameters are never written to, so they keep their exact bits, version counters and
