@@ -119,9 +119,10 @@ def ggn_vp(
             double backprop, then ``Jᵀ(H_f Jv)``), ``"func"`` (``torch.func.jvp`` then
             ``torch.func.vjp``: two forward passes replaying the same random numbers,
             so dropout masks agree), ``"func-vjp"`` (one ``torch.func.vjp`` and Jv by
-            transposing it: one forward pass; what compiled operators use), or ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an
-            operation of the model has no forward-mode derivative), ``"func"`` inside a
-            ``torch.func`` transform. ``benchmarks/bench_core.py`` times them.
+            transposing it: one forward pass; what compiled operators use), or
+            ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an operation of the
+            model has no forward-mode derivative), ``"func"`` inside a ``torch.func``
+            transform. ``benchmarks/bench_core.py`` times them.
 
     Returns:
         ``G v`` in the form of ``v``.

@@ -374,6 +374,7 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     def per_batch(b, x, y):
         with torch.no_grad():
             outputs = op.model_fn(op.params, x)
+        op.loss.check(outputs, y)
         S = output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
         chunk = op.chunk_size or max(1, 2**24 // max(1, S.shape[0] * op.shape[0]))
         if structured:
