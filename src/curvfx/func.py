@@ -131,20 +131,7 @@ def ggn_vp(
         ValueError: If ``v`` does not match ``params``, the batch is empty, ``y`` does
             not fit the loss, or ``strategy`` is unknown.
     """
-    fn, params = as_function(fn, params)
-    loss = get_loss(loss_fn)
-    tree, flat = as_tree(v, params)
-    _check_batch(x, y)
-    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
-    out = _engines.gauss_newton_vp(
-        lambda p: fn(p, x),
-        params,
-        tree,
-        lambda f, u: loss.hessian_vp(f, y, u),  # H_f u
-        lambda f: loss.check(f, y),
-        engine,
-    )
-    return ravel(out) if flat else out
+    return _gauss_newton(fn, loss_fn, params, x, y, v, strategy, lambda loss, f, u: loss.hessian_vp(f, y, u))
 
 
 def fisher_vp(
@@ -184,21 +171,12 @@ def fisher_vp(
             has no Fisher for this kind (e.g. a generic callable with ``"exact"``/``"mc"``),
             or as :func:`ggn_vp`.
     """
-    fn, params = as_function(fn, params)
-    loss = get_loss(loss_fn)
-    tree, flat = as_tree(v, params)
-    _check_batch(x, y)
     check_fisher_kind(kind, num_samples)
-    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
-    out = _engines.gauss_newton_vp(
-        lambda p: fn(p, x),
-        params,
-        tree,
-        lambda f, u: factor_product(output_factor(loss, f, y, kind, num_samples, generator), u),
-        lambda f: loss.check(f, y),
-        engine,
-    )
-    return ravel(out) if flat else out
+
+    def fisher_f(loss, f, u):  # F_f u from the output factor of the kind
+        return factor_product(output_factor(loss, f, y, kind, num_samples, generator), u)
+
+    return _gauss_newton(fn, loss_fn, params, x, y, v, strategy, fisher_f)
 
 
 def model_jvp(
@@ -230,6 +208,24 @@ def model_vjp(
     fn, params = as_function(fn, params)
     _check_batch(x, None)
     return _engines.model_vjp(lambda p: fn(p, x), params, u)
+
+
+def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -> PyTree | Tensor:
+    """``Jᵀ M J v`` with ``M u = output_product(loss, f, u)``: validation, engine, form of ``v``."""
+    fn, params = as_function(fn, params)
+    loss = get_loss(loss_fn)
+    tree, flat = as_tree(v, params)
+    _check_batch(x, y)
+    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
+    out = _engines.gauss_newton_vp(
+        lambda p: fn(p, x),
+        params,
+        tree,
+        lambda f, u: output_product(loss, f, u),  # M Jv
+        lambda f: loss.check(f, y),
+        engine,
+    )
+    return ravel(out) if flat else out
 
 
 def check_fisher_kind(kind: str, num_samples: int) -> None:
