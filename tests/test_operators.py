@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from cases import CASES_BY_NAME, Problem, slice_batch
+from cases import CASES_BY_NAME, GENERIC_LOSS_CASES, Problem, slice_batch
 from dense import (
     DenseTruth,
     assert_close_rel,
@@ -170,6 +170,20 @@ def test_fisher_exact_equals_dense_ggn(problem, dense):
     assert_matches_dense(_op(_fisher_exact, problem), _square(dense, dense.ggn))
 
 
+@pytest.mark.parametrize("generic", GENERIC_LOSS_CASES, ids=[c.name for c in GENERIC_LOSS_CASES])
+def test_generic_loss_hessian_and_ggn_match_dense(generic):
+    # a loss curvfx does not know: output Hessian by autograd; no factor for an exact diagonal
+    dense = dense_truth(generic)
+    problem = generic.make()
+    assert_matches_dense(_op(curvfx.hessian, problem), _square(dense, dense.hessian))
+    G = _op(curvfx.ggn, problem)
+    assert_matches_dense(G, _square(dense, dense.ggn))
+    with pytest.raises(ValueError, match="factor"):
+        G._exact_diagonal()
+    batches = _split(problem, [0, 1, 4, 6])  # mean over samples, unequal batches
+    assert_close_rel(_op(curvfx.ggn, problem, batches).to_dense(), _square(dense, dense.ggn))
+
+
 def test_empirical_fisher_matches_per_sample_gradients(case, problem, dense):
     if case.batchnorm_train:
         pytest.skip("per-sample losses are undefined with BatchNorm in train mode (coupled samples)")
@@ -214,11 +228,6 @@ def test_ggn_of_pure_function_with_pytree_params():
     assert_close_rel(curvfx.ravel(Gv), M @ curvfx.ravel(v))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: LinearOperator.matvec rejects a params-shaped v when params is a single "
-    "tensor (its docstring and curvfx.ggn_vp accept it)",
-)
 def test_single_tensor_params_take_a_params_shaped_vector():
     problem = CASES_BY_NAME["linear-mse_mean"].make()
     W, b = problem.model.weight.detach(), problem.model.bias.detach()
@@ -277,22 +286,7 @@ def test_ignore_index_mean_batches_with_different_ignored_counts():
         assert_close_rel(op.to_dense(), _truth_matrix(operator, dense), tol=1e-10)
 
 
-_ALL_IGNORED_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a batch whose positions are all ignored (Z_b = 0) raises "
-    "'every position is ignored' (GGN) or gives nan (exact Fisher) instead of adding 0",
-)
-
-
-@pytest.mark.parametrize(
-    "operator",
-    [
-        "hessian",
-        pytest.param("ggn", marks=_ALL_IGNORED_BUG),
-        pytest.param("fisher_exact", marks=_ALL_IGNORED_BUG),
-        "empirical_fisher",
-    ],
-)
+@pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher_exact", "empirical_fisher"])
 def test_batch_with_every_position_ignored_adds_nothing(operator):
     # e.g. a padded-sequence DataLoader whose batch holds only padding: the concatenation is fine
     dense = _variant("mlp_tanh-ce_ignore_sum", "mean")

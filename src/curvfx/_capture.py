@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 __all__ = ["captured", "output_grads", "positions", "supported_layers", "unfold"]
 
@@ -42,6 +43,8 @@ def supported_layers(module: nn.Module, params: dict[str, Tensor]) -> dict[nn.Mo
 
 
 def _supported(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks or _global_hooks():  # may change what the layer computes
+        return False
     if type(m) is nn.Linear:
         return True
     if type(m) in (nn.Conv1d, nn.Conv2d):
@@ -72,7 +75,11 @@ def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]]):
 def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> tuple[Tensor, ...]:
     """``∂⟨outputs, S[k]⟩/∂z`` for every z, stacked over k: one batched backward pass."""
     try:
-        grads = torch.autograd.grad(outputs, zs, S, is_grads_batched=True, allow_unused=True)
+        if S.shape[0] == 1:  # one column: a plain backward pass (no vmap overhead), same numbers
+            grads = torch.autograd.grad(outputs, zs, S[0], allow_unused=True)
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        else:
+            grads = torch.autograd.grad(outputs, zs, S, is_grads_batched=True, allow_unused=True)
     except RuntimeError:  # an operation without a batching rule: one backward per column
         cols = [torch.autograd.grad(outputs, zs, s, retain_graph=True, allow_unused=True) for s in S]
         grads = tuple(torch.stack(g) if g[0] is not None else None for g in zip(*cols))
@@ -104,3 +111,7 @@ def unfold(conv: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:
             stride=(1, conv.stride[0]),
         )
     return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+
+
+def _global_hooks() -> bool:
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)

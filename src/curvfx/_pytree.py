@@ -26,12 +26,15 @@ __all__ = [
 
 PyTree = Any
 _NAMESPACE = "curvfx"
+# curvfx's own optree namespace keeps dict insertion order (a module's parameter order), set
+# once here rather than per call so that flattening also traces under torch.compile.
+_INSERTION_ORDER = optree.dict_insertion_ordered(True, namespace=_NAMESPACE)  # kept alive: its exit
+_INSERTION_ORDER.__enter__()  # would restore the sorted order
 
 
 def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
     """Leaves of ``tree`` (dicts in insertion order, ``None`` an empty subtree) and its spec."""
-    with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
-        return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: list[Any]) -> PyTree:
@@ -101,8 +104,7 @@ def as_tree(v: PyTree | Tensor, params: PyTree, name: str = "v") -> tuple[PyTree
         raise ValueError(
             f"{name}: structure does not match params; expected {spec}, got {flatten(v)[1]}"
         ) from err
-    with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
-        paths = optree.tree_paths(params, none_is_leaf=False, namespace=_NAMESPACE)
+    paths = optree.tree_paths(params, none_is_leaf=False, namespace=_NAMESPACE)
     for path, leaf, p in zip(paths, v_leaves, param_leaves):
         where = f"{name}{''.join(f'[{k!r}]' for k in path)}"
         if not isinstance(leaf, Tensor):

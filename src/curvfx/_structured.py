@@ -50,18 +50,21 @@ def structured_diagonal(
     if S.shape[0] == 0:  # an empty factor (e.g. a loss linear in the outputs)
         return {k: S.new_zeros(S.shape[1]) if per_sample else torch.zeros_like(v) for k, v in params.items()}
     layers = supported_layers(fn.module, params)
-    structured = {name for names in layers.values() for name in names.values()}
     diag: dict[str, Tensor] = {}
     if layers:
+        candidates = {name for names in layers.values() for name in names.values()}
         records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
         with torch.enable_grad(), captured(records):
-            p = {k: v.detach().requires_grad_(k in structured) for k, v in params.items()}
+            p = {k: v.detach().requires_grad_(k in candidates) for k, v in params.items()}
             outputs = fn(p, x)
+        n = S.shape[1]
+        records = {m: calls for m, calls in records.items() if _samples_on_dim0(calls, n)}
         zs = [z for calls in records.values() for _, z in calls]
-        grads = iter(output_grads(outputs, zs, S))  # ∂⟨f, s_k⟩/∂z for every call, [K, *z.shape]
+        grads = iter(output_grads(outputs, zs, S) if zs else ())  # ∂⟨f, s_k⟩/∂z per call, [K, *z.shape]
         for module, calls in records.items():
             per_call = [(a, next(grads)) for a, _ in calls]
             diag.update(_layer_squares(module, layers[module], per_call, per_sample))
+    structured = set(diag)
     generic = {k: v for k, v in params.items() if k not in structured}
     if generic:
         fixed = {k: v for k, v in params.items() if k in structured}
@@ -71,6 +74,16 @@ def structured_diagonal(
 
         diag.update(factor_diagonal(sample_outputs, generic, x, S, chunk_size, per_sample))
     return {k: diag[k] for k in params}
+
+
+def _samples_on_dim0(calls: list[tuple[Tensor, Tensor]], n: int) -> bool:
+    """Whether a layer's calls can be read per sample: called, differentiable, batch-first.
+
+    A layer that was not called, was called without gradient, or whose input does not
+    lead with the N samples (rows of a flattened batch, a sequence-first layout, a
+    parameter broadcast over samples) takes the generic route instead.
+    """
+    return bool(calls) and all(z.requires_grad and a.dim() > 1 and a.shape[0] == n for a, z in calls)
 
 
 def _layer_squares(

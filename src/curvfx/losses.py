@@ -234,10 +234,7 @@ class CrossEntropyLoss(Loss):
         else:
             counted = targets != self.ignore_index
             a = ((1 - eps) * w[torch.where(counted, targets, 0)] + eps * w.mean()) * counted
-        z = self.normalizer(targets)
-        if not torch.compiler.is_compiling() and not bool(z > 0):
-            raise ValueError(f"targets: every position is ignored by {self.name}")
-        return a / z
+        return _per_normalizer(a, self.normalizer(targets))
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``(a_i/Z)(p_i ⊙ v_i - p_i (p_iᵀ v_i))`` at every position i."""
@@ -261,7 +258,7 @@ class CrossEntropyLoss(Loss):
             if targets.is_floating_point()
             else (targets != self.ignore_index).to(outputs.dtype)
         )
-        return counted / self.normalizer(targets)
+        return _per_normalizer(counted, self.normalizer(targets))
 
     def _sample_targets(
         self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
@@ -316,7 +313,8 @@ class NLLLoss(Loss):
         if self.weight is not None:
             raise ValueError(f"{self.name}: the Fisher with a class weight= is not defined")
         counted = (targets != self.ignore_index).to(outputs.dtype)
-        return _diagonal_factor(outputs.softmax(dim=1) * (counted / self.normalizer(targets)).unsqueeze(1))
+        scale = _per_normalizer(counted, self.normalizer(targets))
+        return _diagonal_factor(outputs.softmax(dim=1) * scale.unsqueeze(1))
 
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z: counted positions weighted by ``w_{y_i}``; 1 for the sum."""
@@ -562,6 +560,17 @@ def _softmax_factor(logits: Tensor, coefficients: Tensor) -> Tensor:
         positions = torch.eye(t, dtype=p.dtype, device=p.device).reshape(1, t, 1, 1, t)
         b = (b.unsqueeze(1) * positions).reshape(c * t, n, c, t)
     return b.reshape(b.shape[0], *logits.shape)
+
+
+def _per_normalizer(a: Tensor, z: Tensor | float) -> Tensor:
+    """``a / Z``, and 0 where nothing is counted (Z = 0: every position of the batch ignored).
+
+    Such a batch contributes nothing to a curvature summed over batches; the operators
+    refuse data in which every position is ignored.
+    """
+    if isinstance(z, Tensor):
+        return a / torch.where(z > 0, z, torch.ones_like(z))
+    return a / z
 
 
 def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from curvfx.operators._distributed import broadcast_seed, resolve_process_group
 
 __all__ = ["DISTRIBUTIONS", "make_generator", "probes"]
 
@@ -66,17 +70,29 @@ def probes(
 
 
 def make_generator(
-    generator: torch.Generator | None = None, device: torch.device | str | None = None
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    process_group: Any = None,
 ) -> torch.Generator:
     """``generator`` itself, or (if ``None``) a fresh generator on ``device``.
 
     The fresh generator is seeded by one ``torch.randint`` draw from torch's global RNG,
     so ``torch.manual_seed`` makes a call without a generator reproducible; that draw
     advances the global RNG stream by one step.
+
+    With a ``process_group`` (that of a data-parallel operator, e.g. from
+    ``curvfx.operators._distributed.process_group_of(op)``), the fresh generator is seeded
+    with rank 0's draw on every rank (a broadcast: every rank must call this), so that all
+    ranks draw identical probes and stay in lockstep. A ``generator`` given by the user is
+    returned as is: it must be seeded identically on every rank (a mismatch is caught by
+    the operator's next product, which raises on every rank).
     """
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         return generator
     seed = int(torch.randint(0, 2**62, ()).item())
+    group = resolve_process_group(process_group)
+    if group is not None:
+        seed = broadcast_seed(seed, group, device)
     return torch.Generator(device=device or "cpu").manual_seed(seed)

@@ -168,7 +168,7 @@ class LinearOperator:
 
     # -- helpers ----------------------------------------------------------------------------
     def _flat_input(self, v, size: int, like: PyTree | None) -> tuple[Tensor, bool]:
-        if isinstance(v, Tensor):
+        if isinstance(v, Tensor) and not (isinstance(like, Tensor) and v.shape == like.shape):
             if v.dim() != 1 or v.shape[0] != size:
                 raise ValueError(f"v: expected a flat vector [{size}], got {describe(v)}")
             self._check_tensor(v, "v")

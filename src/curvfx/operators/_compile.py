@@ -4,11 +4,13 @@ An operator built with ``compile=True`` (or a dict of ``torch.compile`` options)
 per-batch product ``product(x, y, v) -> flat [P]`` through :class:`CompiledProduct`:
 
 * the matvec ``v [P] -> [P]`` and the matmat ``V [P, K] -> [P, K]`` (the matvec vmapped
-  over columns, compiled as one graph) are each compiled once and reused;
-* batch shapes: ``torch.compile``'s default ``dynamic=None`` — the first shape gets a static
-  graph, a second shape (e.g. the smaller last batch of a loader) one recompilation with
-  dynamic shapes that then serves every later shape; the cache is bounded by
-  ``torch._dynamo.config.cache_size_limit``;
+  over columns, compiled as one graph) are each compiled once per operator and reused
+  (build the operator once and apply it many times; a new operator compiles anew);
+* batch shapes: ``dynamic=False`` unless the options say otherwise — one static graph per
+  batch shape (a loader whose last batch is smaller compiles two), a small cache bounded by
+  ``torch._dynamo.config.cache_size_limit`` (8 by default; beyond it torch runs eagerly).
+  Dynamic shapes are avoided because automatic dynamic shapes also symbolize parameter
+  sizes, which double-backward traces of convolutions do not survive in torch 2.13;
 * self-check: the first compiled result of each kind (matvec, matmat) is compared with the
   eager product on the same input; beyond a relative tolerance for the dtype (1e-8 for
   float64, 1e-3 for float32/bfloat16/float16 as relative Frobenius error) curvfx warns once,
@@ -22,6 +24,7 @@ times (Lanczos, CG, many probes, optimizer steps).
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +43,9 @@ def compile_options(compile: bool | dict) -> dict | None:
     if compile is False or compile is None:
         return None
     if compile is True:
-        return {}
+        return {"dynamic": False}
     if isinstance(compile, dict):
-        return dict(compile)
+        return {"dynamic": False, **compile}
     raise TypeError(f"compile: expected False, True or a dict of torch.compile options, got {compile!r}")
 
 
@@ -61,8 +64,8 @@ class CompiledProduct:
         options = dict(options)
         self.check = bool(options.pop("check", True))
         self.name, self.product = name, product
-        self.matvec = torch.compile(product, **options)
-        self.matmat = torch.compile(self._columns, **options)
+        self.matvec = torch.compile(_own_code(lambda x, y, v: product(x, y, v)), **options)
+        self.matmat = torch.compile(_own_code(lambda x, y, V: self._columns(x, y, V)), **options)
         self.trusted = {"matvec": not self.check, "matmat": not self.check}
         self.fallback = False
 
@@ -89,6 +92,17 @@ class CompiledProduct:
                 return expected
             self.trusted[kind] = True
         return out
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own.
+
+    Dynamo caches graphs per code object, so each operator gets its own cache instead of
+    sharing (and exhausting) one across operators.
+    """
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -11,6 +11,11 @@ so a product over several batches equals the product over their concatenation, w
 unequal batch sizes handled exactly. ``factor`` rescales (e.g. to the size of a full
 dataset when ``data`` is a subset, as laplax's ``factor``).
 
+Data parallel (``process_group=``, see :mod:`curvfx.operators._distributed`): each rank of
+the group holds its own batches; both sums above run over the batches of all ranks (one
+all-reduce per product), so every rank gets the single-process result on the
+concatenation of all ranks' data.
+
 Model state: the model is evaluated in the mode it is in (train/eval); BatchNorm running
 statistics are never updated (see :func:`curvfx.make_functional`). With active dropout each
 product draws one mask per batch (the columns of a matmat share it); use ``model.eval()``
@@ -32,7 +37,16 @@ from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, mo
 from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
+from curvfx.operators._distributed import (
+    ProcessGroupArg,
+    broadcast_seed,
+    rank_of,
+    resolve_process_group,
+    summed_over_ranks,
+    unwrap_ddp,
+)
 
 __all__ = [
     "FisherOperator",
@@ -52,9 +66,9 @@ PyTree = Any
 class CurvatureOperator(LinearOperator):
     """Base of the P × P curvature operators: batch weighting, formats, exact diagonals.
 
-    Subclasses set ``model_fn, params, loss, data, factor`` in their ``__init__`` and
-    implement ``_product(b, x, y, v)`` (the curvature of batch b's loss as written, times the
-    params-shaped ``v``).
+    Subclasses set ``model_fn, params, loss, data, factor`` (and ``process_group`` for
+    data parallelism) in their ``__init__`` and implement ``_product(b, x, y, v)`` (the
+    curvature of batch b's loss as written, times the params-shaped ``v``).
     """
 
     symmetric = True
@@ -63,6 +77,7 @@ class CurvatureOperator(LinearOperator):
     loss: Loss
     data: Batches
     factor: float
+    process_group: Any = None  # a torch.distributed ProcessGroup: data parallel over its ranks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,29 +102,79 @@ class CurvatureOperator(LinearOperator):
 
     out_like = in_like
 
-    def _product(self, b: int, x: Any, y: Tensor, v: PyTree) -> PyTree:
+    compile_options: dict | None = None
+    compiled_strategy = "auto"  # the torch.func engine a compiled product traces
+    _compiled: CompiledProduct | None = None
+
+    def _product(self, b: int, x: Any, y: Tensor, v: PyTree, strategy: str) -> PyTree:
         raise NotImplementedError(f"{type(self).__name__} is abstract")
 
+    def _flat_product(self, b: int, x: Any, y: Tensor, v: Tensor, strategy: str = "auto") -> Tensor:
+        return ravel(self._product(b, x, y, unravel(v, self.params), strategy))
+
+    def _compiled_product(self) -> CompiledProduct | None:
+        """The compiled product (made on first use) when the operator was built with ``compile``."""
+        if self.compile_options is not None and self._compiled is None:
+            self._compiled = CompiledProduct(
+                lambda x, y, v: self._flat_product(0, x, y, v, self.compiled_strategy),
+                type(self).__name__,
+                self.compile_options,
+            )
+        return self._compiled
+
     def _matvec(self, v: Tensor) -> Tensor:
-        return self._over_batches(lambda b, x, y: ravel(self._product(b, x, y, unravel(v, self.params))))
+        compiled = self._compiled_product()
+        if compiled is not None:
+            return self._over_batches(lambda b, x, y: compiled("matvec", x, y, v), v)
+        return self._over_batches(lambda b, x, y: self._flat_product(b, x, y, v), v)
 
     def _matmat(self, V: Tensor) -> Tensor:
+        compiled = self._compiled_product()
+        if compiled is not None:
+            return self._over_batches(lambda b, x, y: compiled("matmat", x, y, V), V)
         name = type(self).__name__
         return self._over_batches(
-            lambda b, x, y: apply_columns(
-                lambda v: ravel(self._product(b, x, y, unravel(v, self.params))), V, self.chunk_size, name
-            )
+            lambda b, x, y: apply_columns(lambda v: self._flat_product(b, x, y, v), V, self.chunk_size, name),
+            V,
         )
 
-    def _over_batches(self, per_batch: Callable[[int, Any, Tensor], Tensor]) -> Tensor:
-        """``factor · Σ_b w_b per_batch(b)`` with the weights of the module docstring."""
-        total, z_total = None, 0.0
+    def _over_batches(
+        self, per_batch: Callable[[int, Any, Tensor], Tensor], v: Tensor | None = None
+    ) -> Tensor:
+        """``factor · Σ_b w_b per_batch(b)`` with the weights of the module docstring.
+
+        With a ``process_group``, ``Σ_b Z_b per_batch(b)`` and ``Σ_b Z_b`` over this rank's
+        batches are summed over the ranks in one all-reduce. ``v`` is the vector [P] or
+        matrix [P, K] being multiplied (the result's shape; it must agree across ranks),
+        None for a diagonal [P].
+        """
         mean = self.loss.reduction != "sum"
-        for b, (x, y) in enumerate(self.data):
-            z = self.loss.normalizer(y) if mean else 1.0
-            term = per_batch(b, x, y) * z
-            total = term if total is None else total + term
-            z_total = z_total + z
+
+        def local() -> tuple[Tensor, Any]:
+            total, z_total = None, 0.0
+            for b, (x, y) in enumerate(self.data):
+                z = self.loss.normalizer(y) if mean else 1.0
+                term = per_batch(b, x, y) * z
+                total = term if total is None else total + term
+                z_total = z_total + z
+            return total, z_total
+
+        if self.process_group is None:
+            total, z_total = local()
+        else:
+            shape = (self.shape[0],) if v is None else tuple(v.shape)
+            agree = {"the parameters": self.params} if v is None else {"v": v, "the parameters": self.params}
+            total, z_total = summed_over_ranks(
+                local,
+                shape,
+                self.process_group,
+                dtype=self.dtype,
+                device=self.device,
+                agree=agree,
+                who=type(self).__name__,
+            )
+        if mean and not bool(z_total > 0):
+            raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
         return self.factor * (total / z_total if mean else total)
 
 
@@ -119,13 +184,28 @@ class HessianOperator(CurvatureOperator):
     Cost per product: one HVP per batch (:func:`curvfx.hvp`, about 2–3 gradients).
     """
 
-    def __init__(self, model_fn, loss_fn, params, data, *, factor=1.0, chunk_size=None):
+    compiled_strategy = "rev-rev"
+
+    def __init__(
+        self,
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        *,
+        factor=1.0,
+        chunk_size=None,
+        compile=False,
+        process_group=None,
+    ):
         self.model_fn, self.params = model_fn, params
         self.loss, self.data = get_loss(loss_fn), Batches(data)
         self.factor, self.chunk_size = float(factor), chunk_size
+        self.process_group = resolve_process_group(process_group)
+        self.compile_options = compile_options(compile)
 
-    def _product(self, b, x, y, v):
-        return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v)
+    def _product(self, b, x, y, v, strategy):
+        return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v, strategy=strategy)
 
 
 class GGNOperator(CurvatureOperator):
@@ -135,13 +215,28 @@ class GGNOperator(CurvatureOperator):
     product: about two gradients per batch. Exact diagonal: from the loss's Hessian factor.
     """
 
-    def __init__(self, model_fn, loss_fn, params, data, *, factor=1.0, chunk_size=None):
+    compiled_strategy = "func-vjp"
+
+    def __init__(
+        self,
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        *,
+        factor=1.0,
+        chunk_size=None,
+        compile=False,
+        process_group=None,
+    ):
         self.model_fn, self.params = model_fn, params
         self.loss, self.data = get_loss(loss_fn), Batches(data)
         self.factor, self.chunk_size = float(factor), chunk_size
+        self.process_group = resolve_process_group(process_group)
+        self.compile_options = compile_options(compile)
 
-    def _product(self, b, x, y, v):
-        return ggn_vp(self.model_fn, self.loss, self.params, x, y, v)
+    def _product(self, b, x, y, v, strategy):
+        return ggn_vp(self.model_fn, self.loss, self.params, x, y, v, strategy=strategy)
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
         return _factored_diagonal(self, "ggn", 1, lambda b: None, backend)
@@ -155,7 +250,10 @@ class FisherOperator(CurvatureOperator):
     * "mc": the same expectation estimated with ``num_samples`` draws per sample. The draws
       come from a generator re-seeded for each batch from one seed taken at construction
       (from ``generator``, else one draw of torch's global RNG), so the operator is one
-      fixed symmetric matrix when the data is iterated in the same order;
+      fixed symmetric matrix when the data is iterated in the same order. With a process
+      group, rank 0's seed is broadcast at construction (a collective) and rank r's batch b
+      uses ``seed + r·2³² + b``: every rank draws independent targets for its own samples,
+      so the result equals the single-process one in distribution, not digit for digit;
     * "empirical": ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ`` at the data's targets (per-sample gradients
       of the loss terms, never the squared batch gradient; for the mean
       ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ``).
@@ -176,20 +274,31 @@ class FisherOperator(CurvatureOperator):
         generator=None,
         factor=1.0,
         chunk_size=None,
+        compile=False,
+        process_group=None,
     ):
         check_fisher_kind(kind, num_samples)
         self.model_fn, self.params = model_fn, params
         self.loss, self.data = get_loss(loss_fn), Batches(data)
         self.factor, self.chunk_size = float(factor), chunk_size
+        self.process_group = resolve_process_group(process_group)
         self.kind, self.num_samples = kind, num_samples
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
+        if kind == "mc" and self.process_group is not None:  # rank 0's seed; a stream per rank
+            group = self.process_group
+            self.seed = broadcast_seed(self.seed, group, self.device) + (rank_of(group) << 32)
+        self.compile_options = compile_options(compile)
+        if self.compile_options is not None and kind == "mc":
+            raise ValueError("compile: not supported for kind='mc' (its per-batch generators do not trace)")
 
     def _generator(self, b: int) -> torch.Generator | None:
         if self.kind != "mc":
             return None
         return torch.Generator(self.device).manual_seed(self.seed + b)
 
-    def _product(self, b, x, y, v):
+    compiled_strategy = "func-vjp"
+
+    def _product(self, b, x, y, v, strategy):
         return fisher_vp(
             self.model_fn,
             self.loss,
@@ -200,6 +309,7 @@ class FisherOperator(CurvatureOperator):
             kind=self.kind,
             num_samples=self.num_samples,
             generator=self._generator(b),
+            strategy=strategy,
         )
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
@@ -266,6 +376,8 @@ def hessian(
     params: PyTree | None = None,
     factor: float = 1.0,
     chunk_size: int | None = None,
+    compile: bool | dict = False,
+    process_group: ProcessGroupArg = None,
 ) -> HessianOperator:
     """Hessian operator ``∇²_θ L`` of ``loss_fn(model(X), y)`` over ``data`` (see :class:`HessianOperator`).
 
@@ -277,9 +389,27 @@ def hessian(
         params: Parameter pytree (default: the module's trainable parameters).
         factor: Scale of the whole operator.
         chunk_size: Columns per vmap call in ``matmat`` (None: all).
+        compile: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False`` to
+            skip the self-check): products are compiled once and checked against eager on
+            first use (see :mod:`curvfx.operators._compile`); ``False``: eager.
+        process_group: Data parallelism (see ``docs/distributed.md``): None (single process,
+            the default, even when ``torch.distributed`` is initialized), True (the default
+            group) or a ``ProcessGroup``. Each rank passes its own shard as ``data``; every
+            product is all-reduced, equal on all ranks to the single-process result on the
+            concatenated data. A ``DistributedDataParallel`` model is used through its
+            ``.module``.
     """
-    model_fn, params = as_function(model, params)
-    return HessianOperator(model_fn, loss_fn, params, data, factor=factor, chunk_size=chunk_size)
+    model_fn, params = as_function(unwrap_ddp(model), params)
+    return HessianOperator(
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        factor=factor,
+        chunk_size=chunk_size,
+        compile=compile,
+        process_group=process_group,
+    )
 
 
 def ggn(
@@ -290,10 +420,21 @@ def ggn(
     params: PyTree | None = None,
     factor: float = 1.0,
     chunk_size: int | None = None,
+    compile: bool | dict = False,
+    process_group: ProcessGroupArg = None,
 ) -> GGNOperator:
     """GGN operator ``Jᵀ (∇²_f L) J`` over ``data`` (:class:`GGNOperator`; arguments as :func:`hessian`)."""
-    model_fn, params = as_function(model, params)
-    return GGNOperator(model_fn, loss_fn, params, data, factor=factor, chunk_size=chunk_size)
+    model_fn, params = as_function(unwrap_ddp(model), params)
+    return GGNOperator(
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        factor=factor,
+        chunk_size=chunk_size,
+        compile=compile,
+        process_group=process_group,
+    )
 
 
 def fisher(
@@ -307,12 +448,14 @@ def fisher(
     params: PyTree | None = None,
     factor: float = 1.0,
     chunk_size: int | None = None,
+    compile: bool | dict = False,
+    process_group: ProcessGroupArg = None,
 ) -> FisherOperator:
     """Fisher operator of ``kind`` "mc", "exact" or "empirical" (see :class:`FisherOperator`).
 
     ``num_samples`` and ``generator`` apply to "mc"; other arguments as :func:`hessian`.
     """
-    model_fn, params = as_function(model, params)
+    model_fn, params = as_function(unwrap_ddp(model), params)
     return FisherOperator(
         model_fn,
         loss_fn,
@@ -323,6 +466,8 @@ def fisher(
         generator=generator,
         factor=factor,
         chunk_size=chunk_size,
+        compile=compile,
+        process_group=process_group,
     )
 
 
@@ -334,9 +479,21 @@ def empirical_fisher(
     params: PyTree | None = None,
     factor: float = 1.0,
     chunk_size: int | None = None,
+    compile: bool | dict = False,
+    process_group: ProcessGroupArg = None,
 ) -> FisherOperator:
     """Empirical Fisher ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ``: :func:`fisher` with ``kind="empirical"``."""
-    return fisher(model, loss_fn, data, kind="empirical", params=params, factor=factor, chunk_size=chunk_size)
+    return fisher(
+        model,
+        loss_fn,
+        data,
+        kind="empirical",
+        params=params,
+        factor=factor,
+        chunk_size=chunk_size,
+        compile=compile,
+        process_group=process_group,
+    )
 
 
 def jacobian(
@@ -347,7 +504,7 @@ def jacobian(
     chunk_size: int | None = None,
 ) -> JacobianOperator:
     """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes."""
-    model_fn, params = as_function(model, params)
+    model_fn, params = as_function(unwrap_ddp(model), params)
     return JacobianOperator(model_fn, params, x, chunk_size=chunk_size)
 
 

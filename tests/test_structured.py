@@ -1,0 +1,778 @@
+"""Layer-aware ("structured") exact diagonals and per-sample gradient norms (float64).
+
+The structured path (``curvfx._structured``) contracts the inputs of ``nn.Linear`` /
+``nn.Conv1d`` / ``nn.Conv2d`` layers with the gradients at their outputs instead of forming
+per-sample gradients; every other parameter falls back to the generic per-sample vmap.
+Truths, each reached by a different route:
+
+* ``op.to_dense().diagonal()``: P products with the operator (no per-sample quantity);
+* ``backend="generic"``: the per-sample vmap over all parameters;
+* per-sample gradient norms from :func:`curvfx.per_sample_grad` and from a plain loop of
+  ``torch.autograd.grad`` on each sample's own loss (the sample as a batch of one).
+
+Side effects are checked on every call: no hooks left on any submodule (also when the
+forward raises), parameters, buffers, ``.grad`` and the global RNG unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dense import assert_close_rel
+from helpers import unchanged
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import curvfx
+import curvfx._structured as structured_module
+from curvfx._structured import structured_diagonal
+
+DTYPE = torch.float64
+N = 5
+KINDS = ("ggn", "exact", "mc", "empirical")
+BACKENDS = ("structured", "generic")
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class SequenceMean(nn.Module):
+    """``nn.Linear`` on (N, T, D) inputs, then the mean over T: [N, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x))).mean(1)
+
+
+class Positions(nn.Module):
+    """Per-position outputs: (N, T, D) -> logits (N, C, T) for cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x))).transpose(1, 2)
+
+
+class EmbeddingModel(nn.Module):
+    """``nn.Embedding`` on token ids (N, T), ``nn.Linear``, mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x))).mean(1)
+
+
+class LayerNormModel(nn.Module):
+    """Linear, LayerNorm (affine), Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.norm, self.lin2 = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.norm(self.lin1(x))))
+
+
+class Shared(nn.Module):
+    """One ``nn.Linear`` called twice in a forward (weight sharing through the module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class Tied(nn.Module):
+    """Two ``nn.Linear`` modules holding the same weight Parameter (own biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Gate(nn.Module):
+    """A custom layer: its own Parameter, used by functional code."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w) + F.softplus(self.w)
+
+
+class Custom(nn.Module):
+    """A known layer, a custom layer, a known layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.custom, self.head = nn.Linear(4, 5), Gate(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.custom(self.lin(x)))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def cnn():  # [N, 2, 10, 10] -> 5x5 (stride) -> 5x5 (dilation) -> 4x4 (adaptive) -> 2x2 (max)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(3, 4, 3, padding=2, dilation=2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+def conv1d():  # [N, 2, 10] -> 5 -> 3
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(3, 2, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
+def conv_fallback():  # convolutions the structured path does not cover: [N, 2, 6, 6]
+    return nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding="same"),
+        nn.Tanh(),
+        nn.Conv2d(2, 2, 3, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(2, 1, 3, padding=1, padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+def frozen():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].requires_grad_(False)
+    return model
+
+
+def no_bias():
+    return nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
+
+
+def batchnorm(train: bool):
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(8, 4) * 2 + 1)
+    return model.train(train)
+
+
+def floats(*shape):
+    return lambda g: torch.randn(shape, generator=g, dtype=DTYPE)
+
+
+# name: (build the model, draw the input x [N, ...], parameters that take the generic route)
+MODELS: dict[str, tuple[Callable, Callable, set[str]]] = {
+    "mlp": (mlp, floats(N, 4), set()),
+    "cnn": (cnn, floats(N, 2, 10, 10), set()),
+    "conv1d": (conv1d, floats(N, 2, 10), set()),
+    "sequence": (SequenceMean, floats(N, 4, 3), set()),
+    "positions": (Positions, floats(N, 4, 3), set()),
+    "embedding": (EmbeddingModel, lambda g: torch.randint(0, 7, (N, 3), generator=g), {"emb.weight"}),
+    "layernorm": (LayerNormModel, floats(N, 4), {"norm.weight", "norm.bias"}),
+    "shared": (Shared, floats(N, 4), set()),
+    "tied": (Tied, floats(N, 4), {"a.weight"}),
+    "custom": (Custom, floats(N, 4), {"custom.w"}),
+    "frozen": (frozen, floats(N, 4), set()),
+    "no_bias": (no_bias, floats(N, 4), set()),
+    "conv_fallback": (
+        conv_fallback,
+        floats(N, 2, 6, 6),
+        {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"},
+    ),
+    "bn_eval": (lambda: batchnorm(train=False), floats(N, 4), {"1.weight", "1.bias"}),
+}
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, Tensor]:
+    """The model ``name`` (float64, parameters from ``seed``) and its input batch."""
+    make_model, make_input, _ = MODELS[name]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = make_model().to(DTYPE)
+    return model, make_input(torch.Generator().manual_seed(seed + 1))
+
+
+# -- losses -----------------------------------------------------------------------------------
+
+IGNORE = -1
+LOSSES = {
+    "mse": lambda: nn.MSELoss(),
+    "mse_sum": lambda: nn.MSELoss(reduction="sum"),
+    "ce": lambda: nn.CrossEntropyLoss(),
+    "ce_sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "ce_ignore": lambda: nn.CrossEntropyLoss(ignore_index=IGNORE),
+    "ce_ignore_sum": lambda: nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE),
+    "bce": lambda: nn.BCEWithLogitsLoss(),
+    "bce_sum": lambda: nn.BCEWithLogitsLoss(reduction="sum"),
+}
+
+
+def targets(loss: str, outputs: Tensor, g: torch.Generator) -> Tensor:
+    """Targets for ``outputs``: values (MSE), probabilities (BCE) or class indices (CE)."""
+    if loss.startswith("mse"):
+        return torch.randn(outputs.shape, generator=g, dtype=DTYPE)
+    if loss.startswith("bce"):
+        return torch.rand(outputs.shape, generator=g, dtype=DTYPE)
+    classes = outputs.shape[1]
+    y = torch.randint(0, classes, (outputs.shape[0], *outputs.shape[2:]), generator=g)
+    if "ignore" in loss:  # ignore some positions, never the first: every sample keeps a term
+        drop = torch.rand(y.shape, generator=g) < 0.4
+        drop[:, 0] = False
+        y[drop] = IGNORE
+    return y
+
+
+def problem(model_name: str, loss: str, seed: int = 0):
+    """``(model, loss_fn, x, y)`` for one case."""
+    model, x = build(model_name, seed)
+    with torch.no_grad():
+        outputs = model(x)
+    return model, LOSSES[loss](), x, targets(loss, outputs, torch.Generator().manual_seed(seed + 2))
+
+
+CASES = [
+    *(("mlp", loss) for loss in ("mse", "mse_sum", "ce", "ce_sum", "bce", "bce_sum")),
+    *(("positions", loss) for loss in ("ce", "ce_sum", "ce_ignore", "ce_ignore_sum")),
+    *(("cnn", loss) for loss in ("ce", "mse_sum", "bce")),
+    ("conv1d", "ce"),
+    ("conv1d", "mse"),
+    ("sequence", "mse"),
+    ("sequence", "ce_sum"),
+    ("embedding", "ce"),
+    ("embedding", "mse_sum"),
+    ("layernorm", "ce"),
+    ("layernorm", "bce_sum"),
+    ("shared", "mse"),
+    ("shared", "ce"),
+    ("tied", "ce"),
+    ("custom", "ce"),
+    ("custom", "mse_sum"),
+    ("frozen", "ce"),
+    ("no_bias", "mse"),
+    ("conv_fallback", "ce"),
+    ("bn_eval", "ce"),
+]
+CASE_IDS = [f"{m}-{loss}" for m, loss in CASES]
+
+
+def operator(kind: str, model, loss_fn, data, **kwargs):
+    """The curvature operator of ``kind`` (MC Fisher: 3 draws from a fixed generator)."""
+    if kind == "ggn":
+        return curvfx.ggn(model, loss_fn, data, **kwargs)
+    if kind == "mc":
+        g = torch.Generator().manual_seed(7)
+        return curvfx.fisher(model, loss_fn, data, kind="mc", num_samples=3, generator=g, **kwargs)
+    return curvfx.fisher(model, loss_fn, data, kind=kind, **kwargs)
+
+
+# -- truths and checks ------------------------------------------------------------------------
+
+
+def loop_norms(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
+    """``‖∇_θ loss_fn(model(x_n), y_n)‖`` [N] by one ``torch.autograd.grad`` per sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for n in range(len(y)):
+        grads = torch.autograd.grad(loss_fn(model(x[n : n + 1]), y[n : n + 1]), params, allow_unused=True)
+        norms.append(sum((g**2).sum() for g in grads if g is not None).sqrt())
+    return torch.stack(norms)
+
+
+def norms_of(per_sample: dict[str, Tensor]) -> Tensor:
+    """Norms [N] of per-sample gradient leaves [N, *shape]."""
+    return sum((g.flatten(1) ** 2).sum(1) for g in per_sample.values()).sqrt()
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    """No module hook of any kind on any submodule, and no global module hook."""
+    for name, m in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            assert not getattr(m, kind), f"{kind} left on {name or 'the model'}: {getattr(m, kind)}"
+    module = torch.nn.modules.module
+    assert not module._global_forward_hooks and not module._global_forward_pre_hooks
+
+
+@pytest.fixture
+def generic_calls(monkeypatch):
+    """The parameter names of every generic-route call made by the structured path."""
+    seen: list[set[str]] = []
+    real = structured_module.factor_diagonal
+
+    def spy(sample_outputs, params, *args, **kwargs):
+        seen.append(set(params))
+        return real(sample_outputs, params, *args, **kwargs)
+
+    monkeypatch.setattr(structured_module, "factor_diagonal", spy)
+    return seen
+
+
+# -- exact diagonals --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("model_name", "loss"), CASES, ids=CASE_IDS)
+def test_exact_diagonal_matches_dense(model_name, loss, kind):
+    model, loss_fn, x, y = problem(model_name, loss)
+    op = operator(kind, model, loss_fn, (x, y))
+    with unchanged(SimpleNamespace(model=model)):
+        diagonals = {backend: op._exact_diagonal(backend=backend) for backend in BACKENDS}
+        by_diagonal, by_trace = curvfx.diagonal(op, "exact"), curvfx.trace(op, "exact")
+    assert_no_hooks(model)
+    dense = op.to_dense().diagonal()
+    assert dense.abs().sum() > 0
+    for backend, d in diagonals.items():
+        assert d.dtype == DTYPE and d.shape == dense.shape, backend
+        assert_close_rel(d, dense)
+    # the public estimators take the structured route and give the same numbers
+    assert torch.equal(by_diagonal, diagonals["structured"])
+    assert_close_rel(by_trace, diagonals["structured"].sum(), tol=1e-13)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_only_unknown_parameters_take_the_generic_route(model_name, generic_calls):
+    model, loss_fn, x, y = problem(model_name, "mse_sum" if model_name == "positions" else "ce")
+    expected = MODELS[model_name][2]
+    for backend in ("auto", "structured"):
+        generic_calls.clear()
+        curvfx.ggn(model, loss_fn, (x, y))._exact_diagonal(backend=backend)
+        curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend=backend)
+        assert generic_calls == ([expected] * 2 if expected else []), backend
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("model_name", "loss"), [("cnn", "ce"), ("sequence", "mse"), ("positions", "ce_ignore")]
+)
+def test_exact_diagonal_over_unequal_batches(model_name, loss, kind):
+    model, loss_fn, x, y = problem(model_name, loss)
+    data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    dense = operator(kind, model, loss_fn, data, factor=3.0).to_dense().diagonal()
+    op = operator(kind, model, loss_fn, data, factor=3.0, chunk_size=2)  # generic: 2 samples a call
+    for backend in BACKENDS:
+        assert_close_rel(op._exact_diagonal(backend=backend), dense)
+
+
+def test_exact_diagonal_for_a_subset_of_perturbed_parameters():
+    # parameters passed explicitly: a subset (a bias without its weight, a weight without its
+    # bias), at values other than the module's own
+    model, loss_fn, x, y = problem("cnn", "ce")
+    g = torch.Generator().manual_seed(3)
+    named = dict(model.named_parameters())
+    params = {
+        k: named[k].detach() + 0.1 * torch.randn(named[k].shape, generator=g, dtype=DTYPE)
+        for k in ("0.bias", "2.weight", "6.weight")
+    }
+    for kind in KINDS:
+        op = operator(kind, model, loss_fn, (x, y), params=params)
+        with unchanged(SimpleNamespace(model=model), params):
+            diagonals = [op._exact_diagonal(backend=backend) for backend in BACKENDS]
+        dense = op.to_dense().diagonal()
+        for d in diagonals:
+            assert_close_rel(d, dense)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "shared", "positions"])
+def test_unbatched_backward_fallback(model_name, monkeypatch):
+    # an operation without a batching rule makes the batched backward raise: one backward per column
+    loss = "ce_ignore" if model_name == "positions" else "ce"
+    model, loss_fn, x, y = problem(model_name, loss)
+    op = operator("ggn", model, loss_fn, (x, y))
+    expected = op._exact_diagonal(backend="generic")
+    expected_norms = curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="generic")
+    real = torch.autograd.grad
+    batched = []
+
+    def no_batching(*args, is_grads_batched=False, **kwargs):
+        batched.append(is_grads_batched)
+        if is_grads_batched:
+            raise RuntimeError("no batching rule (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    assert_close_rel(op._exact_diagonal(backend="structured"), expected)
+    norms = curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="structured")
+    assert_close_rel(norms, expected_norms)
+    assert True in batched and False in batched
+    assert_no_hooks(model)
+
+
+# -- per-sample gradient norms ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model_name", "loss"), CASES, ids=CASE_IDS)
+def test_per_sample_grad_norms(model_name, loss):
+    model, loss_fn, x, y = problem(model_name, loss)
+    with unchanged(SimpleNamespace(model=model)):
+        norms = {
+            backend: curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend=backend)
+            for backend in ("auto", *BACKENDS)
+        }
+        chunked = curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, 2, backend="generic")
+        from_leaves = norms_of(curvfx.per_sample_grad(model, loss_fn, None, x, y))
+    assert_no_hooks(model)
+    truth = loop_norms(model, loss_fn, x, y)
+    assert truth.shape == (N,) and bool((truth > 0).all())
+    assert_close_rel(from_leaves, truth)
+    for backend, n in {**norms, "generic-chunked": chunked}.items():
+        assert n.dtype == DTYPE and n.shape == (N,), backend
+        assert_close_rel(n, truth)
+    assert torch.equal(norms["auto"], norms["structured"])
+
+
+def test_per_sample_grad_norms_with_a_functional_model():
+    # make_functional's (fn, params) take the structured route as well
+    model, loss_fn, x, y = problem("cnn", "ce")
+    fn, params = curvfx.make_functional(model)
+    for backend in BACKENDS:
+        norms = curvfx.per_sample_grad_norms(fn, loss_fn, params, x, y, backend=backend)
+        assert_close_rel(norms, loop_norms(model, loss_fn, x, y))
+
+
+# -- random layer configurations --------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    two_d=st.booleans(),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_convolution_configurations(two_d, kernel, stride, padding, dilation, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    dims = 2 if two_d else 1
+    conv_type = nn.Conv2d if two_d else nn.Conv1d
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        conv = conv_type(
+            2,
+            3,
+            kernel[:dims],
+            stride=stride[:dims],
+            padding=padding[:dims],
+            dilation=dilation[:dims],
+            bias=bias,
+        )
+        x = torch.randn(4, 2, *[7] * dims, generator=g, dtype=DTYPE)
+        features = conv.to(DTYPE)(x).numel() // 4
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(features, 3)).to(DTYPE)
+    y = torch.randint(0, 3, (4,), generator=g)
+    check_backends_agree(model, nn.CrossEntropyLoss(), x, y)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), max_size=2),
+    n=st.integers(1, 4),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_on_any_leading_dimensions(lead, n, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    class Leading(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(3, 4, bias=bias), nn.Linear(4, 2)
+
+        def forward(self, x):  # [n, *lead, 3] -> [n, 2]
+            return self.head(torch.tanh(self.lin(x))).reshape(x.shape[0], -1, 2).mean(1)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Leading().to(DTYPE)
+    x = torch.randn(n, *lead, 3, generator=g, dtype=DTYPE)
+    y = torch.randn(n, 2, generator=g, dtype=DTYPE)
+    check_backends_agree(model, nn.MSELoss(reduction="sum"), x, y)
+
+
+def check_backends_agree(model, loss_fn, x, y):
+    """Structured and generic exact diagonals (GGN, empirical Fisher) and norms agree."""
+    for kind in ("ggn", "empirical"):
+        op = operator(kind, model, loss_fn, (x, y))
+        structured, generic = (op._exact_diagonal(backend=b) for b in BACKENDS)
+        assert_close_rel(structured, generic)
+    structured, generic = (
+        curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend=b) for b in BACKENDS
+    )
+    assert_close_rel(structured, generic)
+    assert_no_hooks(model)
+
+
+# -- hooks and model state --------------------------------------------------------------------
+
+CALLS = {
+    "ggn-structured": lambda m, L, x, y: curvfx.ggn(m, L, (x, y))._exact_diagonal(backend="structured"),
+    "ggn-auto": lambda m, L, x, y: curvfx.diagonal(curvfx.ggn(m, L, (x, y)), "exact"),
+    "exact-fisher": lambda m, L, x, y: curvfx.trace(curvfx.fisher(m, L, (x, y), kind="exact"), "exact"),
+    "mc-fisher": lambda m, L, x, y: operator("mc", m, L, (x, y))._exact_diagonal(backend="structured"),
+    "empirical-fisher": lambda m, L, x, y: curvfx.empirical_fisher(m, L, (x, y))._exact_diagonal(),
+    "norms-structured": lambda m, L, x, y: curvfx.per_sample_grad_norms(
+        m, L, None, x, y, backend="structured"
+    ),
+    "norms-auto": lambda m, L, x, y: curvfx.per_sample_grad_norms(m, L, None, x, y),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_leaves_no_hooks_and_keeps_user_hooks(call):
+    model, loss_fn, x, y = problem("shared", "ce")
+    CALLS[call](model, loss_fn, x, y)
+    assert_no_hooks(model)
+    # a hook of the user's stays in place, is called as usual, and is the only one left
+    seen = []
+    handle = model.lin.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with unchanged(SimpleNamespace(model=model)):
+        CALLS[call](model, loss_fn, x, y)
+    assert len(model.lin._forward_hooks) == 1 and seen
+    handle.remove()
+    assert_no_hooks(model)
+
+
+class FailsUnderHooks(nn.Module):
+    """Raises in its forward when any of its layers carries a forward hook (curvfx's capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin1(x)  # a call is recorded before the error
+        if self.lin1._forward_hooks or self.lin2._forward_hooks:
+            raise RuntimeError("boom")
+        return self.lin2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_hooks_removed_when_the_forward_raises(call):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = FailsUnderHooks().to(DTYPE)
+    x = torch.randn(N, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (N,))
+    with unchanged(SimpleNamespace(model=model)):
+        with pytest.raises(RuntimeError, match="boom"):
+            CALLS[call](model, nn.CrossEntropyLoss(), x, y)
+    assert_no_hooks(model)
+    # the model works afterwards, and the generic route (no hooks) gives the numbers
+    curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y))._exact_diagonal(backend="generic")
+
+
+def test_hooks_removed_on_an_input_of_wrong_shape():
+    model, _, x, _ = problem("mlp", "ce")
+    fn, params = curvfx.make_functional(model)
+    S = torch.randn(2, N, 3, dtype=DTYPE)
+    with unchanged(SimpleNamespace(model=model)), pytest.raises(RuntimeError):
+        structured_diagonal(fn, params, x[:, :3], S)
+    assert_no_hooks(model)
+    with unchanged(SimpleNamespace(model=model)), pytest.raises(RuntimeError):
+        curvfx.per_sample_grad_norms(model, nn.CrossEntropyLoss(), None, x[:, :3], torch.zeros(N, dtype=int))
+    assert_no_hooks(model)
+
+
+# -- BatchNorm, errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batchnorm_in_train_mode_is_refused(kind):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = batchnorm(train=True).to(DTYPE)
+    x, y = torch.randn(N, 4, dtype=DTYPE), torch.randint(0, 3, (N,))
+    op = operator(kind, model, nn.CrossEntropyLoss(), (x, y))
+    with unchanged(SimpleNamespace(model=model)):
+        for backend in ("auto", *BACKENDS):
+            with pytest.raises(ValueError, match="BatchNorm"):
+                op._exact_diagonal(backend=backend)
+        with pytest.raises(ValueError, match="BatchNorm"):
+            curvfx.diagonal(op, "exact")
+        with pytest.raises(ValueError, match="BatchNorm"):
+            curvfx.per_sample_grad_norms(model, nn.CrossEntropyLoss(), None, x, y)
+    assert_no_hooks(model)
+    model.eval()  # the same model in eval mode: matches dense (case bn_eval for every loss)
+    assert_close_rel(op._exact_diagonal(backend="structured"), op.to_dense().diagonal())
+
+
+def test_unknown_backend():
+    model, loss_fn, x, y = problem("mlp", "ce")
+    for kind in KINDS:
+        with pytest.raises(ValueError, match="backend"):
+            operator(kind, model, loss_fn, (x, y))._exact_diagonal(backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="Structured")
+    assert_no_hooks(model)
+
+
+def test_pure_function():
+    # a pure function has no layers to see: "structured" is refused, "auto" takes the generic route
+    def fn(params, x):
+        return torch.tanh(x @ params["w1"]) @ params["w2"]
+
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "w1": torch.randn(4, 5, generator=g, dtype=DTYPE),
+        "w2": torch.randn(5, 3, generator=g, dtype=DTYPE),
+    }
+    x, y = torch.randn(N, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (N,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    for kind in KINDS:
+        op = operator(kind, fn, loss_fn, (x, y), params=params)
+        with pytest.raises(ValueError, match="backend"):
+            op._exact_diagonal(backend="structured")
+        dense = op.to_dense().diagonal()
+        for backend in ("auto", "generic"):
+            assert_close_rel(op._exact_diagonal(backend=backend), dense)
+    with pytest.raises(ValueError, match="backend"):
+        curvfx.per_sample_grad_norms(fn, loss_fn, params, x, y, backend="structured")
+    norms = curvfx.per_sample_grad_norms(fn, loss_fn, params, x, y)
+    assert_close_rel(norms, norms_of(curvfx.per_sample_grad(fn, loss_fn, params, x, y)))
+
+
+# -- known bugs -------------------------------------------------------------------------------
+
+
+class Unused(nn.Module):
+    """A registered ``nn.Linear`` that the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.spare = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class OnlyUnused(nn.Module):
+    """The only ``nn.Linear`` is never called; the output comes from a custom parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare, self.w = nn.Linear(4, 3), nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class NoGradBranch(nn.Module):
+    """A trainable ``nn.Linear`` called under ``torch.no_grad()`` inside the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.frozen_branch = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.frozen_branch(x)
+        return self.lin(x) + h
+
+
+@pytest.mark.parametrize("model_type", [Unused, OnlyUnused, NoGradBranch])
+def test_layers_without_a_gradient_path(model_type):
+    # such layers take the generic route (zeros for an unused layer)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_type().to(DTYPE)
+    x, y = torch.randn(N, 4, dtype=DTYPE), torch.randint(0, 3, (N,))
+    op = curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y))
+    assert_close_rel(op._exact_diagonal(backend="structured"), op.to_dense().diagonal())
+
+
+class FlatRows(nn.Module):
+    """``nn.Linear`` on the positions flattened into rows: input [N·T, D]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        return self.lin(x.reshape(n * t, -1)).reshape(n, t, -1).mean(1)
+
+
+class SequenceFirst(nn.Module):
+    """``nn.Linear`` on a (T, N, D) view of the (N, T, D) input (as ``batch_first=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)).mean(0)
+
+
+class ScaledByHook(nn.Module):
+    """A user forward hook that changes a layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.lin.register_forward_hook(lambda module, args, output: 2 * output)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)))
+
+
+class LearnedQuery(nn.Module):
+    """``nn.Linear`` on a parameter without a batch dimension, broadcast over the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.proj, self.lin = nn.Parameter(torch.randn(1, 4)), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) * self.proj(self.query)
+
+
+@pytest.mark.parametrize("model_type", [FlatRows, SequenceFirst, LearnedQuery, ScaledByHook])
+def test_layer_inputs_the_structured_path_misreads(model_type):
+    # the structured path takes dim 0 of the recorded layer input as the sample and the
+    # recorded output as W a + b; each model breaks one of these. Generic route and dense agree.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_type().to(DTYPE)
+    x, y = torch.randn(N, 3, 4, dtype=DTYPE), torch.randint(0, 3, (N,))
+    if model_type not in (FlatRows, SequenceFirst):
+        x = x[:, 0]
+    loss_fn = nn.CrossEntropyLoss()
+    op = curvfx.ggn(model, loss_fn, (x, y))
+    dense = op.to_dense().diagonal()
+    assert_close_rel(op._exact_diagonal(backend="generic"), dense)
+    truth = loop_norms(model, loss_fn, x, y)
+    assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="generic"), truth)
+    assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y), truth)
+    assert_close_rel(op._exact_diagonal(backend="structured"), dense)
