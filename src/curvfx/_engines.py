@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from curvfx._errors import describe, inside_transform
+from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
 
 __all__ = ["gauss_newton_vp", "hessian_vp", "model_jvp", "model_vjp", "pick"]
@@ -39,6 +40,7 @@ def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str
 
 def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine: str) -> PyTree:
     """``∇²f(params) v`` by ``engine`` in {"autograd", "rev-rev", "fwd-rev"}."""
+    f = _in_derivable_kernels(f)
     if engine == "autograd":
         return _hvp_autograd(f, params, v)
     if engine == "rev-rev":  # vjp of grad: Hᵀv = Hv
@@ -176,6 +178,14 @@ def _hvp_autograd(f, params, v):
             else [None] * len(p)
         )  # ∇(∇fᵀv)
     return _fill_zeros(spec, p, hv)
+
+
+def _in_derivable_kernels(f):
+    def wrapped(p):
+        with derivable_kernels():
+            return f(p)
+
+    return wrapped
 
 
 def _fill_zeros(spec, p: list[Tensor], grads) -> PyTree:

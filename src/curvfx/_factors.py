@@ -15,6 +15,7 @@ factors ``S`` [K, N, ...] (``S[k, n]`` shaped like one sample's outputs):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -80,10 +81,31 @@ def factor_diagonal(
         grads = vmap(lambda s: vjp_fn(s)[0])(sn)  # leaves [K, *shape]: J_nᵀ s_kn
         return tree_map(lambda g: (g**2).sum(0), grads)
 
-    squares = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
+    try:
+        squares = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
+    except RuntimeError as err:  # a layer without a batching rule (e.g. native RNNs): a loop
+        warnings.warn(
+            f"the per-sample route could not vmap this model ({str(err).splitlines()[0][:120]}); "
+            "looping over samples and factor columns instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        squares = _stack([_one_sample_looped(sample_outputs, params, x, S, n) for n in range(S.shape[1])])
     if per_sample:
         return tree_map(lambda d: d.reshape(d.shape[0], -1).sum(1), squares)
     return tree_map(lambda d: d.sum(0), squares)
+
+
+def _one_sample_looped(sample_outputs, params: PyTree, x: Any, S: Tensor, n: int) -> PyTree:
+    """``Σ_k (J_nᵀ s_kn)²`` for sample n without vmap: one vjp per factor column."""
+    xn = tree_map(lambda t: t[n], x)
+    _, vjp_fn = vjp(lambda p: sample_outputs(p, xn), params)
+    grads = [vjp_fn(S[k, n])[0] for k in range(S.shape[0])]
+    return tree_map(lambda *g: sum(gi**2 for gi in g), *grads)
+
+
+def _stack(trees: list[PyTree]) -> PyTree:
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
 
 
 def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:

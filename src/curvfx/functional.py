@@ -9,6 +9,8 @@ import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvfx._kernels import derivable_kernels
+
 __all__ = ["FunctionalModel", "as_function", "call_with_inputs", "make_functional"]
 
 
@@ -28,7 +30,10 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
       that updates buffers in place (BatchNorm in train mode updates its running
       statistics) leaves the model's buffers unchanged;
     * the module's mode (``train()``/``eval()``) at call time decides its behaviour,
-      as in ``model(x)``.
+      as in ``model(x)``;
+    * attention runs with the math ``scaled_dot_product_attention`` kernel and recurrent
+      layers without cuDNN during the call (:mod:`curvfx._kernels`): fused kernels have no
+      second derivatives. Your global settings are restored afterwards.
 
     Several inputs: ``x`` is passed as ``model(x)`` when it is a tensor,
     ``model(*x)`` when it is a tuple or list, and ``model(**x)`` when it is a mapping
@@ -66,12 +71,13 @@ class FunctionalModel:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
         frozen = {name: p.detach() for name, p in self.module.named_parameters() if not p.requires_grad}
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        return call_with_inputs(
-            lambda *args, **kwargs: functional_call(
-                self.module, (dict(params), frozen, buffers), args, kwargs
-            ),
-            x,
-        )
+        with derivable_kernels(self.module):
+            return call_with_inputs(
+                lambda *args, **kwargs: functional_call(
+                    self.module, (dict(params), frozen, buffers), args, kwargs
+                ),
+                x,
+            )
 
     @property
     def couples_samples(self) -> bool:
@@ -106,4 +112,14 @@ def as_function(fn: Any, params: Any) -> tuple[Any, Any]:
         raise TypeError(f"fn: expected an nn.Module or a callable fn(params, x), got {type(fn).__name__}")
     if params is None:
         raise ValueError("params: required when fn is a pure function, not an nn.Module")
-    return fn, params
+    if isinstance(fn, FunctionalModel):  # already runs with derivable kernels
+        return fn, params
+    return _with_derivable_kernels(fn), params
+
+
+def _with_derivable_kernels(fn):
+    def pure(params, x):
+        with derivable_kernels():
+            return fn(params, x)
+
+    return pure
