@@ -18,6 +18,7 @@ from curvfx.operators._base import (
     SumOperator,
     TransposedOperator,
 )
+from curvfx.operators._distributed import process_group_of
 
 __all__ = ["METHODS", "diagonal"]
 
@@ -114,7 +115,7 @@ def diagonal(
         )
     if method == "xdiag" and (m % 2 or m // 2 > P):
         raise ValueError(f"num_samples: xdiag needs an even m with m/2 <= P = {P}, got m = {m}")
-    g = make_generator(generator, op.device)
+    g = make_generator(generator, op.device, process_group_of(op))
     part = {"hutchinson": _hutchinson, "xdiag": _xdiag}[method]
     with progress_bar(progress, m, f"diagonal ({method})") as bar:
         estimates = part(op, m, distribution, g, bar)  # [P, n] terms whose mean is d

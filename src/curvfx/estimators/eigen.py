@@ -11,6 +11,7 @@ from curvfx.estimators._checks import OperatorLike, check_count, square_operator
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
+from curvfx.operators._distributed import process_group_of
 
 __all__ = ["WHICH", "eigsh"]
 
@@ -101,7 +102,7 @@ def eigsh(
     if not tol > 0:
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
 
-    g = make_generator(generator, op.device)
+    g = make_generator(generator, op.device, process_group_of(op))
     v0 = probes(P, 1, "normal", g, op.dtype, op.device)
     checked = [0]
 

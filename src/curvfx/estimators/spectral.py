@@ -11,6 +11,7 @@ from curvfx.estimators._checks import OperatorLike, check_count, square_operator
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
+from curvfx.operators._distributed import process_group_of
 
 __all__ = ["density", "spectral_density"]
 
@@ -80,7 +81,7 @@ def spectral_density(
     check_count(num_steps, "num_steps")
     if num_steps > P:
         raise ValueError(f"num_steps: at most P = {P} Lanczos steps are possible, got {num_steps}")
-    g = make_generator(generator, op.device)
+    g = make_generator(generator, op.device, process_group_of(op))
     V0 = probes(P, num_probes, distribution, g, op.dtype, op.device)
     with progress_bar(progress, num_steps, "spectral_density (Lanczos steps)") as bar:
         alphas, betas, _ = lanczos(op, V0, num_steps, g, bar, "spectral_density")

@@ -13,6 +13,7 @@ from curvfx.estimators._progress import progress_bar
 from curvfx.estimators._sketch import leave_one_out_vectors
 from curvfx.estimators.diagonal import _exact_diagonal
 from curvfx.operators._base import LinearOperator
+from curvfx.operators._distributed import process_group_of
 
 __all__ = ["METHODS", "trace"]
 
@@ -110,7 +111,7 @@ def trace(
         estimate = _exact(op, max_size, progress)
         return (estimate, torch.zeros_like(estimate)) if return_std else estimate
     m = _check_num_samples(method, num_samples, P, return_std)
-    g = make_generator(generator, op.device)
+    g = make_generator(generator, op.device, process_group_of(op))
     part = {"hutchinson": _hutchinson, "hutch++": _hutchpp, "xtrace": _xtrace}[method]
     with progress_bar(progress, m, f"trace ({method})") as bar:
         estimate, std = part(op, m, distribution, g, bar)
