@@ -1,9 +1,14 @@
 """Sessions: tests, slow, lint, bench, docs. Each installs torch 2.13.0 (CPU build on local disk) first."""
 
+import os
+import tempfile
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
 TORCH = "torch==2.13.0"
+# Installs the peer libraries with pip --no-deps (their requirements would replace torch).
+PEERS_SCRIPT = os.path.join("..", "shared", "tools", "install-peers.sh")
 
 
 def install(session, extras="test"):
@@ -32,12 +37,19 @@ def lint(session):
 
 @nox.session
 def bench(session):
-    install(session, "test,bench")
-    session.run("python", "benchmarks/bench_core.py", *session.posargs)
+    """``nox -s bench [-- --quick --json out.json --device cuda ...]``: curvfx against the peers."""
+    install(session, "bench")
+    if os.path.exists(PEERS_SCRIPT):
+        session.run("bash", PEERS_SCRIPT, external=True)
+    else:
+        session.warn(f"{PEERS_SCRIPT} not found: the peers are reported as absent")
+    session.run("python", "benchmarks/run.py", *session.posargs)
 
 
 @nox.session
 def docs(session):
+    """Build the site with warnings as errors, then run the examples of its pages and docstrings."""
     install(session, "test,docs")
-    session.run("python", "-m", "curvfx")
-    session.run("python", "-m", "pytest", "-q", "docs")
+    with tempfile.TemporaryDirectory() as site:
+        session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("python", "-m", "pytest", "-q", "docs", "src/curvfx", *session.posargs)

@@ -18,12 +18,14 @@ from curvfx.func import (
 from curvfx.functional import make_functional
 from curvfx.operators import (
     LinearOperator,
+    ekfac,
     empirical_fisher,
     fisher,
     ggn,
     hessian,
     identity,
     jacobian,
+    kfac,
 )
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __all__ = [
     "density",
     "diagonal",
     "eigsh",
+    "ekfac",
     "empirical_fisher",
     "fisher",
     "fisher_vp",
@@ -45,6 +48,7 @@ __all__ = [
     "hvp",
     "identity",
     "jacobian",
+    "kfac",
     "losses",
     "make_functional",
     "optim",

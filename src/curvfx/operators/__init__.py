@@ -19,6 +19,7 @@ from curvfx.operators.curvature import (
     hessian,
     jacobian,
 )
+from curvfx.operators.kfac import ekfac, kfac
 
 __all__ = [
     "DenseOperator",
@@ -30,10 +31,12 @@ __all__ = [
     "JacobianOperator",
     "LinearOperator",
     "as_operator",
+    "ekfac",
     "empirical_fisher",
     "fisher",
     "ggn",
     "hessian",
     "identity",
     "jacobian",
+    "kfac",
 ]

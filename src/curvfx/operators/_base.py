@@ -371,6 +371,8 @@ def apply_columns(matvec: Callable[[Tensor], Tensor], V: Tensor, chunk_size: int
     Vmapped (random operations draw the same values for every column), or a loop with a
     warning when ``matvec`` cannot be vmapped.
     """
+    if V.shape[1] == 1:  # one column: a plain product (vmap would only add overhead)
+        return matvec(V[:, 0]).unsqueeze(1)
     try:
         return vmap(matvec, in_dims=1, out_dims=1, chunk_size=chunk_size, randomness="same")(V)
     except RuntimeError as err:

@@ -39,6 +39,7 @@ __all__ = [
     "set_flat",
     "solve_normal_equations",
     "sum_of_squares",
+    "trainable",
 ]
 
 Closure = Callable[..., Tensor]
@@ -190,6 +191,25 @@ def solve_normal_equations(
         return -(JD.T @ _spd_solve(K, r)), 0  # -D⁻¹Jᵀ(J D⁻¹ Jᵀ + I)⁻¹ r
     A = J.T @ J + torch.diag(D)  # JᵀJ + D
     return -_spd_solve(A, g), 0
+
+
+def trainable(groups: list[dict]) -> list[Tensor]:
+    """The parameters of ``groups`` with ``requires_grad``, in group order.
+
+    Raises:
+        ValueError: If there is none, or they differ in dtype or device.
+    """
+    params = [p for group in groups for p in group["params"] if p.requires_grad]
+    if not params:
+        raise ValueError("params: no parameter requires grad; nothing to optimize")
+    first = params[0]
+    for p in params[1:]:
+        if p.dtype != first.dtype or p.device != first.device:
+            raise ValueError(
+                f"params: all trainable parameters need one dtype and device, got {first.dtype} "
+                f"on {first.device} and {p.dtype} on {p.device}"
+            )
+    return params
 
 
 def set_flat(params: list[Tensor], x: Tensor) -> None:

@@ -18,6 +18,7 @@ from curvfx.optim._least_squares import (
     linearize,
     set_flat,
     solve_normal_equations,
+    trainable,
 )
 
 __all__ = ["LINE_SEARCHES", "GaussNewton"]
@@ -199,21 +200,8 @@ def _shared_options(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _trainable(groups: list[dict[str, Any]]) -> tuple[list[Tensor], float | Tensor]:
     """The parameters with ``requires_grad`` and the damping: a float, or [P] if groups differ."""
-    params, regs = [], []
-    for group in groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                params.append(p)
-                regs.append(float(group["reg"]))
-    if not params:
-        raise ValueError("params: no parameter requires grad; nothing to optimize")
-    first = params[0]
-    for p in params[1:]:
-        if p.dtype != first.dtype or p.device != first.device:
-            raise ValueError(
-                f"params: all trainable parameters need one dtype and device, got {first.dtype} "
-                f"on {first.device} and {p.dtype} on {p.device}"
-            )
+    params = trainable(groups)
+    regs = [float(group["reg"]) for group in groups for p in group["params"] if p.requires_grad]
     if len(set(regs)) == 1:
         return params, regs[0]
     return params, torch.cat(
