@@ -52,7 +52,10 @@ OPS = [
     "optimizer step",
 ]
 STOCHASTIC = {"MC diag GGN (1 sample)", "Hutchinson trace of H, 20 probes"}
-TOLERANCE = {"top Hessian eigenvalue": 1e-2}  # a correct peer agrees to this (default 1e-3)
+# A peer "agrees" (and so counts for the targets) within this relative difference; for the top
+# eigenvalue this excludes answers less accurate than curvfx's (PyHessian's power iteration
+# stops when the eigenvalue changes by < 1e-3 relative, typically 0.5% short of λ_max).
+TOLERANCE = {}  # op -> tolerance, default 1e-3
 TARGETS = {"HVP": 2.5, "GGN-vp": 2.0}  # ratio to the gradient that curvfx must meet
 GN_MAX_ENTRIES = 5e7
 # --quick: 3 rounds; an implementation whose first call takes over 0.3 s is timed by that

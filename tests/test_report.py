@@ -182,6 +182,7 @@ def test_data_contract_and_default_loss(factories, capsys, data, loss):
         (["--model", "my_factories:model", "--data", "my_factories:no_data_key"], "must have the key 'data'"),
         (["--model", "my_factories:model", "--data", "my_factories:model"], "expected (X, y) tensors"),
         (["--data", "my_factories:batches"], "--data needs --model"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(factories, capsys, argv, message):

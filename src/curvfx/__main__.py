@@ -155,6 +155,8 @@ def user_problem(args) -> tuple[nn.Module, list, Any]:
 def _report(args) -> int:
     from curvfx.report import SECTIONS, curvature_report, format_report, plot_report
 
+    if args.top_k < 1 or args.probes < 2:
+        raise UsageError(f"--top-k must be >= 1 and --probes >= 2, got {args.top_k} and {args.probes}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'curvfx[plot]' (or pip install matplotlib)")
     torch.manual_seed(args.seed)
@@ -247,11 +249,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """A tqdm bar over the report's sections when tqdm is installed, else one line per section."""
+    """A tqdm bar over the report's sections on a terminal with tqdm installed, else one line per section."""
 
     def __init__(self, total: int, enabled: bool):
         self.enabled, self.count, self.total, self.bar = enabled, 0, total, None
-        if enabled and importlib.util.find_spec("tqdm") is not None:
+        if enabled and sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="section", file=sys.stderr, leave=False)

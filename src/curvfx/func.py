@@ -122,7 +122,7 @@ def ggn_vp(
             transposing it: one forward pass; what compiled operators use), or
             ``"auto"``: ``"forward-ad"`` eagerly (``"autograd"`` if an operation of the
             model has no forward-mode derivative), ``"func"`` inside a ``torch.func``
-            transform. ``benchmarks/bench_core.py`` times them.
+            transform. ``benchmarks/run.py`` times them.
 
     Returns:
         ``G v`` in the form of ``v``.

@@ -300,13 +300,15 @@ def kfac(
         params: A dict of some of the model's trainable parameters (default: all).
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> _ = torch.manual_seed(0)
+        >>> layers = torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+        >>> model = torch.nn.Sequential(*layers).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
         >>> K = kfac(model, torch.nn.MSELoss(), (x, y))
         >>> K.shape, K.representation["0.weight"]
         ((26, 26), 'kronecker')
-        >>> v = torch.randn(26)
-        >>> torch.allclose(K.inverse(damping=1e-3) @ (K @ v + 1e-3 * v), v, atol=1e-4)
+        >>> v = torch.randn(26, dtype=torch.float64)
+        >>> torch.allclose(K.inverse(damping=1e-3) @ (K @ v + 1e-3 * v), v, atol=1e-8)
         True
 
     References:
