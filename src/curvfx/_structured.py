@@ -30,7 +30,42 @@ from curvfx._factors import factor_diagonal
 from curvfx._pytree import unsqueeze_leaves
 from curvfx.functional import FunctionalModel
 
-__all__ = ["structured_diagonal"]
+__all__ = ["check_backend", "sample_squares", "structured_diagonal"]
+
+BACKENDS = ("auto", "structured", "generic")
+
+
+def sample_squares(
+    fn: Any,
+    params: Any,
+    x: Any,
+    S: Tensor,
+    chunk_size: int | None = None,
+    per_sample: bool = False,
+    backend: str = "auto",
+) -> Any:
+    """``Σ_n Σ_k (J_nᵀ s_kn)²`` (or per sample) by the route ``backend`` picks.
+
+    ``backend``: "structured" (layer-aware, needs a module made functional by curvfx, params
+    a dict), "generic" (per-sample vmap over all parameters, :func:`factor_diagonal`), or
+    "auto" (structured when possible).
+
+    Raises:
+        ValueError: For an unknown ``backend``, or "structured" with a pure function.
+    """
+    check_backend(backend)
+    possible = isinstance(fn, FunctionalModel) and isinstance(params, dict)
+    if backend == "structured" and not possible:
+        raise ValueError("backend: 'structured' needs an nn.Module model (made functional by curvfx)")
+    if possible and backend != "generic":
+        return structured_diagonal(fn, params, x, S, chunk_size, per_sample)
+    return factor_diagonal(lambda p, xn: fn(p, unsqueeze_leaves(xn))[0], params, x, S, chunk_size, per_sample)
+
+
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming ``backend`` unless it is one of "auto", "structured", "generic"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto', 'structured' or 'generic', got {backend!r}")
 
 
 def structured_diagonal(

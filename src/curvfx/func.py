@@ -28,10 +28,10 @@ from torch.func import grad, jacrev, vmap
 
 from curvfx import _engines
 from curvfx._errors import describe
-from curvfx._factors import FISHER_KINDS, factor_diagonal, factor_product, output_factor
+from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._pytree import as_tree, leaves, ravel, unsqueeze_leaves
-from curvfx._structured import structured_diagonal
-from curvfx.functional import FunctionalModel, as_function
+from curvfx._structured import check_backend, sample_squares
+from curvfx.functional import as_function
 from curvfx.losses import get_loss
 
 __all__ = [
@@ -305,26 +305,12 @@ def per_sample_grad_norms(
     loss = get_loss(loss_fn)
     _check_batch(x, y)
     _check_independent_samples(fn, "per_sample_grad_norms")
-    if backend not in ("auto", "structured", "generic"):
-        raise ValueError(f"backend: expected 'auto', 'structured' or 'generic', got {backend!r}")
+    check_backend(backend)  # before any work
     with torch.no_grad():
         outputs = fn(params, x)
     loss.check(outputs, y)
     r = vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y)  # [N, ...]: r_n
-    structured = isinstance(fn, FunctionalModel) and isinstance(params, dict) and backend != "generic"
-    if backend == "structured" and not structured:
-        raise ValueError("backend: 'structured' needs an nn.Module model")
-    if structured:
-        squares = structured_diagonal(fn, params, x, r.unsqueeze(0), chunk_size, per_sample=True)
-    else:
-        squares = factor_diagonal(
-            lambda p, xn: fn(p, unsqueeze_leaves(xn))[0],
-            params,
-            x,
-            r.unsqueeze(0),
-            chunk_size,
-            per_sample=True,
-        )
+    squares = sample_squares(fn, params, x, r.unsqueeze(0), chunk_size, per_sample=True, backend=backend)
     return sum(leaves(squares)).sqrt()
 
 

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._factors import factor_diagonal, output_factor
-from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
-from curvfx._structured import structured_diagonal
+from curvfx._factors import output_factor
+from curvfx._pytree import leaves, num_params, ravel, unravel
+from curvfx._structured import check_backend, sample_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, model_vjp
-from curvfx.functional import FunctionalModel, as_function
+from curvfx.functional import as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
@@ -524,12 +524,7 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     possible). The generic route processes ``op.chunk_size`` samples at a time (default: as
     many as keep the per-sample gradients of the K factor columns under 2²⁴ numbers).
     """
-    structured = isinstance(op.model_fn, FunctionalModel) and isinstance(op.params, dict)
-    if backend not in ("auto", "structured", "generic"):
-        raise ValueError(f"backend: expected 'auto', 'structured' or 'generic', got {backend!r}")
-    if backend == "structured" and not structured:
-        raise ValueError("backend: 'structured' needs an nn.Module model (made functional by curvfx)")
-    structured = structured and backend != "generic"
+    check_backend(backend)  # before any work
     if getattr(op.model_fn, "couples_samples", False):
         raise ValueError(
             "the exact diagonal needs independent samples, but the model has BatchNorm in train "
@@ -542,9 +537,6 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
         op.loss.check(outputs, y)
         S = output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
         chunk = op.chunk_size or max(1, 2**24 // max(1, S.shape[0] * op.shape[0]))
-        if structured:
-            return ravel(structured_diagonal(op.model_fn, op.params, x, S, chunk))
-        diag = factor_diagonal(lambda p, xn: op.model_fn(p, unsqueeze_leaves(xn))[0], op.params, x, S, chunk)
-        return ravel(diag)
+        return ravel(sample_squares(op.model_fn, op.params, x, S, chunk, backend=backend))
 
     return op._over_batches(per_batch)

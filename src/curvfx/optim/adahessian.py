@@ -144,9 +144,7 @@ class AdaHessian(CurvatureOptimizer):
         self._options()
 
     def _options(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            check_options(group, _RULES)
-        return shared_options(self.param_groups, _SHARED, "AdaHessian")
+        return shared_options(self.param_groups, _SHARED, "AdaHessian", lambda g: check_options(g, _RULES))
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]

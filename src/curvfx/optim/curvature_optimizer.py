@@ -9,7 +9,7 @@ and the loss. It then combines curvfx's solvers and estimators on them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,8 +335,15 @@ def check_options(group: dict[str, Any], rules: dict[str, tuple]) -> None:
                 raise ValueError(f"{key}: expected a pair of floats in [0, 1), got {value!r}")
 
 
-def shared_options(groups: list[dict[str, Any]], keys: tuple[str, ...], who: str) -> dict[str, Any]:
-    """The options every param group must agree on (one curvature computation per step)."""
+def shared_options(
+    groups: list[dict[str, Any]], keys: tuple[str, ...], who: str, check: Callable[[dict], None]
+) -> dict[str, Any]:
+    """Validate every param group with ``check``, then the options all groups must agree on.
+
+    One curvature computation per step needs one value of each of ``keys``.
+    """
+    for group in groups:
+        check(group)
     first = groups[0]
     for group in groups[1:]:
         for key in keys:

@@ -153,9 +153,7 @@ class HessianFree(CurvatureOptimizer):
         self._options()
 
     def _options(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            _check(group)
-        return shared_options(self.param_groups, (*_RULES, "checkpoint_ratio"), "HessianFree")
+        return shared_options(self.param_groups, (*_RULES, "checkpoint_ratio"), "HessianFree", _check)
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]

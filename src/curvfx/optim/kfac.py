@@ -160,9 +160,7 @@ class KFAC(CurvatureOptimizer):
         self._position = {id(p): i for i, p in enumerate(model.parameters())}
 
     def _options(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            _check(group)
-        return shared_options(self.param_groups, _SHARED, "KFAC")
+        return shared_options(self.param_groups, _SHARED, "KFAC", _check)
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]

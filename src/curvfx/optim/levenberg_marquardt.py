@@ -129,9 +129,9 @@ class LevenbergMarquardt(torch.optim.Optimizer):
         self._options()
 
     def _options(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            _check(group)
-        return shared_options(self.param_groups, (*_RULES, "cg_tol", "cg_maxiter"), "LevenbergMarquardt")
+        return shared_options(
+            self.param_groups, (*_RULES, "cg_tol", "cg_maxiter"), "LevenbergMarquardt", _check
+        )
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:

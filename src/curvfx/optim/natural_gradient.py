@@ -129,9 +129,9 @@ class DiagonalNaturalGradient(CurvatureOptimizer):
         self._options()
 
     def _options(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            check_options(group, _RULES)
-        options = shared_options(self.param_groups, _SHARED, "DiagonalNaturalGradient")
+        options = shared_options(
+            self.param_groups, _SHARED, "DiagonalNaturalGradient", lambda g: check_options(g, _RULES)
+        )
         if options["fisher_type"] != "mc" and options["num_samples"] != 1:
             raise ValueError("num_samples: only fisher_type='mc' draws samples")
         return options
