@@ -53,7 +53,10 @@ def unchanged(problem: Problem, params: Any = None):
     """Check that the block leaves model params, buffers, ``.grad``, params and RNG alone.
 
     Before the block every trainable parameter gets a known ``.grad`` (frozen ones keep
-    ``None``), so that both "grad written" and "grad cleared" are detected.
+    ``None``), so that both "grad written" and "grad cleared" are detected. Also checked:
+    the parameter objects and their ``requires_grad``, the hooks of every submodule and
+    parameter, torch's global module hooks, and global settings (grad mode, SDPA backend
+    flags, cuDNN, ...; see :func:`global_settings`).
     """
     model = problem.model
     if model is not None:
@@ -63,6 +66,9 @@ def unchanged(problem: Problem, params: Any = None):
         state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
         grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
         training = [m.training for m in model.modules()]
+        parameters = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
+        hooks = module_hooks(model)
+    settings = global_settings()
     leaves = [] if params is None else [t.detach().clone() for t in _leaves(params)]
     rng = torch.random.get_rng_state()
     yield
@@ -77,10 +83,78 @@ def unchanged(problem: Problem, params: Any = None):
             else:
                 assert p.grad is not None and torch.equal(p.grad, grads[n]), f"{n}.grad changed"
         assert [m.training for m in model.modules()] == training, "train/eval mode changed"
+        now = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
+        assert [n for n, *_ in now] == [n for n, *_ in parameters], "parameter names changed"
+        for (n, p, rg), (_, q, rg_now) in zip(parameters, now):
+            assert q is p, f"parameter {n!r} was replaced"
+            assert rg_now == rg, f"{n}.requires_grad changed"
+        assert module_hooks(model) == hooks, "hooks were left on (or removed from) the model"
+    changed = {k: (v, global_settings()[k]) for k, v in settings.items() if global_settings()[k] != v}
+    assert not changed, f"global settings changed (before, after): {changed}"
     if params is not None:
         for before, now in zip(leaves, _leaves(params)):
             assert torch.equal(before, now.detach()), "params changed"
     assert torch.equal(torch.random.get_rng_state(), rng), "global RNG state consumed"
+
+
+_MODULE_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_hooks_with_kwargs",
+    "_global_forward_hooks_always_called",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_module_registration_hooks",
+    "_global_parameter_registration_hooks",
+    "_global_buffer_registration_hooks",
+)
+
+
+def module_hooks(model: torch.nn.Module) -> dict:
+    """The hook handles (ids) on every submodule and parameter of ``model``."""
+    out = {}
+    for name, m in model.named_modules():
+        for attr in _MODULE_HOOK_DICTS:
+            out[name, attr] = tuple(getattr(m, attr, {}))
+    for name, p in model.named_parameters():
+        out[name, "tensor_hooks"] = tuple(p._backward_hooks or ())
+        out[name, "post_accumulate"] = tuple(getattr(p, "_post_accumulate_grad_hooks", None) or ())
+    return out
+
+
+def global_settings() -> dict:
+    """Global torch state a curvature computation must restore (grad mode, kernels, hooks)."""
+    module = torch.nn.modules.module
+    settings = {
+        "grad_enabled": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "default_dtype": torch.get_default_dtype(),
+        "cudnn.enabled": torch.backends.cudnn.enabled,
+        "flash_sdp": torch.backends.cuda.flash_sdp_enabled(),
+        "mem_efficient_sdp": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        "math_sdp": torch.backends.cuda.math_sdp_enabled(),
+        "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(),
+    }
+    if hasattr(torch._C, "_get_sdp_priority_order"):
+        settings["sdp_priority"] = tuple(torch._C._get_sdp_priority_order())
+    for attr in _GLOBAL_HOOK_DICTS:
+        settings[attr] = tuple(getattr(module, attr, {}))
+    return settings
 
 
 def _leaves(tree: Any) -> list:

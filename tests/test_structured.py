@@ -1,8 +1,11 @@
 """Layer-aware ("structured") exact diagonals and per-sample gradient norms (float64).
 
-The structured path (``curvfx._structured``) contracts the inputs of ``nn.Linear`` /
-``nn.Conv1d`` / ``nn.Conv2d`` layers with the gradients at their outputs instead of forming
-per-sample gradients; every other parameter falls back to the generic per-sample vmap.
+The structured path (``curvfx._structured``) contracts the inputs of ``nn.Linear`` and
+convolution layers (1-3-d, any groups and padding) with the gradients at their outputs,
+scatters output gradients into rows for ``nn.Embedding`` and multiplies them with the
+normalized input for the affine parameters of LayerNorm / RMSNorm / GroupNorm / BatchNorm
+(eval), instead of forming per-sample gradients of the whole model; every other parameter
+falls back to the generic per-sample vmap.
 Truths, each reached by a different route:
 
 * ``op.to_dense().diagonal()``: P products with the operator (no per-sample quantity);
@@ -16,6 +19,8 @@ forward raises), parameters, buffers, ``.grad`` and the global RNG unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -29,6 +34,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import curvfx
+import curvfx._capture
 import curvfx._structured as structured_module
 from curvfx._structured import structured_diagonal
 
@@ -156,7 +162,7 @@ def conv1d():  # [N, 2, 10] -> 5 -> 3
     )
 
 
-def conv_fallback():  # convolutions the structured path does not cover: [N, 2, 6, 6]
+def conv_options():  # "same" padding, groups, a circular padding mode: [N, 2, 6, 6]
     return nn.Sequential(
         nn.Conv2d(2, 2, 3, padding="same"),
         nn.Tanh(),
@@ -186,6 +192,119 @@ def batchnorm(train: bool):
     return model.train(train)
 
 
+def conv3d():  # [N, 2, 3, 5, 5] -> [4, 4, 3, 3] -> ("same", 2 groups) -> BatchNorm3d -> pooled [4]
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=1, dilation=(1, 1, 2)),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(4, 4, 2, padding="same", groups=2),
+        nn.BatchNorm3d(4),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    return with_running_stats(model, (8, 2, 3, 5, 5))
+
+
+def groupnorm_cnn():  # [N, 2, 6, 6]
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"),
+        nn.GroupNorm(4, 4),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+def batchnorm_cnn():  # BatchNorm2d in eval mode, a BatchNorm1d without affine shift: [N, 2, 6, 6]
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+        nn.BatchNorm1d(5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    )
+    return with_running_stats(model, (8, 2, 6, 6))
+
+
+def with_running_stats(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm running statistics."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(shape) * 2 + 1)
+    return model.eval()
+
+
+class Tokens(nn.Module):
+    """Token ids (N, T) with a padding id -> Embedding -> LayerNorm -> logits (N, C, T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(6, 4, padding_idx=2), nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.norm(self.emb(x)))).transpose(1, 2)
+
+
+class OneToken(nn.Module):
+    """One id per sample (N,): Embedding (padding id 0) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(5, 3, padding_idx=0), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x)))
+
+
+class Norms(nn.Module):
+    """RMSNorm, a LayerNorm over two dimensions without bias, a LayerNorm on a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.rms = nn.Linear(4, 6), nn.RMSNorm(6)
+        self.ln2d, self.ln_seq = nn.LayerNorm((2, 3), bias=False), nn.LayerNorm(3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.rms(self.lin1(x))).reshape(-1, 2, 3)
+        h = self.ln_seq(torch.tanh(self.ln2d(h)))  # the last one at 2 positions per sample
+        return self.head(h.flatten(1))
+
+
+def others():  # a layer the structured path does not know: InstanceNorm (affine)
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        nn.Unflatten(1, (2, 3)),
+        nn.InstanceNorm1d(2, affine=True),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
+def token_ids(*shape, vocab: int, padding: int):
+    """Ids with repeats within each sample and the padding id at one position."""
+
+    def draw(g):
+        ids = torch.randint(0, vocab, shape, generator=g)
+        if len(shape) > 1:
+            ids[:, 1] = ids[:, 3]  # a repeated id in every sample
+            ids[:, 0] = padding
+        else:
+            ids[0] = padding
+        return ids
+
+    return draw
+
+
 def floats(*shape):
     return lambda g: torch.randn(shape, generator=g, dtype=DTYPE)
 
@@ -197,19 +316,22 @@ MODELS: dict[str, tuple[Callable, Callable, set[str]]] = {
     "conv1d": (conv1d, floats(N, 2, 10), set()),
     "sequence": (SequenceMean, floats(N, 4, 3), set()),
     "positions": (Positions, floats(N, 4, 3), set()),
-    "embedding": (EmbeddingModel, lambda g: torch.randint(0, 7, (N, 3), generator=g), {"emb.weight"}),
-    "layernorm": (LayerNormModel, floats(N, 4), {"norm.weight", "norm.bias"}),
+    "embedding": (EmbeddingModel, lambda g: torch.randint(0, 7, (N, 3), generator=g), set()),
+    "tokens": (Tokens, token_ids(N, 6, vocab=6, padding=2), set()),
+    "one_token": (OneToken, token_ids(N, vocab=5, padding=0), set()),
+    "layernorm": (LayerNormModel, floats(N, 4), set()),
+    "norms": (Norms, floats(N, 4), set()),
+    "groupnorm_cnn": (groupnorm_cnn, floats(N, 2, 6, 6), set()),
+    "batchnorm_cnn": (batchnorm_cnn, floats(N, 2, 6, 6), set()),
+    "conv3d": (conv3d, floats(N, 2, 3, 5, 5), set()),
+    "others": (others, floats(N, 4), {"2.weight", "2.bias"}),
     "shared": (Shared, floats(N, 4), set()),
     "tied": (Tied, floats(N, 4), {"a.weight"}),
     "custom": (Custom, floats(N, 4), {"custom.w"}),
     "frozen": (frozen, floats(N, 4), set()),
     "no_bias": (no_bias, floats(N, 4), set()),
-    "conv_fallback": (
-        conv_fallback,
-        floats(N, 2, 6, 6),
-        {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"},
-    ),
-    "bn_eval": (lambda: batchnorm(train=False), floats(N, 4), {"1.weight", "1.bias"}),
+    "conv_options": (conv_options, floats(N, 2, 6, 6), set()),
+    "bn_eval": (lambda: batchnorm(train=False), floats(N, 4), set()),
 }
 
 
@@ -279,8 +401,24 @@ CASES = [
     ("custom", "mse_sum"),
     ("frozen", "ce"),
     ("no_bias", "mse"),
-    ("conv_fallback", "ce"),
+    ("conv_options", "ce"),
     ("bn_eval", "ce"),
+    ("tokens", "ce"),
+    ("tokens", "ce_ignore_sum"),
+    ("tokens", "mse"),
+    ("tokens", "bce"),
+    ("one_token", "ce"),
+    ("one_token", "mse_sum"),
+    ("norms", "ce"),
+    ("norms", "bce"),
+    ("groupnorm_cnn", "ce"),
+    ("groupnorm_cnn", "mse"),
+    ("batchnorm_cnn", "ce_sum"),
+    ("batchnorm_cnn", "bce"),
+    ("conv3d", "ce"),
+    ("conv3d", "mse_sum"),
+    ("conv3d", "bce"),
+    ("others", "ce"),
 ]
 CASE_IDS = [f"{m}-{loss}" for m, loss in CASES]
 
@@ -461,36 +599,43 @@ def test_per_sample_grad_norms_with_a_functional_model():
 # -- random layer configurations --------------------------------------------------------------
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
-    two_d=st.booleans(),
-    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dims=st.integers(1, 3),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 2)),
+    padding=st.sampled_from([(0, 0, 0), (1, 2, 0), (2, 0, 1), "same", "valid"]),
+    padding_mode=st.sampled_from(["zeros", "circular", "reflect", "replicate"]),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2)),
+    groups=st.sampled_from([1, 2]),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_convolution_configurations(two_d, kernel, stride, padding, dilation, bias, seed):
+def test_convolution_configurations(
+    dims, kernel, stride, padding, padding_mode, dilation, groups, bias, seed
+):
     g = torch.Generator().manual_seed(seed)
-    dims = 2 if two_d else 1
-    conv_type = nn.Conv2d if two_d else nn.Conv1d
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    if padding == "same":  # stride 1 only
+        stride = (1, 1, 1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         conv = conv_type(
             2,
-            3,
+            4,
             kernel[:dims],
             stride=stride[:dims],
-            padding=padding[:dims],
+            padding=padding if isinstance(padding, str) else padding[:dims],
             dilation=dilation[:dims],
+            groups=groups,
             bias=bias,
+            padding_mode=padding_mode,
         )
-        x = torch.randn(4, 2, *[7] * dims, generator=g, dtype=DTYPE)
-        features = conv.to(DTYPE)(x).numel() // 4
+        x = torch.randn(3, 2, *(7, 6, 5)[:dims], generator=g, dtype=DTYPE)
+        features = conv.to(DTYPE)(x).numel() // 3
         model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(features, 3)).to(DTYPE)
-    y = torch.randint(0, 3, (4,), generator=g)
-    check_backends_agree(model, nn.CrossEntropyLoss(), x, y)
+    y = torch.randint(0, 3, (3,), generator=g)
+    check_backends_agree(model, nn.CrossEntropyLoss(), x, y, structured={"0.weight", *("0.bias",) * bias})
 
 
 @settings(max_examples=15, deadline=None)
@@ -519,8 +664,13 @@ def test_linear_on_any_leading_dimensions(lead, n, bias, seed):
     check_backends_agree(model, nn.MSELoss(reduction="sum"), x, y)
 
 
-def check_backends_agree(model, loss_fn, x, y):
-    """Structured and generic exact diagonals (GGN, empirical Fisher) and norms agree."""
+def check_backends_agree(model, loss_fn, x, y, structured=()):
+    """Structured and generic exact diagonals (GGN, empirical Fisher) and norms agree.
+
+    The parameters ``structured`` must not take the generic route.
+    """
+    factored = curvfx._capture.supported_layers(model, dict(model.named_parameters()), factored=True)
+    assert set(structured) <= {name for names in factored.values() for name in names.values()}
     for kind in ("ggn", "empirical"):
         op = operator(kind, model, loss_fn, (x, y))
         structured, generic = (op._exact_diagonal(backend=b) for b in BACKENDS)
@@ -776,3 +926,105 @@ def test_layer_inputs_the_structured_path_misreads(model_type):
     assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="generic"), truth)
     assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y), truth)
     assert_close_rel(op._exact_diagonal(backend="structured"), dense)
+
+
+# -- which layers are factored ----------------------------------------------------------------
+
+
+def test_layer_kinds():
+    kind = curvfx._capture.layer_kind
+    assert kind(nn.Conv3d(2, 2, 3, groups=2, padding="same", padding_mode="circular")) == "conv"
+    assert kind(nn.Embedding(5, 3, padding_idx=1)) == "embedding"
+    assert kind(nn.Embedding(5, 3, max_norm=1.0)) is None  # renormalizes the table in the forward
+    assert kind(nn.Embedding(5, 3, scale_grad_by_freq=True)) is None  # couples the samples
+    assert kind(nn.BatchNorm2d(3).eval()) == "norm"
+    assert kind(nn.BatchNorm2d(3)) is None  # train mode: batch statistics
+    assert kind(nn.BatchNorm2d(3, track_running_stats=False).eval()) is None
+    assert kind(nn.GroupNorm(1, 3)) == kind(nn.LayerNorm(3)) == kind(nn.RMSNorm(3)) == "norm"
+    for other in (nn.InstanceNorm1d(3, affine=True), nn.PReLU(), nn.Bilinear(2, 2, 2), nn.LSTM(2, 2)):
+        assert kind(other) is None
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda *args: None)
+    assert kind(hooked) is None
+
+
+def test_kfac_keeps_its_kronecker_layers():
+    # KFAC blocks: nn.Linear and nn.Conv1d/2d with one group and zero padding; the layers
+    # only the exact diagonals factor get KFAC's diagonal blocks, as before
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    ).to(DTYPE)
+    x = torch.randn(4, 2, 6, 6, dtype=DTYPE)
+    y = torch.randint(0, 3, (4,))
+    representation = curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y)).representation
+    kron = {k for k, v in representation.items() if v == "kronecker"}
+    assert kron == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    params = dict(model.named_parameters())
+    assert set(curvfx._capture.supported_layers(model, params)) == {model[0], model[4]}
+    assert set(curvfx._capture.supported_layers(model, params, factored=True)) == {*model[:3], model[4]}
+
+
+def test_embedding_forms_only_the_pairs_that_occur(monkeypatch):
+    # a large table, few ids: the per-sample rows are (sample, id) pairs, never N·V·D numbers
+    vocab, dim = 100_000, 4
+    model = nn.Sequential(nn.Embedding(vocab, dim, padding_idx=0), nn.Flatten(), nn.Linear(3 * dim, 2)).to(
+        DTYPE
+    )
+    x = torch.tensor([[0, 5, 5], [7, 7, 99_999], [5, 1, 2]])
+    y = torch.randint(0, 2, (3,))
+    real = torch.Tensor.new_zeros
+    sizes = []
+
+    def spy(self, *size, **kwargs):
+        sizes.append(torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int) else size).numel())
+        return real(self, *size, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", spy)
+    norms = curvfx.per_sample_grad_norms(model, nn.CrossEntropyLoss(), None, x, y, backend="structured")
+    monkeypatch.undo()
+    assert max(sizes) < vocab  # no [N, V, D] buffer (the diagonal itself is [V, D])
+    assert_close_rel(norms, loop_norms(model, nn.CrossEntropyLoss(), x, y))
+
+
+# -- a batching-rule bug guarded ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_prelu_diagonal_and_norms_match_dense(kind, backend):
+    """Nested vmap of PReLU's backward returns misshapen gradients (torch 2.13); the generic
+    route must not turn them into a silently wrong diagonal."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 3)).double()
+    x = torch.randn(N, 3, dtype=DTYPE)
+    y = torch.randint(0, 3, (N,))
+    loss = nn.CrossEntropyLoss()
+    op = curvfx.ggn(model, loss, (x, y)) if kind == "ggn" else curvfx.empirical_fisher(model, loss, (x, y))
+    with pytest.warns(RuntimeWarning) if kind == "ggn" else _no_warning():
+        diag = op._exact_diagonal(backend)
+    assert_close_rel(diag, op.to_dense().diagonal())
+    fn, params = curvfx.make_functional(model)
+    loop = [
+        torch.cat(
+            [
+                g.reshape(-1)
+                for g in torch.autograd.grad(
+                    loss(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())
+                )
+            ]
+        )
+        for i in range(N)
+    ]
+    norms = curvfx.per_sample_grad_norms(fn, loss, params, x, y, backend=backend)
+    assert_close_rel(norms, torch.stack(loop).norm(dim=1))
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield

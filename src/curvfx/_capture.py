@@ -1,13 +1,20 @@
 """Capture of layer inputs and output gradients for the layer-aware computations.
 
-For the layers whose per-sample gradient is an outer product of the layer input and the
-gradient at the layer output (``nn.Linear``; ``nn.Conv1d/2d`` on unfolded patches),
-:func:`captured` records each call's ``(input a, output z)`` with forward hooks that are
-removed on exit (also on error), :func:`output_grads` back-propagates K output-space
-cotangents to every recorded z in one batched backward pass, and :func:`positions` puts a
-call into the common form ``a`` [N, T, in], ``g`` [K, N, T, out] (T positions: sequence
-steps or output pixels) with per-sample weight gradient ``Σ_t g_kt a_tᵀ``.
-Used by the exact diagonals (:mod:`curvfx._structured`) and the Kronecker factors.
+:func:`captured` records each call's ``(input a, output z)`` of chosen modules with forward
+hooks that are removed on exit (also on error), :func:`output_grads` back-propagates K
+output-space cotangents to every recorded z in one batched backward pass.
+:func:`supported_layers` picks the layers read this way:
+
+* the Kronecker layers (KFAC's blocks; the default): ``nn.Linear``, and ``nn.Conv1d/2d``
+  with one group and numeric zero padding, whose per-sample weight gradient is
+  ``Σ_t g_kt a_tᵀ`` over positions t: :func:`positions` puts a call into the form
+  ``a`` [N, T, in], ``g`` [K, N, T, out] (convolutions on unfolded patches, :func:`unfold`);
+* with ``factored=True`` (the exact diagonals, :mod:`curvfx._layers`) also ``nn.Conv3d``,
+  grouped convolutions and any padding mode (:func:`patches`), ``nn.Embedding``, and the
+  affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and
+  ``nn.BatchNorm1d/2d/3d`` in eval mode, for which the recorded input is the normalized
+  input ``x̂`` (the gradient of the scale is ``Σ g ⊙ x̂``), computed in the hook from the
+  statistics the call used.
 """
 
 from __future__ import annotations
@@ -19,18 +26,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-__all__ = ["captured", "output_grads", "positions", "supported_layers", "unfold"]
+__all__ = ["captured", "layer_kind", "output_grads", "patches", "positions", "supported_layers", "unfold"]
+
+NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def supported_layers(module: nn.Module, params: dict[str, Tensor]) -> dict[nn.Module, dict[str, str]]:
-    """Supported layers owning trainable parameters: module -> {"weight"/"bias": param name}."""
+def supported_layers(
+    module: nn.Module, params: dict[str, Tensor], *, factored: bool = False
+) -> dict[nn.Module, dict[str, str]]:
+    """Supported layers owning trainable parameters: module -> {"weight"/"bias": param name}.
+
+    ``factored=False``: the Kronecker layers only (``nn.Linear``, ``nn.Conv1d/2d`` with one
+    group and numeric zero padding); ``True``: every layer of :func:`layer_kind`.
+    """
     owners: dict[int, int] = {}
     for m in module.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     plan = {}
     for prefix, m in module.named_modules():
-        if not _supported(m):
+        if not (layer_kind(m) if factored else _kronecker(m)):
             continue
         names = {}
         for attr, p in m.named_parameters(recurse=False):
@@ -42,8 +58,26 @@ def supported_layers(module: nn.Module, params: dict[str, Tensor]) -> dict[nn.Mo
     return plan
 
 
-def _supported(m: nn.Module) -> bool:
-    if m._forward_hooks or m._forward_pre_hooks or _global_hooks():  # may change what the layer computes
+def layer_kind(m: nn.Module) -> str | None:
+    """The kind of a layer the exact diagonals factor ("linear", "conv", "embedding", "norm"), else None."""
+    if _hooked(m):  # hooks may change what the layer computes
+        return None
+    kind = type(m)
+    if kind is nn.Linear:
+        return "linear"
+    if kind in CONVS:
+        return "conv"
+    if kind is nn.Embedding:
+        return "embedding" if m.max_norm is None and not m.scale_grad_by_freq else None
+    if kind in NORMS[3:]:  # eval mode with running statistics: samples are independent
+        return "norm" if not m.training and m.running_mean is not None and m.running_var is not None else None
+    if kind in NORMS:
+        return "norm"
+    return None
+
+
+def _kronecker(m: nn.Module) -> bool:
+    if _hooked(m):
         return False
     if type(m) is nn.Linear:
         return True
@@ -56,12 +90,13 @@ def _supported(m: nn.Module) -> bool:
 def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]]):
     """Record ``(input, output)`` of every call of the modules in ``records``; hooks removed on exit.
 
-    The hook hands a copy of the output downstream, so later in-place operations cannot
-    change the recorded output's gradient.
+    The input of a normalization layer is recorded normalized (``x̂``, without the affine
+    map). The hook hands a copy of the output downstream, so later in-place operations
+    cannot change the recorded output's gradient.
     """
 
     def hook(module, args, output):
-        records[module].append((args[0].detach(), output))
+        records[module].append((_layer_input(module, args[0]), output))
         return output.clone()
 
     handles = [m.register_forward_hook(hook) for m in records]
@@ -90,7 +125,7 @@ def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> tuple[Tensor, 
 
 
 def positions(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """One call of a supported layer as ``a`` [N, T, in] and ``g`` [K, N, T, out].
+    """One call of a Kronecker layer as ``a`` [N, T, in] and ``g`` [K, N, T, out].
 
     ``a`` is the layer input (unfolded into patches for a convolution), ``g`` the gradients
     at the layer output for K cotangents, both with the positions T flattened.
@@ -113,5 +148,64 @@ def unfold(conv: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:
     return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
 
 
-def _global_hooks() -> bool:
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+def patches(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: Tensor) -> Tensor:
+    """im2col of a convolution's input, per group: [N, T, groups, C_in/groups · k].
+
+    Any dimension (1-3), padding (numeric or "same"/"valid") and padding mode: the input is
+    padded as the layer pads it, then cut into the patches of the T output positions.
+    """
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and a.dim() <= 4:
+        cols = unfold(conv, a)  # [N, C·k, T]
+    else:
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
+        if a.dim() <= 4:
+            cols = F.unfold(
+                a.unsqueeze(2) if a.dim() == 3 else a,
+                _as_2d(conv.kernel_size),
+                dilation=_as_2d(conv.dilation),
+                stride=_as_2d(conv.stride),
+            )
+        else:
+            cols = _unfold_nd(a, conv.kernel_size, conv.dilation, conv.stride)
+    n, t = cols.shape[0], cols.shape[-1]
+    return cols.reshape(n, conv.groups, -1, t).permute(0, 3, 1, 2)
+
+
+def _as_2d(size: tuple[int, ...]) -> tuple[int, int]:
+    return (1, size[0]) if len(size) == 1 else size
+
+
+def _unfold_nd(a: Tensor, kernel, dilation, stride) -> Tensor:
+    """im2col of an unpadded [N, C, *spatial] input: [N, C·Π k, T], channels outermost."""
+    d = a.dim() - 2
+    for i in range(d):  # windows of (k-1)·dilation + 1 entries, every dilation-th kept
+        a = a.unfold(2 + i, (kernel[i] - 1) * dilation[i] + 1, stride[i])
+    a = a[(..., *(slice(None, None, s) for s in dilation))]  # [N, C, *out, *k]
+    n = a.shape[0]
+    a = a.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))  # [N, C, *k, *out]
+    return a.reshape(n, -1, a.shape[2 + d :].numel())
+
+
+def _layer_input(module: nn.Module, x: Tensor) -> Tensor:
+    """What the hook records of a call's input: x, or x̂ for a normalization layer."""
+    x = x.detach()
+    if not isinstance(module, NORMS):
+        return x
+    with torch.no_grad():  # the statistics of this call (buffers as the forward sees them)
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if isinstance(module, nn.RMSNorm):
+            return F.rms_norm(x, module.normalized_shape, None, module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+        return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+    )

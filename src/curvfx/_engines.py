@@ -22,10 +22,19 @@ from curvfx._errors import describe, inside_transform
 from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
 
-__all__ = ["gauss_newton_vp", "hessian_vp", "model_jvp", "model_vjp", "pick"]
+__all__ = [
+    "gauss_newton_vp",
+    "gauss_newton_vps",
+    "hessian_vp",
+    "hessian_vps",
+    "jv_by_transposition",
+    "model_jvp",
+    "model_vjp",
+    "pick",
+]
 
 PyTree = Any
-OutputProduct = Callable[[Tensor, Tensor], Tensor]  # (outputs f, u) -> M(f) u
+OutputProduct = Callable[[Tensor], Callable[[Tensor], Tensor]]  # outputs f -> (u -> M(f) u)
 OutputCheck = Callable[[Tensor], None]
 
 
@@ -40,9 +49,9 @@ def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str
 
 def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine: str) -> PyTree:
     """``∇²f(params) v`` by ``engine`` in {"autograd", "rev-rev", "fwd-rev"}."""
-    f = _in_derivable_kernels(f)
     if engine == "autograd":
-        return _hvp_autograd(f, params, v)
+        return hessian_vps(f, params, [v])[0]
+    f = _in_derivable_kernels(f)
     if engine == "rev-rev":  # vjp of grad: Hᵀv = Hv
         return vjp(grad(_scalar(f)), params)[1](v)[0]
     try:
@@ -54,6 +63,66 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
             "strategy: 'fwd-rev' cannot differentiate this function in this torch "
             "version (ZeroTensors are immutable, e.g. F.mse_loss); use 'rev-rev' or 'autograd'"
         ) from err
+
+
+def hessian_vps(f: Callable[[PyTree], Tensor], params: PyTree, vs: list[PyTree]) -> list[PyTree]:
+    """``[∇²f(params) v for v in vs]`` by double backprop.
+
+    One forward and one first backward pass (``g = ∇f`` with its graph) are shared by all
+    tangents; each tangent then costs one backward pass, ``∇(gᵀv)``.
+    """
+    p_leaves, spec = flatten(params)
+    with torch.enable_grad():
+        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+        value = _scalar(_in_derivable_kernels(f))(unflatten(spec, p))
+        g = torch.autograd.grad(value, p, create_graph=True, allow_unused=True)  # ∇f
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        out = []
+        for k, v in enumerate(vs):
+            v_leaves = spec.flatten_up_to(v)
+            hv = (
+                torch.autograd.grad(
+                    [g[i] for i in live],
+                    p,
+                    [v_leaves[i] for i in live],
+                    allow_unused=True,
+                    retain_graph=k < len(vs) - 1,
+                )
+                if live
+                else [None] * len(p)
+            )  # ∇(∇fᵀv)
+            out.append(_fill_zeros(spec, p, hv))
+    return out
+
+
+def gauss_newton_vps(
+    model_at: Callable[[PyTree], Tensor],
+    params: PyTree,
+    vs: list[PyTree],
+    output_product: OutputProduct,
+    check: OutputCheck,
+) -> list[PyTree]:
+    """``[Jᵀ M(f) J v for v in vs]`` by double backprop, sharing one forward pass.
+
+    The graph of ``u ↦ Jᵀu`` is built once; each tangent then costs one backward pass
+    through it (``Jv``, the transpose of ``u ↦ Jᵀu``) and one through the model (``Jᵀ M Jv``).
+    ``M = output_product(f)`` is formed once, so random output factors (Monte-Carlo
+    targets) are shared by all tangents, as are dropout masks.
+    """
+    p_leaves, spec = flatten(params)
+    with torch.enable_grad():
+        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+        outputs = model_at(unflatten(spec, p))
+        check(outputs)
+        product = output_product(outputs.detach())
+        jv_of = jv_by_transposition(outputs, p)
+        out = []
+        for k, v in enumerate(vs):
+            jv = jv_of(spec.flatten_up_to(v))  # Jv
+            last = k == len(vs) - 1
+            grads = torch.autograd.grad(outputs, p, product(jv), allow_unused=True, retain_graph=not last)
+            out.append(_fill_zeros(spec, p, grads))  # Jᵀ M Jv
+    return out
 
 
 def gauss_newton_vp(
@@ -76,18 +145,20 @@ def gauss_newton_vp(
     torch.func (one forward pass, no state replay: the engine that ``torch.compile``
     traces without graph breaks). ``check(f)`` validates the outputs.
     """
+    if engine == "autograd":
+        return gauss_newton_vps(model_at, params, [v], output_product, check)[0]
     if engine == "func-vjp":
         outputs, vjp_fn = vjp(model_at, params)
         check(outputs)
         jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
-        return vjp_fn(output_product(outputs, jv))[0]  # Jᵀ M Jv
+        return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine == "func":
         rng = _rng_state()
         outputs, jv = jvp(model_at, (params,), (v,))  # f, Jv
         check(outputs)
         _set_rng_state(rng)  # the second pass draws the same dropout masks as the first
         _, vjp_fn = vjp(model_at, params)
-        return vjp_fn(output_product(outputs, jv))[0]  # Jᵀ M Jv
+        return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine == "auto-eager":
         try:
             return gauss_newton_vp(model_at, params, v, output_product, check, "forward-ad")
@@ -99,16 +170,31 @@ def gauss_newton_vp(
     v_leaves = spec.flatten_up_to(v)
     with torch.enable_grad():
         p = [leaf.detach().requires_grad_() for leaf in p_leaves]
-        if engine == "forward-ad":
-            outputs, jv = _forward_ad(model_at, spec, p, v_leaves)
-            check(outputs)
-        else:
-            outputs = model_at(unflatten(spec, p))
-            check(outputs)
-            jv = _jv_by_double_backprop(outputs, p, v_leaves)
-        mjv = output_product(outputs.detach(), jv)  # M Jv
+        outputs, jv = _forward_ad(model_at, spec, p, v_leaves)  # f, Jv
+        check(outputs)
+        mjv = output_product(outputs.detach())(jv)  # M Jv
         out = torch.autograd.grad(outputs, p, grad_outputs=mjv, allow_unused=True)  # Jᵀ M Jv
     return _fill_zeros(spec, p, out)
+
+
+def jv_by_transposition(outputs: Tensor, p: list[Tensor]) -> Callable[[list[Tensor]], Tensor]:
+    """``v ↦ J v`` (v given leaf by leaf like ``p``) as the transpose of ``u ↦ Jᵀu``.
+
+    The graph of ``Jᵀu`` (u a dummy cotangent) is built once by one backward pass with
+    ``create_graph``; each ``Jv`` is then one backward pass through it, with the graph kept.
+    """
+    u = torch.zeros_like(outputs, requires_grad=True)
+    jtu = torch.autograd.grad(outputs, p, u, create_graph=True, allow_unused=True)  # Jᵀu
+    live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
+
+    def jv(v_leaves: list[Tensor]) -> Tensor:
+        if not live:  # the outputs do not depend on p
+            return torch.zeros_like(outputs)
+        return torch.autograd.grad([jtu[i] for i in live], u, [v_leaves[i] for i in live], retain_graph=True)[
+            0
+        ]
+
+    return jv
 
 
 def model_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> Tensor:
@@ -153,31 +239,6 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _jv_by_double_backprop(outputs: Tensor, p: list[Tensor], v_leaves: list[Tensor]) -> Tensor:
-    u = torch.zeros_like(outputs, requires_grad=True)
-    jtu = torch.autograd.grad(outputs, p, u, create_graph=True, allow_unused=True)  # Jᵀu
-    live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
-    if not live:  # outputs do not depend on params
-        return torch.zeros_like(outputs)
-    return torch.autograd.grad([jtu[i] for i in live], u, [v_leaves[i] for i in live])[0]  # Jv
-
-
-def _hvp_autograd(f, params, v):
-    p_leaves, spec = flatten(params)
-    v_leaves = spec.flatten_up_to(v)
-    with torch.enable_grad():
-        p = [leaf.detach().requires_grad_() for leaf in p_leaves]
-        value = _scalar(f)(unflatten(spec, p))
-        g = torch.autograd.grad(value, p, create_graph=True, allow_unused=True)  # ∇f
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        hv = (
-            torch.autograd.grad([g[i] for i in live], p, [v_leaves[i] for i in live], allow_unused=True)
-            if live
-            else [None] * len(p)
-        )  # ∇(∇fᵀv)
-    return _fill_zeros(spec, p, hv)
 
 
 def _in_derivable_kernels(f):

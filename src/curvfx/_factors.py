@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from curvfx._pytree import tree_map
+from curvfx._pytree import leaves, tree_map
 from curvfx.losses import Loss
 
 __all__ = ["FISHER_KINDS", "factor_diagonal", "factor_product", "output_factor"]
@@ -78,7 +78,11 @@ def factor_diagonal(
 
     def one_sample(xn, sn):  # sn [K, *sample_output_shape]
         _, vjp_fn = vjp(lambda p: sample_outputs(p, xn), params)
-        grads = vmap(lambda s: vjp_fn(s)[0])(sn)  # leaves [K, *shape]: J_nᵀ s_kn
+        if sn.shape[0] == 1:  # one column: no inner vmap (nor its batching-rule bugs, e.g. PReLU's)
+            grads = tree_map(lambda g: g.unsqueeze(0), vjp_fn(sn[0])[0])
+        else:
+            grads = vmap(lambda s: vjp_fn(s)[0])(sn)  # leaves [K, *shape]: J_nᵀ s_kn
+        _check_shapes(grads, params, sn.shape[0])
         return tree_map(lambda g: (g**2).sum(0), grads)
 
     try:
@@ -102,6 +106,13 @@ def _one_sample_looped(sample_outputs, params: PyTree, x: Any, S: Tensor, n: int
     _, vjp_fn = vjp(lambda p: sample_outputs(p, xn), params)
     grads = [vjp_fn(S[k, n])[0] for k in range(S.shape[0])]
     return tree_map(lambda *g: sum(gi**2 for gi in g), *grads)
+
+
+def _check_shapes(grads: PyTree, params: PyTree, k: int) -> None:
+    """Raise RuntimeError (the loop fallback) if a batching rule returned misshapen gradients."""
+    for g, p in zip(leaves(grads), leaves(params)):
+        if g.shape != (k, *p.shape):
+            raise RuntimeError(f"a vmapped vjp returned shape {list(g.shape)}, expected {[k, *p.shape]}")
 
 
 def _stack(trees: list[PyTree]) -> PyTree:

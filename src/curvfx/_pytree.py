@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_columns",
     "as_tree",
     "flatten",
     "leaves",
@@ -115,6 +116,28 @@ def as_tree(v: PyTree | Tensor, params: PyTree, name: str = "v") -> tuple[PyTree
             )
         _check_dtype_device(leaf, p, where)
     return v, False
+
+
+def as_columns(V: Any, params: PyTree, name: str = "v") -> list[PyTree] | None:
+    """The columns of a matrix ``V`` [P, K] as pytrees shaped like ``params``; None if ``V`` is a vector.
+
+    ``V`` is a matrix when it is a 2-D tensor and ``params`` is not a single tensor of that
+    shape (then ``V`` is one pytree-shaped vector).
+
+    Raises:
+        ValueError: If ``V`` has K = 0 columns, or a row count, dtype or device that does not
+            match ``params``; the message names ``name``.
+    """
+    if not isinstance(V, Tensor) or V.dim() != 2 or (isinstance(params, Tensor) and V.shape == params.shape):
+        return None
+    param_leaves = leaves(params)
+    total = sum(p.numel() for p in param_leaves)
+    if V.shape[0] != total or V.shape[1] == 0:
+        raise ValueError(
+            f"{name}: a matrix of flat vectors must have shape [P, K] = [{total}, K ≥ 1], got {list(V.shape)}"
+        )
+    _check_dtype_device(V, param_leaves[0], name)
+    return [unravel(V[:, k], params) for k in range(V.shape[1])]
 
 
 def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:

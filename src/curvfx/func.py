@@ -3,6 +3,11 @@
 Every transform takes parameters as a pytree (dict, list, tuple, nested) and accepts a
 vector either as a pytree shaped like the parameters or as a flat tensor [P] (leaves in
 dicts in insertion order, see :func:`curvfx.ravel`); the result has the form of the vector.
+The curvature products (``hvp``, ``ggn_vp``, ``fisher_vp``) also take a matrix V [P, K] of
+K flat vectors and return [P, K]: eagerly, the K products share one forward pass (and,
+for the HVP, one first backward pass) and loop over the columns through the retained
+graph, as PyHessian does for its probes; inside a ``torch.func`` transform or with a
+``torch.func`` strategy the columns are vmapped.
 
 Engines. Each product has a plain-autograd engine (fastest eager, measured in
 ``benchmarks/``) and a ``torch.func`` engine. ``strategy="auto"`` picks the autograd
@@ -19,7 +24,9 @@ batched forward pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +36,7 @@ from torch.func import grad, jacrev, vmap
 from curvfx import _engines
 from curvfx._errors import describe
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
-from curvfx._pytree import as_tree, leaves, ravel, unsqueeze_leaves
+from curvfx._pytree import as_columns, as_tree, leaves, ravel, tree_map, unsqueeze_leaves
 from curvfx._structured import check_backend, sample_squares
 from curvfx.functional import as_function
 from curvfx.losses import get_loss
@@ -58,7 +65,8 @@ def hvp(
     Args:
         f: Scalar function of the parameter pytree.
         params: Parameter pytree θ (leaves: tensors).
-        v: Pytree shaped like ``params``, or a flat tensor [P].
+        v: Pytree shaped like ``params``, a flat tensor [P], or a matrix [P, K] of K
+            flat vectors (result [P, K]; see the module docstring).
         strategy: ``"autograd"`` (reverse-over-reverse double backprop with
             ``torch.autograd``; the fastest eager engine, 2.0–2.6× a gradient),
             ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``), ``"fwd-rev"`` (``jvp``
@@ -78,8 +86,13 @@ def hvp(
         >>> hvp(lambda p: (p["w"] ** 3).sum(), params, torch.tensor([1.0, 0.0]))
         tensor([6., 0.])
     """
-    tree, flat = as_tree(v, params)
     engine = _engines.pick(strategy, HVP_STRATEGIES, eager="autograd", composable="rev-rev")
+    columns = as_columns(v, params)
+    if columns is not None:
+        if engine == "autograd":
+            return _stacked(_engines.hessian_vps(f, params, columns))
+        return _vmapped_columns(lambda c: hvp(f, params, c, strategy=strategy), v)
+    tree, flat = as_tree(v, params)
     out = _engines.hessian_vp(f, params, tree, engine)
     return ravel(out) if flat else out
 
@@ -112,7 +125,7 @@ def ggn_vp(
         params: Parameter pytree θ.
         x: Batch input (tensor, tuple or mapping of tensors, see ``make_functional``).
         y: Targets.
-        v: Pytree shaped like ``params``, or a flat tensor [P].
+        v: Pytree shaped like ``params``, a flat tensor [P], or a matrix [P, K] (result [P, K]).
         strategy: ``"forward-ad"`` (``torch.autograd.forward_ad`` dual parameters give f
             and Jv in one forward pass, then one backward pass: the fastest eager engine,
             1.6–2.2× a gradient), ``"autograd"`` (Jv as the derivative of ``u ↦ Jᵀu`` by
@@ -131,7 +144,9 @@ def ggn_vp(
         ValueError: If ``v`` does not match ``params``, the batch is empty, ``y`` does
             not fit the loss, or ``strategy`` is unknown.
     """
-    return _gauss_newton(fn, loss_fn, params, x, y, v, strategy, lambda loss, f, u: loss.hessian_vp(f, y, u))
+    return _gauss_newton(
+        fn, loss_fn, params, x, y, v, strategy, lambda loss, f: partial(loss.hessian_vp, f, y)
+    )
 
 
 def fisher_vp(
@@ -173,8 +188,8 @@ def fisher_vp(
     """
     check_fisher_kind(kind, num_samples)
 
-    def fisher_f(loss, f, u):  # F_f u from the output factor of the kind
-        return factor_product(output_factor(loss, f, y, kind, num_samples, generator), u)
+    def fisher_f(loss, f):  # u ↦ F_f u from the output factor of the kind (drawn once)
+        return partial(factor_product, output_factor(loss, f, y, kind, num_samples, generator))
 
     return _gauss_newton(fn, loss_fn, params, x, y, v, strategy, fisher_f)
 
@@ -211,21 +226,34 @@ def model_vjp(
 
 
 def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -> PyTree | Tensor:
-    """``Jᵀ M J v`` with ``M u = output_product(loss, f, u)``: validation, engine, form of ``v``."""
+    """``Jᵀ M J v`` with ``M = output_product(loss, f)`` (u ↦ M u): validation, engine, form of ``v``."""
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
-    tree, flat = as_tree(v, params)
     _check_batch(x, y)
     engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
-    out = _engines.gauss_newton_vp(
-        lambda p: fn(p, x),
-        params,
-        tree,
-        lambda f, u: output_product(loss, f, u),  # M Jv
-        lambda f: loss.check(f, y),
-        engine,
-    )
+    columns = as_columns(v, params)
+    if columns is not None and engine in ("func", "func-vjp"):
+        return _vmapped_columns(
+            lambda c: _gauss_newton(fn, loss, params, x, y, c, strategy, output_product), v
+        )
+    model_at = lambda p: fn(p, x)  # noqa: E731
+    product_at = partial(output_product, loss)
+    check = partial(loss.check, targets=y)
+    if columns is not None:
+        return _stacked(_engines.gauss_newton_vps(model_at, params, columns, product_at, check))
+    tree, flat = as_tree(v, params)
+    out = _engines.gauss_newton_vp(model_at, params, tree, product_at, check, engine)
     return ravel(out) if flat else out
+
+
+def _stacked(columns: list[PyTree]) -> Tensor:
+    """Flat results of K columns as a matrix [P, K]."""
+    return torch.stack([ravel(c) for c in columns], dim=1)
+
+
+def _vmapped_columns(product: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:
+    """``product`` of each column of V [P, K], batched by vmap (one random draw for all columns)."""
+    return vmap(product, in_dims=1, out_dims=1, randomness="same")(V)
 
 
 def check_fisher_kind(kind: str, num_samples: int) -> None:
@@ -274,9 +302,7 @@ def per_sample_grad(
         loss.check(outputs, yb)
         return loss(outputs, yb)
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different")(
-        params, x, y
-    )
+    return _over_samples(grad(sample_loss), grad(sample_loss), params, (x, y), chunk_size, "per_sample_grad")
 
 
 def per_sample_grad_norms(
@@ -306,11 +332,12 @@ def per_sample_grad_norms(
     _check_batch(x, y)
     _check_independent_samples(fn, "per_sample_grad_norms")
     check_backend(backend)  # before any work
-    with torch.no_grad():
-        outputs = fn(params, x)
-    loss.check(outputs, y)
-    r = vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y)  # [N, ...]: r_n
-    squares = sample_squares(fn, params, x, r.unsqueeze(0), chunk_size, per_sample=True, backend=backend)
+
+    def residuals(outputs):  # [1, N, ...]: r_n, from the forward pass sample_squares makes
+        loss.check(outputs, y)
+        return vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y).unsqueeze(0)
+
+    squares = sample_squares(fn, params, x, residuals, chunk_size, per_sample=True, backend=backend)
     return sum(leaves(squares)).sqrt()
 
 
@@ -341,9 +368,32 @@ def per_sample_jacobian(
     def sample_outputs(p, xn):
         return fn(p, unsqueeze_leaves(xn))[0]
 
-    return vmap(jacrev(sample_outputs), in_dims=(None, 0), chunk_size=chunk_size, randomness="different")(
-        params, x
-    )
+    # the loop's jacrev takes one output row at a time (chunk_size=1: no vmap inside either)
+    looped = jacrev(sample_outputs, chunk_size=1)
+    return _over_samples(jacrev(sample_outputs), looped, params, (x,), chunk_size, "per_sample_jacobian")
+
+
+def _over_samples(
+    per_sample, looped, params: PyTree, data: tuple, chunk_size: int | None, who: str
+) -> PyTree:
+    """``per_sample(params, *sample_n)`` for every sample, stacked: vmapped, else a loop.
+
+    Layers without a vmap batching rule (the native LSTM/GRU kernels) make the vmap fail;
+    then ``looped`` (the same function, free of vmap) runs once per sample, with a warning.
+    """
+    in_dims = (None, *(0 for _ in data))
+    try:
+        return vmap(per_sample, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(params, *data)
+    except RuntimeError as err:
+        warnings.warn(
+            f"{who}: could not vmap this model over samples ({str(err).splitlines()[0][:120]}); "
+            "looping over samples instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    n = leaves(data[0])[0].shape[0]
+    rows = [looped(params, *(tree_map(lambda t, i=i: t[i], d) for d in data)) for i in range(n)]
+    return tree_map(lambda *ls: torch.stack(ls), *rows)
 
 
 def _check_batch(x: Any, y: Tensor | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._engines import _jv_by_double_backprop
+from curvfx._engines import jv_by_transposition
 from curvfx._errors import describe
 from curvfx._factors import factor_product
 from curvfx._pytree import num_params, ravel, unravel
@@ -372,7 +372,7 @@ class _RecordedFisher(LinearOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         with torch.enable_grad():
-            jv = _jv_by_double_backprop(self.outputs, self.params, unravel(v, self.params))  # Jv
+            jv = jv_by_transposition(self.outputs, self.params)(unravel(v, self.params))  # Jv
             out = self._vjp(factor_product(self._factor().detach(), jv))  # Jᵀ F_out Jv
         return ravel([g.detach() for g in out])
 

@@ -96,7 +96,7 @@ class LinearOperator:
     def _rmatmat(self, V: Tensor) -> Tensor:
         if self.symmetric:
             return self._matmat(V)
-        return torch.stack([self._rmatvec(V[:, k]) for k in range(V.shape[1])], dim=1)
+        return apply_columns(self._rmatvec, V, self.chunk_size, f"{type(self).__name__}.T")
 
     def __matmul__(self, other):
         if isinstance(other, LinearOperator):
@@ -262,8 +262,14 @@ class TransposedOperator(LinearOperator):
     def _matvec(self, v: Tensor) -> Tensor:
         return self.op._rmatvec(v)
 
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.op._rmatmat(V)
+
     def _rmatvec(self, v: Tensor) -> Tensor:
         return self.op._matvec(v)
+
+    def _rmatmat(self, V: Tensor) -> Tensor:
+        return self.op._matmat(V)
 
     @property
     def T(self) -> LinearOperator:

@@ -24,12 +24,14 @@ for a fixed matrix.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
 from curvfx._pytree import leaves, num_params, ravel, unravel
 from curvfx._structured import check_backend, sample_squares
@@ -37,6 +39,7 @@ from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, mo
 from curvfx.functional import as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._chunking import columns_per_call
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
 from curvfx.operators._distributed import (
@@ -133,10 +136,23 @@ class CurvatureOperator(LinearOperator):
         if compiled is not None:
             return self._over_batches(lambda b, x, y: compiled("matmat", x, y, V), V)
         name = type(self).__name__
-        return self._over_batches(
-            lambda b, x, y: apply_columns(lambda v: self._flat_product(b, x, y, v), V, self.chunk_size, name),
-            V,
-        )
+
+        def per_batch(b: int, x: Any, y: Tensor) -> Tensor:
+            if self.chunk_size is None and V.shape[1] > self._columns_per_call(x):
+                return self._product(b, x, y, V, "auto")  # a loop over columns of one forward pass
+            return apply_columns(lambda v: self._flat_product(b, x, y, v), V, self.chunk_size, name)
+
+        return self._over_batches(per_batch, V)
+
+    _measured_columns: int | None = None
+
+    def _columns_per_call(self, x: Any) -> int:
+        """Columns one vmap call may batch (:func:`columns_per_call`, measured on the first batch)."""
+        if inside_transform():  # the products vmap over columns anyway
+            return sys.maxsize
+        if self._measured_columns is None:
+            self._measured_columns = columns_per_call(self.model_fn, self.params, x)
+        return self._measured_columns
 
     def _over_batches(
         self, per_batch: Callable[[int, Any, Tensor], Tensor], v: Tensor | None = None
@@ -331,12 +347,21 @@ class JacobianOperator(LinearOperator):
     ``J.T @ u`` (u [N·C]) gives ``Jᵀ u`` (flat [P])
     by one backward pass. The output shape is read by one forward pass without gradients
     the first time ``shape`` is needed.
+
+    With ``compile`` (see :mod:`curvfx.operators._compile`), J v and Jᵀ u, and their
+    matmats (vmapped over columns, one graph each), are compiled on first use by tracing
+    ``torch.func.jvp`` and ``torch.func.vjp`` (strategy ``"func"``), each checked once
+    against the same product run eagerly.
     """
 
-    def __init__(self, model_fn, params, x, *, chunk_size=None):
+    compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
+
+    def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False):
         self.model_fn, self.params, self.x = model_fn, params, x
         self.chunk_size = chunk_size
+        self.compile_options = compile_options(compile)
         self._output_shape = None
+        self._compiled: dict[str, CompiledProduct] = {}
 
     @property
     def output_shape(self) -> torch.Size:
@@ -366,14 +391,53 @@ class JacobianOperator(LinearOperator):
         """The parameters (inputs may be params-shaped)."""
         return self.params
 
+    def _jv(self, x: Any, v: Tensor, strategy: str = "auto") -> Tensor:
+        """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``)."""
+        tree = unravel(v, self.params)
+        if strategy == "func":
+            return torch.func.jvp(lambda p: self.model_fn(p, x), (self.params,), (tree,))[1].reshape(-1)
+        return model_jvp(self.model_fn, self.params, x, tree).reshape(-1)
+
+    def _jtu(self, x: Any, u: Tensor, strategy: str = "auto") -> Tensor:
+        """``Jᵀ u`` [P] for a flat ``u`` [N·C]: one backward pass ("func": ``torch.func.vjp``)."""
+        u = u.reshape(self.output_shape)
+        if strategy == "func":
+            return ravel(torch.func.vjp(lambda p: self.model_fn(p, x), self.params)[1](u)[0])
+        return ravel(model_vjp(self.model_fn, self.params, x, u))
+
+    def _compiled_product(self, kind: str) -> CompiledProduct | None:
+        """The compiled ``J v`` (kind "J") or ``Jᵀ u`` ("Jᵀ"), made on first use; None when eager."""
+        if self.compile_options is None:
+            return None
+        if kind not in self._compiled:
+            self.output_shape  # noqa: B018  (one eager forward pass, outside the traced product)
+            product = self._jv if kind == "J" else self._jtu
+            self._compiled[kind] = CompiledProduct(
+                lambda x, y, v: product(x, v, self.compiled_strategy),
+                "JacobianOperator" if kind == "J" else "JacobianOperator.T",
+                self.compile_options,
+            )
+        return self._compiled[kind]
+
     def _matvec(self, v: Tensor) -> Tensor:
-        return model_jvp(self.model_fn, self.params, self.x, unravel(v, self.params)).reshape(-1)
+        compiled = self._compiled_product("J")
+        return self._jv(self.x, v) if compiled is None else compiled("matvec", self.x, None, v)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        compiled = self._compiled_product("J")
+        if compiled is not None:
+            return compiled("matmat", self.x, None, V)
+        return apply_columns(lambda v: self._jv(self.x, v), V, self.chunk_size, "JacobianOperator")
 
     def _rmatvec(self, u: Tensor) -> Tensor:
-        return ravel(model_vjp(self.model_fn, self.params, self.x, u.reshape(self.output_shape)))
+        compiled = self._compiled_product("Jᵀ")
+        return self._jtu(self.x, u) if compiled is None else compiled("matvec", self.x, None, u)
 
     def _rmatmat(self, U: Tensor) -> Tensor:
-        return apply_columns(self._rmatvec, U, self.chunk_size, "JacobianOperator.T")
+        compiled = self._compiled_product("Jᵀ")
+        if compiled is not None:
+            return compiled("matmat", self.x, None, U)
+        return apply_columns(lambda u: self._jtu(self.x, u), U, self.chunk_size, "JacobianOperator.T")
 
 
 def hessian(
@@ -510,10 +574,16 @@ def jacobian(
     *,
     params: PyTree | None = None,
     chunk_size: int | None = None,
+    compile: bool | dict = False,
 ) -> JacobianOperator:
-    """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes."""
+    """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes.
+
+    ``compile``: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False``):
+    J v and Jᵀ u, and their matmats, are compiled once and checked against eager on first
+    use (see :class:`JacobianOperator`); other arguments as :func:`hessian`.
+    """
     model_fn, params = as_function(unwrap_ddp(model), params)
-    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size)
+    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size, compile=compile)
 
 
 def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:
@@ -532,11 +602,13 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
         )
 
     def per_batch(b, x, y):
-        with torch.no_grad():
-            outputs = op.model_fn(op.params, x)
-        op.loss.check(outputs, y)
-        S = output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
-        chunk = op.chunk_size or max(1, 2**24 // max(1, S.shape[0] * op.shape[0]))
-        return ravel(sample_squares(op.model_fn, op.params, x, S, chunk, backend=backend))
+        def factor(outputs):  # S from the outputs of the forward pass sample_squares makes
+            op.loss.check(outputs, y)
+            return output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
+
+        def chunk(k):  # samples per generic vmap call, once the K factor columns are known
+            return op.chunk_size or max(1, 2**24 // max(1, k * op.shape[0]))
+
+        return ravel(sample_squares(op.model_fn, op.params, x, factor, chunk, backend=backend))
 
     return op._over_batches(per_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable
@@ -12,8 +13,16 @@ from torch import Tensor, nn
 
 from curvfx._pytree import ravel
 from curvfx.estimators import cg
-from curvfx.operators import FunctionOperator, LinearOperator
-from curvfx.optim.curvature_optimizer import CURVATURES, CurvatureOptimizer, check_options, shared_options
+from curvfx.operators import FunctionOperator, LinearOperator, empirical_fisher, fisher, ggn, hessian
+from curvfx.operators._compile import compile_options
+from curvfx.optim.curvature_optimizer import (
+    CURVATURES,
+    Curvature,
+    CurvatureOptimizer,
+    check_batch,
+    check_options,
+    shared_options,
+)
 
 __all__ = ["LINE_SEARCHES", "HessianFree"]
 
@@ -92,6 +101,13 @@ class HessianFree(CurvatureOptimizer):
         min_damping: Lower bound of λ.
         num_samples: MC targets per sample for ``"mc_fisher"``.
         generator: Seeds the MC targets (``"mc_fisher"``).
+        compile: ``False`` (default), ``True`` or a dict of ``torch.compile`` options,
+            passed to the curvature operator (see ``docs/compile.md``; not for
+            ``"mc_fisher"``). The optimizer then keeps one operator across steps (it reads
+            the parameters, updated in place, and the current batch), so its products are
+            compiled once per batch shape, not once per step; it is rebuilt when the
+            trainable parameters or the curvature kind change. Pays when a run takes many
+            CG iterations in all (compiling costs seconds to a minute).
 
     After each step, the state of the first parameter (:meth:`global_state`) holds
     ``step``, ``damping`` (λ for the next step), ``loss``, ``rho``, ``cg_iters``,
@@ -100,7 +116,9 @@ class HessianFree(CurvatureOptimizer):
     start).
 
     Raises:
-        ValueError: For an invalid option, or options that differ between groups.
+        TypeError: If ``compile`` is not a bool or a dict.
+        ValueError: For an invalid option, options that differ between groups, or
+            ``compile`` with ``curvature="mc_fisher"``.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -135,7 +153,13 @@ class HessianFree(CurvatureOptimizer):
         min_damping: float = 1e-8,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
+        compile: bool | dict = False,
     ):
+        compile_options(compile)  # TypeError for anything but a bool or a dict
+        if compile is not False and curvature == "mc_fisher":
+            raise ValueError("compile: not supported for curvature='mc_fisher' (its MC targets do not trace)")
+        self.compile = compile
+        self._kept: tuple[tuple, LinearOperator, list] | None = None  # (key, operator, [current batch])
         defaults = dict(
             damping=damping,
             curvature=curvature,
@@ -167,7 +191,10 @@ class HessianFree(CurvatureOptimizer):
         options = self._options()
         glob = self.global_state()
         lam = float(glob.get("damping", options["damping"]))
-        c = self.curvature(batch, options["curvature"], num_samples=options["num_samples"])
+        if self.compile is False:
+            c = self.curvature(batch, options["curvature"], num_samples=options["num_samples"])
+        else:
+            c = self._kept_curvature(batch, options["curvature"])
         loss0, g = float(c.loss), c.gradient
         x0 = self._warm_start(c.params, options["warm_start"])
         checkpoints = _checkpoints(options["cg_maxiter"], options["checkpoint_ratio"])
@@ -204,6 +231,27 @@ class HessianFree(CurvatureOptimizer):
         )
         return c.loss
 
+    def _kept_curvature(self, batch: Any, kind: str) -> Curvature:
+        """The gradient, and the compiled operator of ``kind`` kept from earlier steps, on ``batch``.
+
+        The operator is built on a one-item list of batches and on the parameters'
+        detached views: each step puts its batch in the list, and in-place parameter
+        updates show through the views, so the compiled graphs stay valid and are reused.
+        """
+        if kind == "mc_fisher":
+            raise ValueError("compile: not supported for curvature='mc_fisher' (its MC targets do not trace)")
+        check_batch(batch, type(self).__name__)
+        loss, g = self.gradient(batch)
+        params = self.trainable()
+        key = (kind, tuple(id(p) for p in params), tuple(p.data_ptr() for p in params))
+        if self._kept is None or self._kept[0] != key:
+            data = [tuple(batch)]
+            values = {self._names[id(p)]: p.detach() for p in params}
+            op = _CONSTRUCTORS[kind](self.model_fn, self.loss, data, params=values, compile=self.compile)
+            self._kept = (key, op, data)
+        self._kept[2][0] = tuple(batch)
+        return Curvature(self._kept[1], g, loss, params)
+
     def _warm_start(self, params: list[Tensor], decay: float) -> Tensor | None:
         """ζ d_prev, from each parameter's saved part (zeros where none is saved), or None."""
         if decay == 0 or not any("direction" in self.state[p] for p in params):
@@ -221,6 +269,14 @@ class HessianFree(CurvatureOptimizer):
             t *= BACKTRACK_FACTOR
             loss_t = self.loss_at(batch, t * d)
         return 0.0
+
+
+_CONSTRUCTORS = {  # the operators that compile, by curvature kind (as CurvatureOptimizer.curvature)
+    "ggn": ggn,
+    "hessian": hessian,
+    "exact_fisher": functools.partial(fisher, kind="exact"),
+    "empirical_fisher": empirical_fisher,
+}
 
 
 def _check(group: dict[str, Any]) -> None:

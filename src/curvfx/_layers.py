@@ -1,0 +1,144 @@
+"""Squared per-sample gradients of one factored layer, from its recorded inputs and output gradients.
+
+Input: the calls ``[(a, g)]`` of one layer in a forward pass (:mod:`curvfx._capture`), with
+``g = ∂⟨f, s_k⟩/∂z`` [K, *z.shape] the gradients at the layer output for K output-space
+cotangents. Output, per parameter: ``Σ_k Σ_n G_kn ⊙ G_kn`` (shaped like the parameter)
+with G_kn the per-sample gradient of sample n for column k, or ``[Σ_k ‖G_kn‖²]_n`` [N]
+with ``per_sample``. Per layer kind, with t the positions of a sample (sequence steps,
+output pixels) over all calls of the layer:
+
+* linear / convolution (patches ``a_nt`` per group): ``G_kn = Σ_t g_knt a_ntᵀ``, bias
+  ``Σ_t g_knt``. One call at one position: ``Σ_k Σ_n g_kn² a_n²ᵀ``, no G_kn formed;
+* embedding (ids ``i_nt``): ``G_kn = Σ_t e_{i_nt} g_kntᵀ``, the output gradients added into
+  the rows of the ids, the padding row left out. Only the (sample, id) pairs that occur are
+  formed: K·N·T·D numbers, never K·N·V·D;
+* normalization (``x̂`` the normalized input): ``G_kn = Σ_t g_knt ⊙ x̂_nt`` for the scale,
+  ``Σ_t g_knt`` for the shift, both [K, N, *shape].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvfx._capture import layer_kind, patches
+
+__all__ = ["layer_squares", "reads_per_sample"]
+
+
+def layer_squares(
+    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, Tensor]], per_sample: bool
+) -> dict[str, Tensor]:
+    """Squared per-sample gradients of ``module``'s parameters ``names`` from its ``calls``."""
+    kind = layer_kind(module)
+    if kind == "embedding":
+        return {names["weight"]: _embedding(module, calls, per_sample)}
+    if kind == "norm":
+        grads = _norm_grads(module, names, calls)
+    else:
+        flat = [_positions(module, a, g) for a, g in calls]
+        if len(flat) == 1 and flat[0][0].shape[1] == 1:  # one call, one position: factored
+            return _outer_squares(module, names, flat[0], per_sample)
+        grads = _linear_grads(module, names, flat)
+    reduce = (lambda G: (G**2).flatten(2).sum((0, 2))) if per_sample else (lambda G: (G**2).sum((0, 1)))
+    return {names[attr]: reduce(G) for attr, G in grads.items()}
+
+
+def reads_per_sample(module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: int) -> bool:
+    """Whether a layer's calls can be read per sample: called, differentiable, batch-first.
+
+    A layer that was not called, was called without gradient, or whose input does not
+    lead with the N samples (rows of a flattened batch, a sequence-first layout, a
+    parameter broadcast over samples, an unbatched convolution input) takes the generic
+    route instead.
+    """
+    kind = layer_kind(module)
+    if kind == "conv":
+        least = len(module.kernel_size) + 2
+    elif kind == "embedding":
+        least = 1
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        least = len(module.normalized_shape) + 1
+    else:
+        least = 2
+    return bool(calls) and all(z.requires_grad and a.dim() >= least and a.shape[0] == n for a, z in calls)
+
+
+def _positions(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """A call as ``a`` [N, T, G, in] and ``g`` [K, N, T, G, out] (G groups; 1 for a linear layer)."""
+    if type(module) is nn.Linear:
+        a = a.reshape(a.shape[0], -1, 1, a.shape[-1])
+        return a, g.reshape(*g.shape[:2], -1, 1, g.shape[-1])
+    g = g.flatten(3).transpose(2, 3)  # [K, N, T, out]
+    return patches(module, a), g.reshape(*g.shape[:3], module.groups, -1)
+
+
+def _outer_squares(
+    module: nn.Module, names: dict[str, str], call: tuple[Tensor, Tensor], per_sample: bool
+) -> dict[str, Tensor]:
+    """One position: ``(g aᵀ)² = g² (a²)ᵀ``, contracted without forming G_kn."""
+    a2, g2 = call[0][:, 0] ** 2, call[1][:, :, 0] ** 2  # [N, G, in], [K, N, G, out]
+    out = {}
+    if "weight" in names:
+        w = torch.einsum("kngo,ngi->n" if per_sample else "kngo,ngi->goi", g2, a2)
+        out[names["weight"]] = w if per_sample else w.reshape(module.weight.shape)
+    if "bias" in names:
+        out[names["bias"]] = g2.sum((0, 2, 3)) if per_sample else g2.sum(0).sum(0).reshape(-1)
+    return out
+
+
+def _linear_grads(
+    module: nn.Module, names: dict[str, str], flat: list[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Per-sample gradients [K, N, *shape] of a linear layer or convolution over its positions."""
+    grads = {}
+    k, n = flat[0][1].shape[:2]
+    if "weight" in names:  # G_kn = Σ_calls Σ_t g_knt a_ntᵀ, per group
+        w = sum(torch.einsum("kntgo,ntgi->kngoi", g, a) for a, g in flat)
+        grads["weight"] = w.reshape(k, n, *module.weight.shape)
+    if "bias" in names:
+        grads["bias"] = sum(g.sum(2) for _, g in flat).reshape(k, n, -1)
+    return grads
+
+
+def _norm_grads(
+    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Per-sample gradients [K, N, *shape] of a normalization layer's scale and shift."""
+    shape = module.weight.shape
+    grads = {}
+    for xhat, g in calls:
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):  # [K, N, positions, *normalized_shape]
+            g = g.reshape(*g.shape[:2], -1, *shape)
+            xhat = xhat.reshape(xhat.shape[0], -1, *shape)
+        else:  # channels on dim 1: [K, N, C, positions] -> [K, N, positions, C]
+            g = g.reshape(*g.shape[:3], -1).transpose(2, 3)
+            xhat = xhat.reshape(*xhat.shape[:2], -1).transpose(1, 2)
+        terms = {"weight": (g * xhat).sum(2), "bias": g.sum(2)}
+        for attr in names:
+            grads[attr] = terms[attr] if attr not in grads else grads[attr] + terms[attr]
+    return grads
+
+
+def _embedding(module: nn.Embedding, calls: list[tuple[Tensor, Tensor]], per_sample: bool) -> Tensor:
+    """Squared per-sample gradients of an embedding table, by (sample, id) pair."""
+    ids = torch.cat([i.reshape(i.shape[0], -1) for i, _ in calls], 1)  # [N, T]
+    g = torch.cat([g.reshape(*g.shape[:2], -1, g.shape[-1]) for _, g in calls], 2)  # [K, N, T, D]
+    k, n, t, d = g.shape
+    vocab = module.num_embeddings
+    if module.padding_idx is not None:  # that row gets no gradient
+        g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    if t == 1:  # one id per sample: its row gets g_kn, so G_kn² = e_i (g_kn²)ᵀ
+        g2 = (g[:, :, 0] ** 2).sum(0)  # [N, D]
+        if per_sample:
+            return g2.sum(1)
+        return g2.new_zeros(vocab, d).index_add_(0, ids[:, 0], g2)
+    # one row per (sample, id) pair that occurs: Σ over the positions with that pair
+    pairs, where = torch.unique(
+        torch.arange(n, device=ids.device).unsqueeze(1) * vocab + ids, return_inverse=True
+    )
+    rows = g.new_zeros(k, pairs.numel(), d).index_add_(1, where.reshape(-1), g.reshape(k, n * t, d))
+    squares = (rows**2).sum(0)  # [pairs, D]
+    if per_sample:
+        return squares.new_zeros(n).index_add_(0, pairs // vocab, squares.sum(1))
+    return squares.new_zeros(vocab, d).index_add_(0, pairs % vocab, squares)
