@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["describe", "inside_transform"]
+__all__ = ["all_finite", "describe", "inside_transform"]
 
 
 def describe(obj: Any) -> str:
@@ -15,6 +15,15 @@ def describe(obj: Any) -> str:
     if isinstance(obj, Tensor):
         return f"a tensor of shape {list(obj.shape)}"
     return type(obj).__name__
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (no inf/nan).
+
+    One sum first (a reduction without a temporary; any inf/nan makes it non-finite), the
+    entrywise check only when the sum is not finite (an overflow of finite entries).
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def inside_transform() -> bool:

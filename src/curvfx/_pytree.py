@@ -137,7 +137,8 @@ def as_columns(V: Any, params: PyTree, name: str = "v") -> list[PyTree] | None:
             f"{name}: a matrix of flat vectors must have shape [P, K] = [{total}, K ≥ 1], got {list(V.shape)}"
         )
     _check_dtype_device(V, param_leaves[0], name)
-    return [unravel(V[:, k], params) for k in range(V.shape[1])]
+    rows = V.T.contiguous()  # column k as a contiguous vector (strided tangents slow every kernel)
+    return [unravel(row, params) for row in rows]
 
 
 def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:

@@ -247,8 +247,12 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
 
 
 def _stacked(columns: list[PyTree]) -> Tensor:
-    """Flat results of K columns as a matrix [P, K]."""
-    return torch.stack([ravel(c) for c in columns], dim=1)
+    """Flat results of K columns as a matrix [P, K], each column contiguous in memory (a view of [K, P])."""
+    first = leaves(columns[0])
+    out = first[0].new_empty(len(columns), sum(leaf.numel() for leaf in first))
+    for row, column in zip(out, columns):
+        torch.cat([leaf.reshape(-1) for leaf in leaves(column)], out=row)
+    return out.T
 
 
 def _vmapped_columns(product: Callable[[Tensor], Tensor], V: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from curvfx._errors import describe
+from curvfx._errors import all_finite, describe
 from curvfx._pytree import as_tree, ravel
 from curvfx.operators._base import LinearOperator, as_operator
 
@@ -45,7 +45,7 @@ def products(op: LinearOperator, V: Tensor, who: str, *, transpose: bool = False
     out = op._rmatmat(V) if transpose and not op.symmetric else op._matmat(V)
     if not isinstance(out, Tensor) or out.shape != V.shape:
         raise ValueError(f"{who}: the product A V returned {describe(out)}, expected shape {list(V.shape)}")
-    if not bool(out.isfinite().all()):
+    if not all_finite(out):
         raise ValueError(
             f"{who}: the product of A with the probe vectors has non-finite entries (inf/nan); "
             "check the operator (model, data, loss)"

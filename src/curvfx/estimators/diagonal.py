@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from curvfx._errors import all_finite
 from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
@@ -155,7 +156,7 @@ def _exact_diagonal(
         d = op.matrix.diagonal().clone()
     else:
         d = _diagonal_by_columns(op, max_size, progress, who)
-    if not bool(d.isfinite().all()):
+    if not all_finite(d):
         raise ValueError(f"{who}: the exact diagonal of A has non-finite entries (inf/nan)")
     return d
 

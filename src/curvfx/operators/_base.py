@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from curvfx._errors import describe, inside_transform
+from curvfx._errors import all_finite, describe, inside_transform
 from curvfx._pytree import as_tree, ravel, unravel
 
 __all__ = [
@@ -185,7 +185,7 @@ class LinearOperator:
             raise ValueError(f"{name}: device {v.device} does not match the operator's {self.device}")
 
     def _checked(self, out: Tensor) -> Tensor:
-        if not inside_transform() and not bool(torch.isfinite(out).all()):
+        if not inside_transform() and not all_finite(out):
             raise ValueError(
                 f"{type(self).__name__}: the product has non-finite entries (inf/nan); "
                 "check the model, data and vector"
