@@ -10,7 +10,7 @@ from dense import assert_close_rel
 from torch import nn
 
 import curvfx
-from curvfx.operators._chunking import COLUMN_NUMBERS, columns_per_call
+from curvfx._chunking import COLUMN_NUMBERS, columns_per_call
 
 DT = torch.float64
 
@@ -41,7 +41,7 @@ def test_columns_per_call_counts_largest_activation(monkeypatch):
     fn, params = curvfx.make_functional(model)
     per_column = 5 * 2 * 4 * 4  # the conv output saved by ReLU (parameters are not counted)
     assert columns_per_call(fn, params, x) == COLUMN_NUMBERS // per_column
-    monkeypatch.setattr("curvfx.operators._chunking.COLUMN_NUMBERS", 3 * per_column + 1)
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", 3 * per_column + 1)
     assert columns_per_call(fn, params, x) == 3
 
 
@@ -58,7 +58,7 @@ def test_measurement_leaves_rng_and_grads_untouched():
 @pytest.mark.parametrize("budget", [1, 2**40], ids=["loop", "vmap"])
 @pytest.mark.parametrize("name", ["hessian", "ggn", "fisher-exact", "fisher-mc", "empirical"])
 def test_matmat_equals_columns_and_dense(monkeypatch, name, budget):
-    monkeypatch.setattr("curvfx.operators._chunking.COLUMN_NUMBERS", budget)
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", budget)
     model, x, y = _conv_problem()
     op = _operators(model, x, y)[name]
     V = torch.randn(op.shape[0], 4, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -131,3 +131,16 @@ def test_measurement_keeps_no_tensor_alive():
     for _ in range(5):
         columns_per_call(fn, params, x)
     assert live() <= before  # a saved tensor that referenced itself would add one per call
+
+
+@pytest.mark.parametrize("budget", [1, 2**40], ids=["loop", "batched"])
+def test_layer_output_gradients_by_loop_or_batch_match_dense(monkeypatch, budget):
+    """The factored diagonal and KFAC back-propagate K factor columns either batched or one by one."""
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", budget)
+    model, x, y = _conv_problem()
+    G = curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y))
+    assert_close_rel(curvfx.diagonal(G, "exact"), G.to_dense().diagonal())
+    K = curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="type-2")
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", 2**40 if budget == 1 else 1)
+    K_other = curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="type-2")
+    assert_close_rel(K.to_dense(), K_other.to_dense())

@@ -39,7 +39,7 @@ from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, mo
 from curvfx.functional import as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
-from curvfx.operators._chunking import columns_per_call
+from curvfx._chunking import columns_per_call
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
 from curvfx.operators._distributed import (
