@@ -36,7 +36,8 @@ from torch.func import grad, jacrev, vmap
 from curvfx import _engines
 from curvfx._errors import describe
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
-from curvfx._pytree import as_columns, as_tree, leaves, ravel, tree_map, unsqueeze_leaves
+from curvfx._memory import check_fits
+from curvfx._pytree import as_columns, as_tree, leaves, num_params, ravel, tree_map, unsqueeze_leaves
 from curvfx._structured import check_backend, sample_squares
 from curvfx.functional import as_function
 from curvfx.losses import get_loss
@@ -294,11 +295,15 @@ def per_sample_grad(
         ValueError: If the batch is empty, ``x`` and ``y`` disagree on N, or the model
             couples samples (BatchNorm in train mode has no per-sample gradient; call
             ``model.eval()``).
+        MemoryBudgetError: If the result, N·P numbers, exceeds the memory budget
+            (:mod:`curvfx._memory`).
     """
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
     _check_batch(x, y)
     _check_independent_samples(fn, "per_sample_grad")
+    n, p = leaves(x)[0].shape[0], num_params(params)
+    check_fits(f"per_sample_grad: the result [N={n}, P={p}]", n * p, leaves(params)[0].dtype, _FEWER)
 
     def sample_loss(p, xn, yn):
         xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
@@ -364,10 +369,17 @@ def per_sample_jacobian(
     Raises:
         ValueError: If the batch is empty or the model couples samples (BatchNorm in train
             mode).
+        MemoryBudgetError: If the result, N·C·P numbers (C outputs per sample, read by one
+            forward pass on the first sample), exceeds the memory budget
+            (:mod:`curvfx._memory`).
     """
     fn, params = as_function(fn, params)
     _check_batch(x, None)
     _check_independent_samples(fn, "per_sample_jacobian")
+    n, c, p = leaves(x)[0].shape[0], _sample_output_numel(fn, params, x), num_params(params)
+    check_fits(
+        f"per_sample_jacobian: the result [N={n}, C={c}, P={p}]", n * c * p, leaves(params)[0].dtype, _FEWER
+    )
 
     def sample_outputs(p, xn):
         return fn(p, unsqueeze_leaves(xn))[0]
@@ -398,6 +410,16 @@ def _over_samples(
     n = leaves(data[0])[0].shape[0]
     rows = [looped(params, *(tree_map(lambda t, i=i: t[i], d) for d in data)) for i in range(n)]
     return tree_map(lambda *ls: torch.stack(ls), *rows)
+
+
+_FEWER = "pass fewer samples per call or a subset of the parameters"
+
+
+def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
+    """C, the number of outputs of one sample: one forward pass on the first sample (RNG state kept)."""
+    device = leaves(params)[0].device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return fn(params, tree_map(lambda t: t[:1], x))[0].numel()
 
 
 def _check_batch(x: Any, y: Tensor | None) -> None:

@@ -25,7 +25,8 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
     ``fn`` is pure:
 
     * parameters with ``requires_grad=False`` are not in ``params``; ``fn`` uses the
-      model's current values of them;
+      model's current values of them, detached — as it does for any parameter missing from
+      the ``params`` it is called with (a subset of the parameters is held fixed);
     * buffers are used, but ``fn`` passes copies of them to the module, so a forward
       that updates buffers in place (BatchNorm in train mode updates its running
       statistics) leaves the model's buffers unchanged;
@@ -69,7 +70,7 @@ class FunctionalModel:
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
-        frozen = {name: p.detach() for name, p in self.module.named_parameters() if not p.requires_grad}
+        frozen = {name: p.detach() for name, p in self.module.named_parameters() if name not in params}
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
         with derivable_kernels(self.module):
             return call_with_inputs(

@@ -8,8 +8,20 @@ from an explicit ``generator``.
 from curvfx.estimators._probes import probes
 from curvfx.estimators.diagonal import diagonal
 from curvfx.estimators.eigen import eigsh
+from curvfx.estimators.layers import LayerCurvature, layer_curvature
 from curvfx.estimators.solve import CGInfo, cg
 from curvfx.estimators.spectral import density, spectral_density
 from curvfx.estimators.trace import trace
 
-__all__ = ["CGInfo", "cg", "density", "diagonal", "eigsh", "probes", "spectral_density", "trace"]
+__all__ = [
+    "CGInfo",
+    "LayerCurvature",
+    "cg",
+    "density",
+    "diagonal",
+    "eigsh",
+    "layer_curvature",
+    "probes",
+    "spectral_density",
+    "trace",
+]

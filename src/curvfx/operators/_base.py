@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from curvfx._errors import all_finite, describe, inside_transform
+from curvfx._memory import check_fits
 from curvfx._pytree import as_tree, ravel, unravel
 
 __all__ = [
@@ -134,7 +135,19 @@ class LinearOperator:
 
     # -- export -----------------------------------------------------------------------------
     def to_dense(self) -> Tensor:
-        """The matrix [M, N], built from products with identity columns (M·N memory)."""
+        """The matrix [M, N], built from products with identity columns (M·N + N·N memory).
+
+        Raises:
+            MemoryBudgetError: If the matrix and the identity exceed the memory budget
+                (:mod:`curvfx._memory`); the message gives the estimate.
+        """
+        M, N = self.shape
+        check_fits(
+            f"{type(self).__name__}.to_dense: the matrix [{M}, {N}] and the identity [{N}, {N}]",
+            M * N + N * N,
+            self.dtype,
+            "use products or the estimators (curvfx.trace, curvfx.diagonal, curvfx.eigsh) instead",
+        )
         return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
 
     def to_scipy(self):

@@ -17,13 +17,21 @@ all-reduce per product), so every rank gets the single-process result on the
 concatenation of all ranks' data.
 
 Model state: the model is evaluated in the mode it is in (train/eval); BatchNorm running
-statistics are never updated (see :func:`curvfx.make_functional`). With active dropout each
-product draws one mask per batch (the columns of a matmat share it); use ``model.eval()``
-for a fixed matrix.
+statistics are never updated (see :func:`curvfx.make_functional`). Dropout and other random
+operations follow ``randomness`` (:mod:`curvfx.operators._randomness`): "fixed" (default)
+replays the same masks in every product (batch b under ``fork_rng`` seeded with
+``seed + b``), so the operator is one fixed symmetric matrix and the global RNG is left as
+it was; "off" switches the dropout modules to eval during products; "sample" draws anew
+in every product (the columns of a matmat share one draw).
+
+Parameter subsets: ``op.restrict(names)`` is the same operator over the parameters
+``names`` selects (names or module prefixes), the others held fixed: the diagonal block
+``A[S, S]`` (:mod:`curvfx.operators._restrict`).
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,17 +39,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._chunking import columns_per_call
 from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
+from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
 from curvfx._structured import check_backend, sample_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, model_vjp
 from curvfx.functional import as_function
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
-from curvfx._chunking import columns_per_call
 from curvfx.operators._compile import CompiledProduct, compile_options
-from curvfx.operators._data import Batches
+from curvfx.operators._data import Batches, BatchSizeFn
 from curvfx.operators._distributed import (
     ProcessGroupArg,
     broadcast_seed,
@@ -50,6 +59,14 @@ from curvfx.operators._distributed import (
     summed_over_ranks,
     unwrap_ddp,
 )
+from curvfx.operators._randomness import (
+    batch_randomness,
+    check_diagonal_masks,
+    check_randomness,
+    fixed_seed,
+    replay_batch_seed,
+)
+from curvfx.operators._restrict import selected_params
 
 __all__ = [
     "FisherOperator",
@@ -81,6 +98,26 @@ class CurvatureOperator(LinearOperator):
     data: Batches
     factor: float
     process_group: Any = None  # a torch.distributed ProcessGroup: data parallel over its ranks
+    randomness: str = "fixed"  # random operations in the model, see curvfx.operators._randomness
+    model_seed: int | None = None  # the seed of randomness="fixed"
+
+    def restrict(self, names: str | list[str]) -> CurvatureOperator:
+        """The operator over the parameters ``names`` selects, the others held fixed at their values.
+
+        ``names``: a parameter name or a module prefix (``"encoder.layer.0"`` selects every
+        parameter whose name starts with ``"encoder.layer.0."``), or a list of them. The
+        result, of the same class with the same loss, data, factor, options and seeds (the
+        same dropout masks and Monte-Carlo targets), is the diagonal block ``A[S, S]`` of
+        this operator for the selected set S, in the order of ``params``.
+
+        Raises:
+            ValueError: If a name selects nothing, or ``params`` is not a dict with string
+                keys (a pure function's other pytrees); names ``names``.
+        """
+        op = copy.copy(self)
+        op.params = selected_params(self.params, names)
+        op._compiled, op._measured_columns = None, None
+        return op
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,11 +155,13 @@ class CurvatureOperator(LinearOperator):
     def _compiled_product(self) -> CompiledProduct | None:
         """The compiled product (made on first use) when the operator was built with ``compile``."""
         if self.compile_options is not None and self._compiled is None:
-            self._compiled = CompiledProduct(
-                lambda x, y, v: self._flat_product(0, x, y, v, self.compiled_strategy),
-                type(self).__name__,
-                self.compile_options,
-            )
+
+            def product(x: Any, y: Tensor, v: Tensor) -> Tensor:
+                if self.randomness == "fixed" and not torch.compiler.is_compiling():
+                    replay_batch_seed(self.device)  # the eager check sees the compiled call's draws
+                return self._flat_product(0, x, y, v, self.compiled_strategy)
+
+            self._compiled = CompiledProduct(product, type(self).__name__, self.compile_options)
         return self._compiled
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -167,6 +206,7 @@ class CurvatureOperator(LinearOperator):
         None for a diagonal [P].
         """
         mean = self.loss.reduction != "sum"
+        per_batch = self._with_randomness(per_batch)
 
         def local() -> tuple[Tensor, Any]:
             total, z_total = None, 0.0
@@ -203,6 +243,17 @@ class CurvatureOperator(LinearOperator):
             raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
         return self.factor * (total / z_total if mean else total)
 
+    def _with_randomness(
+        self, per_batch: Callable[[int, Any, Tensor], Tensor]
+    ) -> Callable[[int, Any, Tensor], Tensor]:
+        """``per_batch`` run under the operator's ``randomness`` for its batch b."""
+
+        def run(b: int, x: Any, y: Tensor) -> Tensor:
+            with batch_randomness(self.randomness, self.model_seed, b, self.model_fn, self.device):
+                return per_batch(b, x, y)
+
+        return run
+
 
 class HessianOperator(CurvatureOperator):
     """Hessian of the loss as written, ``H = ∇²_θ L(θ)``, over all batches of ``data``.
@@ -226,11 +277,15 @@ class HessianOperator(CurvatureOperator):
         chunk_size=None,
         compile=False,
         process_group=None,
+        randomness="fixed",
+        batch_size_fn=None,
     ):
         self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
         self.factor, self.chunk_size = float(factor), chunk_size
         self.process_group = resolve_process_group(process_group)
+        self.randomness = check_randomness(randomness, model_fn)
+        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
         self.compile_options = compile_options(compile)
 
     def _product(self, b, x, y, v, strategy):
@@ -257,11 +312,15 @@ class GGNOperator(CurvatureOperator):
         chunk_size=None,
         compile=False,
         process_group=None,
+        randomness="fixed",
+        batch_size_fn=None,
     ):
         self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
         self.factor, self.chunk_size = float(factor), chunk_size
         self.process_group = resolve_process_group(process_group)
+        self.randomness = check_randomness(randomness, model_fn)
+        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
         self.compile_options = compile_options(compile)
 
     def _product(self, b, x, y, v, strategy):
@@ -305,12 +364,16 @@ class FisherOperator(CurvatureOperator):
         chunk_size=None,
         compile=False,
         process_group=None,
+        randomness="fixed",
+        batch_size_fn=None,
     ):
         check_fisher_kind(kind, num_samples)
         self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data)
+        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
         self.factor, self.chunk_size = float(factor), chunk_size
         self.process_group = resolve_process_group(process_group)
+        self.randomness = check_randomness(randomness, model_fn)
+        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
         self.kind, self.num_samples = kind, num_samples
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
         if kind == "mc" and self.process_group is not None:  # rank 0's seed; a stream per rank
@@ -455,6 +518,8 @@ def hessian(
     chunk_size: int | None = None,
     compile: bool | dict = False,
     process_group: ProcessGroupArg = None,
+    randomness: str = "fixed",
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> HessianOperator:
     """Hessian operator ``∇²_θ L`` of ``loss_fn(model(X), y)`` over ``data`` (see :class:`HessianOperator`).
 
@@ -475,6 +540,14 @@ def hessian(
             product is all-reduced, equal on all ranks to the single-process result on the
             concatenated data. A ``DistributedDataParallel`` model is used through its
             ``.module``.
+        randomness: Random operations in the model (dropout): ``"fixed"`` (the same masks
+            in every product, one fixed matrix; the global RNG is left as it was), ``"off"``
+            (dropout modules in eval during products; needs an ``nn.Module``) or
+            ``"sample"`` (a fresh draw per product); see
+            :mod:`curvfx.operators._randomness`.
+        batch_size_fn: Optional ``(X, y) -> N``: each batch read is checked to hold N
+            samples along dim 0 of every input leaf and of ``y`` (a ``ValueError`` naming
+            the leaf otherwise; see :mod:`curvfx.operators._data`).
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return HessianOperator(
@@ -486,6 +559,8 @@ def hessian(
         chunk_size=chunk_size,
         compile=compile,
         process_group=process_group,
+        randomness=randomness,
+        batch_size_fn=batch_size_fn,
     )
 
 
@@ -499,6 +574,8 @@ def ggn(
     chunk_size: int | None = None,
     compile: bool | dict = False,
     process_group: ProcessGroupArg = None,
+    randomness: str = "fixed",
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> GGNOperator:
     """GGN operator ``Jᵀ (∇²_f L) J`` over ``data`` (:class:`GGNOperator`; arguments as :func:`hessian`)."""
     model_fn, params = as_function(unwrap_ddp(model), params)
@@ -511,6 +588,8 @@ def ggn(
         chunk_size=chunk_size,
         compile=compile,
         process_group=process_group,
+        randomness=randomness,
+        batch_size_fn=batch_size_fn,
     )
 
 
@@ -527,10 +606,13 @@ def fisher(
     chunk_size: int | None = None,
     compile: bool | dict = False,
     process_group: ProcessGroupArg = None,
+    randomness: str = "fixed",
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> FisherOperator:
     """Fisher operator of ``kind`` "mc", "exact" or "empirical" (see :class:`FisherOperator`).
 
-    ``num_samples`` and ``generator`` apply to "mc"; other arguments as :func:`hessian`.
+    ``num_samples`` and ``generator`` apply to "mc" (the draws of the targets, separate from
+    ``randomness``, which governs the model's dropout); other arguments as :func:`hessian`.
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return FisherOperator(
@@ -545,6 +627,8 @@ def fisher(
         chunk_size=chunk_size,
         compile=compile,
         process_group=process_group,
+        randomness=randomness,
+        batch_size_fn=batch_size_fn,
     )
 
 
@@ -558,6 +642,8 @@ def empirical_fisher(
     chunk_size: int | None = None,
     compile: bool | dict = False,
     process_group: ProcessGroupArg = None,
+    randomness: str = "fixed",
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> FisherOperator:
     """Empirical Fisher ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ``: :func:`fisher` with ``kind="empirical"``."""
     return fisher(
@@ -570,6 +656,8 @@ def empirical_fisher(
         chunk_size=chunk_size,
         compile=compile,
         process_group=process_group,
+        randomness=randomness,
+        batch_size_fn=batch_size_fn,
     )
 
 
@@ -597,9 +685,11 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     ``backend``: "structured" (layer-aware, :mod:`curvfx._structured`; needs a module made
     functional), "generic" (per-sample vmap over all parameters), or "auto" (structured when
     possible). The generic route processes ``op.chunk_size`` samples at a time (default: as
-    many as keep the per-sample gradients of the K factor columns under 2²⁴ numbers).
+    many as keep the per-sample gradients of the K factor columns, K·P numbers per sample,
+    within the memory budget of :mod:`curvfx._memory`).
     """
     check_backend(backend)  # before any work
+    check_diagonal_masks(op.model_fn, op.params, op.randomness, backend)
     if getattr(op.model_fn, "couples_samples", False):
         raise ValueError(
             "the exact diagonal needs independent samples, but the model has BatchNorm in train "
@@ -612,7 +702,11 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
             return output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
 
         def chunk(k):  # samples per generic vmap call, once the K factor columns are known
-            return op.chunk_size or max(1, 2**24 // max(1, k * op.shape[0]))
+            if op.chunk_size is not None:
+                return op.chunk_size
+            what = f"the exact diagonal's per-sample gradients of one sample (K·P = {k}·{op.shape[0]})"
+            n = leaves(x)[0].shape[0]
+            return fitting_chunk(what, k * op.shape[0], n, op.dtype, "use method='hutchinson'")
 
         return ravel(sample_squares(op.model_fn, op.params, x, factor, chunk, backend=backend))
 
