@@ -37,13 +37,18 @@ def lint(session):
 
 @nox.session
 def bench(session):
-    """``nox -s bench [-- --quick --json out.json --device cuda ...]``: curvfx against the peers."""
+    """``nox -s bench [-- --quick --json out.json --device cuda ...]``: curvfx against the peers.
+
+    Then the GPT-style decoder benchmark (``benchmarks/bench_gpt.py``, CPU), in ``--quick``
+    mode when the arguments ask for it.
+    """
     install(session, "bench")
     if os.path.exists(PEERS_SCRIPT):
         session.run("bash", PEERS_SCRIPT, external=True)
     else:
         session.warn(f"{PEERS_SCRIPT} not found: the peers are reported as absent")
     session.run("python", "benchmarks/run.py", *session.posargs)
+    session.run("python", "benchmarks/bench_gpt.py", *(["--quick"] if "--quick" in session.posargs else []))
 
 
 @nox.session

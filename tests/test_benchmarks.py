@@ -67,3 +67,23 @@ def test_update_docs_replaces_the_marked_block(tmp_path):
     page.write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\noutro\n")
     run.update_docs(str(page), "new table")
     assert page.read_text() == "intro\n<!-- bench:begin -->\nnew table\n<!-- bench:end -->\noutro\n"
+
+
+def test_gpt_benchmark_runs_on_a_tiny_decoder(tmp_path, capsys, monkeypatch):
+    import bench_gpt
+
+    for name, value in {"VOCAB": 11, "CONTEXT": 4, "WIDTH": 8, "BLOCKS": 2, "HEADS": 2, "BATCH": 3}.items():
+        monkeypatch.setattr(bench_gpt, name, value)
+    path = tmp_path / "gpt.json"
+    results = bench_gpt.main(["--quick", "--threads", "1", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "#### full batch (N=3, T=4)" in out and "| GGN-vp | curvfx ggn_vp |" in out
+    assert json.loads(path.read_text())["P"] == results["P"]
+    rows = results["tables"]["full batch (N=3, T=4)"]
+    assert all("ratio" in rows[k] for k in ("curvfx hvp", "curvfx ggn_vp", "curvfx MC diag GGN (1 sample)"))
+    assert next(r for k, r in rows.items() if k.startswith("curvfx eigsh per block"))["ratio"] > 0
+    assert 0 < rows["curvfx MC diag GGN (1 sample)"]["rel_diff"] < 2  # another seed, another draw
+    diag = results["tables"]["exact diag GGN (N=3, T=1)"]
+    assert "ratio" in diag["curvfx exact diag GGN T=1 (structured)"]
+    if "curvlinops GGNLinearOperator @ v, math SDPA kernel" in rows:  # the peer is installed
+        assert rows["curvlinops GGNLinearOperator @ v, math SDPA kernel"]["rel_diff"] < 1e-4

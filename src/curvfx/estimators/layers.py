@@ -9,6 +9,7 @@ from torch import Tensor
 
 from curvfx.estimators.eigen import eigsh
 from curvfx.estimators.trace import trace
+from curvfx.operators._base import LinearOperator
 from curvfx.operators._restrict import layer_names
 
 __all__ = ["LayerCurvature", "layer_curvature"]
@@ -30,7 +31,7 @@ class LayerCurvature:
 
 
 def layer_curvature(
-    A,
+    A: LinearOperator,
     layers: list[str] | None = None,
     *,
     k: int = 1,

@@ -8,17 +8,9 @@ from curvfx.operators._base import (
     as_operator,
     identity,
 )
-from curvfx.operators.curvature import (
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    JacobianOperator,
-    empirical_fisher,
-    fisher,
-    ggn,
-    hessian,
-    jacobian,
-)
+from curvfx.operators.constructors import empirical_fisher, fisher, ggn, hessian
+from curvfx.operators.curvature import FisherOperator, GGNOperator, HessianOperator
+from curvfx.operators.jacobian import JacobianOperator, jacobian
 from curvfx.operators.kfac import ekfac, kfac
 
 __all__ = [

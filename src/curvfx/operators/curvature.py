@@ -1,4 +1,6 @@
-"""Curvature operators over data: Hessian, GGN, Fisher (exact / MC / empirical) and the Jacobian.
+"""Curvature operators over data: Hessian, GGN, Fisher (exact / MC / empirical).
+
+Built by the constructors of :mod:`curvfx.operators.constructors`.
 
 Each operator is a thin object over a transform of :mod:`curvfx.func`; the base class
 combines batches exactly. With ``L = loss_fn`` on the concatenation of all batches and
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from curvfx._chunking import columns_per_call
 from curvfx._errors import inside_transform
@@ -45,19 +47,16 @@ from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
 from curvfx._structured import check_backend, sample_squares
-from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp, model_jvp, model_vjp
-from curvfx.functional import as_function
+from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
-from curvfx.operators._data import Batches, BatchSizeFn
+from curvfx.operators._data import Batches
 from curvfx.operators._distributed import (
-    ProcessGroupArg,
     broadcast_seed,
     rank_of,
     resolve_process_group,
     summed_over_ranks,
-    unwrap_ddp,
 )
 from curvfx.operators._randomness import (
     batch_randomness,
@@ -72,12 +71,6 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
-    "JacobianOperator",
-    "empirical_fisher",
-    "fisher",
-    "ggn",
-    "hessian",
-    "jacobian",
 ]
 
 PyTree = Any
@@ -406,277 +399,6 @@ class FisherOperator(CurvatureOperator):
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
         return _factored_diagonal(self, self.kind, self.num_samples, self._generator, backend)
-
-
-class JacobianOperator(LinearOperator):
-    """Jacobian ``J = ∂ vec(f(X; θ)) / ∂θ`` [N·C, P] of the model outputs on one input batch.
-
-    ``J @ v`` (v flat [P] or params-shaped) gives ``vec(J v)`` [N·C] by forward-mode AD;
-    ``J.T @ u`` (u [N·C]) gives ``Jᵀ u`` (flat [P])
-    by one backward pass. The output shape is read by one forward pass without gradients
-    the first time ``shape`` is needed.
-
-    With ``compile`` (see :mod:`curvfx.operators._compile`), J v and Jᵀ u, and their
-    matmats (vmapped over columns, one graph each), are compiled on first use by tracing
-    ``torch.func.jvp`` and ``torch.func.vjp`` (strategy ``"func"``), each checked once
-    against the same product run eagerly.
-    """
-
-    compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
-
-    def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False):
-        self.model_fn, self.params, self.x = model_fn, params, x
-        self.chunk_size = chunk_size
-        self.compile_options = compile_options(compile)
-        self._output_shape = None
-        self._compiled: dict[str, CompiledProduct] = {}
-
-    @property
-    def output_shape(self) -> torch.Size:
-        """Shape of the model outputs f(X; θ) [N, ...]."""
-        if self._output_shape is None:
-            with torch.no_grad():
-                self._output_shape = self.model_fn(self.params, self.x).shape
-        return self._output_shape
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(N·C, P)."""
-        return (self.output_shape.numel(), num_params(self.params))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype."""
-        return leaves(self.params)[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters."""
-        return leaves(self.params)[0].device
-
-    @property
-    def in_like(self) -> PyTree:
-        """The parameters (inputs may be params-shaped)."""
-        return self.params
-
-    def _jv(self, x: Any, v: Tensor, strategy: str = "auto") -> Tensor:
-        """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``)."""
-        tree = unravel(v, self.params)
-        if strategy == "func":
-            return torch.func.jvp(lambda p: self.model_fn(p, x), (self.params,), (tree,))[1].reshape(-1)
-        return model_jvp(self.model_fn, self.params, x, tree).reshape(-1)
-
-    def _jtu(self, x: Any, u: Tensor, strategy: str = "auto") -> Tensor:
-        """``Jᵀ u`` [P] for a flat ``u`` [N·C]: one backward pass ("func": ``torch.func.vjp``)."""
-        u = u.reshape(self.output_shape)
-        if strategy == "func":
-            return ravel(torch.func.vjp(lambda p: self.model_fn(p, x), self.params)[1](u)[0])
-        return ravel(model_vjp(self.model_fn, self.params, x, u))
-
-    def _compiled_product(self, kind: str) -> CompiledProduct | None:
-        """The compiled ``J v`` (kind "J") or ``Jᵀ u`` ("Jᵀ"), made on first use; None when eager."""
-        if self.compile_options is None:
-            return None
-        if kind not in self._compiled:
-            self.output_shape  # noqa: B018  (one eager forward pass, outside the traced product)
-            product = self._jv if kind == "J" else self._jtu
-            self._compiled[kind] = CompiledProduct(
-                lambda x, y, v: product(x, v, self.compiled_strategy),
-                "JacobianOperator" if kind == "J" else "JacobianOperator.T",
-                self.compile_options,
-            )
-        return self._compiled[kind]
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        compiled = self._compiled_product("J")
-        return self._jv(self.x, v) if compiled is None else compiled("matvec", self.x, None, v)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        compiled = self._compiled_product("J")
-        if compiled is not None:
-            return compiled("matmat", self.x, None, V)
-        return apply_columns(lambda v: self._jv(self.x, v), V, self.chunk_size, "JacobianOperator")
-
-    def _rmatvec(self, u: Tensor) -> Tensor:
-        compiled = self._compiled_product("Jᵀ")
-        return self._jtu(self.x, u) if compiled is None else compiled("matvec", self.x, None, u)
-
-    def _rmatmat(self, U: Tensor) -> Tensor:
-        compiled = self._compiled_product("Jᵀ")
-        if compiled is not None:
-            return compiled("matmat", self.x, None, U)
-        return apply_columns(lambda u: self._jtu(self.x, u), U, self.chunk_size, "JacobianOperator.T")
-
-
-def hessian(
-    model: nn.Module | Callable,
-    loss_fn: Any,
-    data: Any,
-    *,
-    params: PyTree | None = None,
-    factor: float = 1.0,
-    chunk_size: int | None = None,
-    compile: bool | dict = False,
-    process_group: ProcessGroupArg = None,
-    randomness: str = "fixed",
-    batch_size_fn: BatchSizeFn | None = None,
-) -> HessianOperator:
-    """Hessian operator ``∇²_θ L`` of ``loss_fn(model(X), y)`` over ``data`` (see :class:`HessianOperator`).
-
-    Args:
-        model: An ``nn.Module`` or a pure ``fn(params, x)`` (then ``params`` is required).
-        loss_fn: A torch loss (module or function), a :class:`curvfx.losses.Loss`, or any
-            ``loss_fn(outputs, targets) -> scalar``.
-        data: One ``(X, y)`` batch or a re-iterable of batches (list, DataLoader).
-        params: Parameter pytree (default: the module's trainable parameters).
-        factor: Scale of the whole operator.
-        chunk_size: Columns per vmap call in ``matmat`` (None: all).
-        compile: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False`` to
-            skip the self-check): products are compiled once and checked against eager on
-            first use (see :mod:`curvfx.operators._compile`); ``False``: eager.
-        process_group: Data parallelism (see ``docs/distributed.md``): None (single process,
-            the default, even when ``torch.distributed`` is initialized), True (the default
-            group) or a ``ProcessGroup``. Each rank passes its own shard as ``data``; every
-            product is all-reduced, equal on all ranks to the single-process result on the
-            concatenated data. A ``DistributedDataParallel`` model is used through its
-            ``.module``.
-        randomness: Random operations in the model (dropout): ``"fixed"`` (the same masks
-            in every product, one fixed matrix; the global RNG is left as it was), ``"off"``
-            (dropout modules in eval during products; needs an ``nn.Module``) or
-            ``"sample"`` (a fresh draw per product); see
-            :mod:`curvfx.operators._randomness`.
-        batch_size_fn: Optional ``(X, y) -> N``: each batch read is checked to hold N
-            samples along dim 0 of every input leaf and of ``y`` (a ``ValueError`` naming
-            the leaf otherwise; see :mod:`curvfx.operators._data`).
-    """
-    model_fn, params = as_function(unwrap_ddp(model), params)
-    return HessianOperator(
-        model_fn,
-        loss_fn,
-        params,
-        data,
-        factor=factor,
-        chunk_size=chunk_size,
-        compile=compile,
-        process_group=process_group,
-        randomness=randomness,
-        batch_size_fn=batch_size_fn,
-    )
-
-
-def ggn(
-    model: nn.Module | Callable,
-    loss_fn: Any,
-    data: Any,
-    *,
-    params: PyTree | None = None,
-    factor: float = 1.0,
-    chunk_size: int | None = None,
-    compile: bool | dict = False,
-    process_group: ProcessGroupArg = None,
-    randomness: str = "fixed",
-    batch_size_fn: BatchSizeFn | None = None,
-) -> GGNOperator:
-    """GGN operator ``Jᵀ (∇²_f L) J`` over ``data`` (:class:`GGNOperator`; arguments as :func:`hessian`)."""
-    model_fn, params = as_function(unwrap_ddp(model), params)
-    return GGNOperator(
-        model_fn,
-        loss_fn,
-        params,
-        data,
-        factor=factor,
-        chunk_size=chunk_size,
-        compile=compile,
-        process_group=process_group,
-        randomness=randomness,
-        batch_size_fn=batch_size_fn,
-    )
-
-
-def fisher(
-    model: nn.Module | Callable,
-    loss_fn: Any,
-    data: Any,
-    *,
-    kind: str = "mc",
-    num_samples: int = 1,
-    generator: torch.Generator | None = None,
-    params: PyTree | None = None,
-    factor: float = 1.0,
-    chunk_size: int | None = None,
-    compile: bool | dict = False,
-    process_group: ProcessGroupArg = None,
-    randomness: str = "fixed",
-    batch_size_fn: BatchSizeFn | None = None,
-) -> FisherOperator:
-    """Fisher operator of ``kind`` "mc", "exact" or "empirical" (see :class:`FisherOperator`).
-
-    ``num_samples`` and ``generator`` apply to "mc" (the draws of the targets, separate from
-    ``randomness``, which governs the model's dropout); other arguments as :func:`hessian`.
-    """
-    model_fn, params = as_function(unwrap_ddp(model), params)
-    return FisherOperator(
-        model_fn,
-        loss_fn,
-        params,
-        data,
-        kind=kind,
-        num_samples=num_samples,
-        generator=generator,
-        factor=factor,
-        chunk_size=chunk_size,
-        compile=compile,
-        process_group=process_group,
-        randomness=randomness,
-        batch_size_fn=batch_size_fn,
-    )
-
-
-def empirical_fisher(
-    model: nn.Module | Callable,
-    loss_fn: Any,
-    data: Any,
-    *,
-    params: PyTree | None = None,
-    factor: float = 1.0,
-    chunk_size: int | None = None,
-    compile: bool | dict = False,
-    process_group: ProcessGroupArg = None,
-    randomness: str = "fixed",
-    batch_size_fn: BatchSizeFn | None = None,
-) -> FisherOperator:
-    """Empirical Fisher ``Z Σ_n ∇_θ L_n ∇_θ L_nᵀ``: :func:`fisher` with ``kind="empirical"``."""
-    return fisher(
-        model,
-        loss_fn,
-        data,
-        kind="empirical",
-        params=params,
-        factor=factor,
-        chunk_size=chunk_size,
-        compile=compile,
-        process_group=process_group,
-        randomness=randomness,
-        batch_size_fn=batch_size_fn,
-    )
-
-
-def jacobian(
-    model: nn.Module | Callable,
-    x: Any,
-    *,
-    params: PyTree | None = None,
-    chunk_size: int | None = None,
-    compile: bool | dict = False,
-) -> JacobianOperator:
-    """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes.
-
-    ``compile``: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False``):
-    J v and Jᵀ u, and their matmats, are compiled once and checked against eager on first
-    use (see :class:`JacobianOperator`); other arguments as :func:`hessian`.
-    """
-    model_fn, params = as_function(unwrap_ddp(model), params)
-    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size, compile=compile)
 
 
 def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:

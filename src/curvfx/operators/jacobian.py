@@ -1,0 +1,138 @@
+"""The Jacobian of the model outputs on one input batch as a linear operator [N·C, P]."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvfx._pytree import leaves, num_params, ravel, unravel
+from curvfx.func import model_jvp, model_vjp
+from curvfx.functional import as_function
+from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._compile import CompiledProduct, compile_options
+from curvfx.operators._distributed import unwrap_ddp
+
+__all__ = ["JacobianOperator", "jacobian"]
+
+PyTree = Any
+
+
+class JacobianOperator(LinearOperator):
+    """Jacobian ``J = ∂ vec(f(X; θ)) / ∂θ`` [N·C, P] of the model outputs on one input batch.
+
+    ``J @ v`` (v flat [P] or params-shaped) gives ``vec(J v)`` [N·C] by forward-mode AD;
+    ``J.T @ u`` (u [N·C]) gives ``Jᵀ u`` (flat [P])
+    by one backward pass. The output shape is read by one forward pass without gradients
+    the first time ``shape`` is needed.
+
+    With ``compile`` (see :mod:`curvfx.operators._compile`), J v and Jᵀ u, and their
+    matmats (vmapped over columns, one graph each), are compiled on first use by tracing
+    ``torch.func.jvp`` and ``torch.func.vjp`` (strategy ``"func"``), each checked once
+    against the same product run eagerly.
+    """
+
+    compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
+
+    def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False):
+        self.model_fn, self.params, self.x = model_fn, params, x
+        self.chunk_size = chunk_size
+        self.compile_options = compile_options(compile)
+        self._output_shape = None
+        self._compiled: dict[str, CompiledProduct] = {}
+
+    @property
+    def output_shape(self) -> torch.Size:
+        """Shape of the model outputs f(X; θ) [N, ...]."""
+        if self._output_shape is None:
+            with torch.no_grad():
+                self._output_shape = self.model_fn(self.params, self.x).shape
+        return self._output_shape
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N·C, P)."""
+        return (self.output_shape.numel(), num_params(self.params))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return leaves(self.params)[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return leaves(self.params)[0].device
+
+    @property
+    def in_like(self) -> PyTree:
+        """The parameters (inputs may be params-shaped)."""
+        return self.params
+
+    def _jv(self, x: Any, v: Tensor, strategy: str = "auto") -> Tensor:
+        """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``)."""
+        tree = unravel(v, self.params)
+        if strategy == "func":
+            return torch.func.jvp(lambda p: self.model_fn(p, x), (self.params,), (tree,))[1].reshape(-1)
+        return model_jvp(self.model_fn, self.params, x, tree).reshape(-1)
+
+    def _jtu(self, x: Any, u: Tensor, strategy: str = "auto") -> Tensor:
+        """``Jᵀ u`` [P] for a flat ``u`` [N·C]: one backward pass ("func": ``torch.func.vjp``)."""
+        u = u.reshape(self.output_shape)
+        if strategy == "func":
+            return ravel(torch.func.vjp(lambda p: self.model_fn(p, x), self.params)[1](u)[0])
+        return ravel(model_vjp(self.model_fn, self.params, x, u))
+
+    def _compiled_product(self, kind: str) -> CompiledProduct | None:
+        """The compiled ``J v`` (kind "J") or ``Jᵀ u`` ("Jᵀ"), made on first use; None when eager."""
+        if self.compile_options is None:
+            return None
+        if kind not in self._compiled:
+            self.output_shape  # noqa: B018  (one eager forward pass, outside the traced product)
+            product = self._jv if kind == "J" else self._jtu
+            self._compiled[kind] = CompiledProduct(
+                lambda x, y, v: product(x, v, self.compiled_strategy),
+                "JacobianOperator" if kind == "J" else "JacobianOperator.T",
+                self.compile_options,
+            )
+        return self._compiled[kind]
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        compiled = self._compiled_product("J")
+        return self._jv(self.x, v) if compiled is None else compiled("matvec", self.x, None, v)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        compiled = self._compiled_product("J")
+        if compiled is not None:
+            return compiled("matmat", self.x, None, V)
+        return apply_columns(lambda v: self._jv(self.x, v), V, self.chunk_size, "JacobianOperator")
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        compiled = self._compiled_product("Jᵀ")
+        return self._jtu(self.x, u) if compiled is None else compiled("matvec", self.x, None, u)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        compiled = self._compiled_product("Jᵀ")
+        if compiled is not None:
+            return compiled("matmat", self.x, None, U)
+        return apply_columns(lambda u: self._jtu(self.x, u), U, self.chunk_size, "JacobianOperator.T")
+
+
+def jacobian(
+    model: nn.Module | Callable,
+    x: Any,
+    *,
+    params: PyTree | None = None,
+    chunk_size: int | None = None,
+    compile: bool | dict = False,
+) -> JacobianOperator:
+    """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes.
+
+    ``compile``: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False``):
+    J v and Jᵀ u, and their matmats, are compiled once and checked against eager on first
+    use (see :class:`JacobianOperator`); other arguments as :func:`hessian`.
+    """
+    model_fn, params = as_function(unwrap_ddp(model), params)
+    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size, compile=compile)
