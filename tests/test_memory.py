@@ -64,3 +64,17 @@ def test_set_memory_budget():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="nbytes"):
             curvfx.set_memory_budget(bad)
+
+
+def test_factored_layers_do_not_count_against_the_generic_routes_budget():
+    """Only the parameters on the generic per-sample route hold K per-sample gradients each."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 200), nn.PReLU(), nn.Linear(200, 3)).double()
+    x, y = torch.randn(4, 10, dtype=torch.float64), torch.randint(0, 3, (4,))
+    G = curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y))
+    unconstrained = curvfx.diagonal(G, "exact")
+    with curvfx.memory_budget(3 * 8 * 100):  # K = 3: room for the PReLU's 1 entry, not for all P
+        assert_close_rel(curvfx.diagonal(G, "exact"), unconstrained)
+        with pytest.raises(curvfx.MemoryBudgetError, match="K·P = 3·"):
+            G._exact_diagonal(backend="generic")
+    assert_close_rel(unconstrained, G.to_dense().diagonal())

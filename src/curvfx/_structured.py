@@ -31,14 +31,14 @@ from torch import Tensor, nn
 from curvfx._capture import captured, output_grads, supported_layers
 from curvfx._factors import factor_diagonal
 from curvfx._layers import layer_squares, reads_per_sample
-from curvfx._pytree import unsqueeze_leaves
+from curvfx._pytree import leaves, unsqueeze_leaves
 from curvfx.functional import FunctionalModel
 
 __all__ = ["check_backend", "sample_squares", "structured_diagonal"]
 
 BACKENDS = ("auto", "structured", "generic")
 Factor = Tensor | Callable[[Tensor], Tensor]
-Chunk = int | None | Callable[[int], int | None]
+Chunk = int | None | Callable[[int, int], int | None]  # (K columns, generic numbers) -> samples
 
 
 def sample_squares(
@@ -55,7 +55,9 @@ def sample_squares(
     ``S`` is the output factor [K, N, *output_shape], or a function of the (detached)
     outputs ``fn(params, x)`` that gives it: the structured route then reuses its own
     forward pass instead of a second one. ``chunk_size`` (samples per vmap call of the
-    generic route) may be a function of the number K of factor columns.
+    generic route) may be a function of the number K of factor columns and of the number of
+    parameter entries that take the generic route (all of them, or those outside factored
+    layers)
     ``backend``: "structured" (layer-aware, needs a module made functional by curvfx, params
     a dict), "generic" (per-sample vmap over all parameters, :func:`factor_diagonal`), or
     "auto" (structured when possible).
@@ -74,7 +76,7 @@ def sample_squares(
     def sample_outputs(p, xn):
         return fn(p, unsqueeze_leaves(xn))[0]
 
-    return factor_diagonal(sample_outputs, params, x, S, _chunk(chunk_size, S), per_sample)
+    return factor_diagonal(sample_outputs, params, x, S, _chunk(chunk_size, S, params), per_sample)
 
 
 def check_backend(backend: str) -> None:
@@ -131,7 +133,8 @@ def structured_diagonal(
         def sample_outputs(sub, xn):
             return fn({**fixed, **sub}, unsqueeze_leaves(xn))[0]
 
-        diag.update(factor_diagonal(sample_outputs, generic, x, S, _chunk(chunk_size, S), per_sample))
+        chunk = _chunk(chunk_size, S, generic)
+        diag.update(factor_diagonal(sample_outputs, generic, x, S, chunk, per_sample))
     return {k: diag[k] for k in params}
 
 
@@ -143,8 +146,10 @@ def _factor_at(fn: Any, params: Any, x: Any, S: Factor) -> Tensor:
         return S(fn(params, x))
 
 
-def _chunk(chunk_size: Chunk, S: Tensor) -> int | None:
-    return chunk_size(S.shape[0]) if callable(chunk_size) else chunk_size
+def _chunk(chunk_size: Chunk, S: Tensor, generic: Any) -> int | None:
+    if not callable(chunk_size):
+        return chunk_size
+    return chunk_size(S.shape[0], sum(leaf.numel() for leaf in leaves(generic)))
 
 
 def _zeros(params: dict[str, Tensor], S: Tensor, per_sample: bool) -> dict[str, Tensor]:

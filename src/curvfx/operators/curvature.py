@@ -407,8 +407,8 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     ``backend``: "structured" (layer-aware, :mod:`curvfx._structured`; needs a module made
     functional), "generic" (per-sample vmap over all parameters), or "auto" (structured when
     possible). The generic route processes ``op.chunk_size`` samples at a time (default: as
-    many as keep the per-sample gradients of the K factor columns, K·P numbers per sample,
-    within the memory budget of :mod:`curvfx._memory`).
+    many as keep the per-sample gradients of the K factor columns, K·P_g numbers per sample
+    for the P_g entries on that route, within the memory budget of :mod:`curvfx._memory`).
     """
     check_backend(backend)  # before any work
     check_diagonal_masks(op.model_fn, op.params, op.randomness, backend)
@@ -423,12 +423,12 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
             op.loss.check(outputs, y)
             return output_factor(op.loss, outputs, y, kind, num_samples, generator_for(b))
 
-        def chunk(k):  # samples per generic vmap call, once the K factor columns are known
+        def chunk(k, size):  # samples per generic vmap call: K factor columns, `size` generic entries
             if op.chunk_size is not None:
                 return op.chunk_size
-            what = f"the exact diagonal's per-sample gradients of one sample (K·P = {k}·{op.shape[0]})"
+            what = f"the exact diagonal's per-sample gradients of one sample (K·P = {k}·{size})"
             n = leaves(x)[0].shape[0]
-            return fitting_chunk(what, k * op.shape[0], n, op.dtype, "use method='hutchinson'")
+            return fitting_chunk(what, k * size, n, op.dtype, "use method='hutchinson'")
 
         return ravel(sample_squares(op.model_fn, op.params, x, factor, chunk, backend=backend))
 
