@@ -173,3 +173,32 @@ def test_fixed_compiled_products_equal_eager(backend):
     assert torch.equal(state, torch.get_rng_state())
     assert_close_rel(first, eager @ v, tol=1e-10)
     assert_close_rel(first_matmat, eager @ V, tol=1e-10)
+
+
+@pytest.mark.parametrize("randomness", ["fixed", "off"])
+def test_jacobian_with_dropout_is_one_matrix_and_its_transpose(randomness):
+    """J and Jᵀ see the same masks ("fixed": those of the seed; "off": none)."""
+    model, batches = dropout_problem()
+    X = batches[0][0]
+    state = torch.get_rng_state()
+    J = curvfx.jacobian(model, X, randomness=randomness)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(theta):
+        params, i = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = theta[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        if randomness == "off":
+            return functional_call(copy.deepcopy(model).eval(), params, (X,)).reshape(-1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(J.model_seed)
+            return functional_call(model, params, (X,)).reshape(-1)
+
+    truth = jacrev(outputs)(flat)
+    assert_matches_dense(J, truth)
+    assert torch.equal(J @ flat, J @ flat)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training and model[2].training

@@ -14,6 +14,7 @@ from curvfx.functional import as_function
 from curvfx.operators._base import LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._distributed import unwrap_ddp
+from curvfx.operators._randomness import batch_randomness, check_randomness, fixed_seed, replay_batch_seed
 
 __all__ = ["JacobianOperator", "jacobian"]
 
@@ -32,14 +33,20 @@ class JacobianOperator(LinearOperator):
     matmats (vmapped over columns, one graph each), are compiled on first use by tracing
     ``torch.func.jvp`` and ``torch.func.vjp`` (strategy ``"func"``), each checked once
     against the same product run eagerly.
+
+    ``randomness`` as for the curvature operators (:mod:`curvfx.operators._randomness`):
+    with "fixed" (default) every product, J v and Jᵀ u alike, sees the same dropout masks,
+    so ``J.T`` is the transpose of ``J``.
     """
 
     compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
 
-    def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False):
+    def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False, randomness="fixed"):
         self.model_fn, self.params, self.x = model_fn, params, x
         self.chunk_size = chunk_size
         self.compile_options = compile_options(compile)
+        self.randomness = check_randomness(randomness, model_fn)
+        self.model_seed = fixed_seed(randomness, None, self.device)
         self._output_shape = None
         self._compiled: dict[str, CompiledProduct] = {}
 
@@ -47,7 +54,10 @@ class JacobianOperator(LinearOperator):
     def output_shape(self) -> torch.Size:
         """Shape of the model outputs f(X; θ) [N, ...]."""
         if self._output_shape is None:
-            with torch.no_grad():
+            with (
+                torch.no_grad(),
+                batch_randomness(self.randomness, self.model_seed, 0, self.model_fn, self.device),
+            ):
                 self._output_shape = self.model_fn(self.params, self.x).shape
         return self._output_shape
 
@@ -92,32 +102,42 @@ class JacobianOperator(LinearOperator):
         if kind not in self._compiled:
             self.output_shape  # noqa: B018  (one eager forward pass, outside the traced product)
             product = self._jv if kind == "J" else self._jtu
+
+            def replayed(x: Any, y: None, v: Tensor) -> Tensor:
+                if self.randomness == "fixed" and not torch.compiler.is_compiling():
+                    replay_batch_seed(self.device)  # the eager check sees the compiled call's draws
+                return product(x, v, self.compiled_strategy)
+
             self._compiled[kind] = CompiledProduct(
-                lambda x, y, v: product(x, v, self.compiled_strategy),
+                replayed,
                 "JacobianOperator" if kind == "J" else "JacobianOperator.T",
                 self.compile_options,
             )
         return self._compiled[kind]
 
     def _matvec(self, v: Tensor) -> Tensor:
-        compiled = self._compiled_product("J")
-        return self._jv(self.x, v) if compiled is None else compiled("matvec", self.x, None, v)
+        return self._apply("J", "matvec", v)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        compiled = self._compiled_product("J")
-        if compiled is not None:
-            return compiled("matmat", self.x, None, V)
-        return apply_columns(lambda v: self._jv(self.x, v), V, self.chunk_size, "JacobianOperator")
+        return self._apply("J", "matmat", V)
 
     def _rmatvec(self, u: Tensor) -> Tensor:
-        compiled = self._compiled_product("Jᵀ")
-        return self._jtu(self.x, u) if compiled is None else compiled("matvec", self.x, None, u)
+        return self._apply("Jᵀ", "matvec", u)
 
     def _rmatmat(self, U: Tensor) -> Tensor:
-        compiled = self._compiled_product("Jᵀ")
-        if compiled is not None:
-            return compiled("matmat", self.x, None, U)
-        return apply_columns(lambda u: self._jtu(self.x, u), U, self.chunk_size, "JacobianOperator.T")
+        return self._apply("Jᵀ", "matmat", U)
+
+    def _apply(self, kind: str, form: str, w: Tensor) -> Tensor:
+        """J or Jᵀ (``kind``) times a vector or matrix (``form``), under the operator's randomness."""
+        compiled = self._compiled_product(kind)
+        product = self._jv if kind == "J" else self._jtu
+        with batch_randomness(self.randomness, self.model_seed, 0, self.model_fn, self.device):
+            if compiled is not None:
+                return compiled(form, self.x, None, w)
+            if form == "matvec":
+                return product(self.x, w)
+            name = "JacobianOperator" if kind == "J" else "JacobianOperator.T"
+            return apply_columns(lambda c: product(self.x, c), w, self.chunk_size, name)
 
 
 def jacobian(
@@ -127,12 +147,17 @@ def jacobian(
     params: PyTree | None = None,
     chunk_size: int | None = None,
     compile: bool | dict = False,
+    randomness: str = "fixed",
 ) -> JacobianOperator:
     """Jacobian operator ``∂ vec(f(x; θ))/∂θ`` [N·C, P] on the input batch ``x``; ``.T`` transposes.
 
     ``compile``: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False``):
     J v and Jᵀ u, and their matmats, are compiled once and checked against eager on first
-    use (see :class:`JacobianOperator`); other arguments as :func:`hessian`.
+    use (see :class:`JacobianOperator`); ``randomness``: "fixed" (default: the same dropout
+    masks in every product), "off" or "sample" (:mod:`curvfx.operators._randomness`);
+    other arguments as :func:`curvfx.hessian`.
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
-    return JacobianOperator(model_fn, params, x, chunk_size=chunk_size, compile=compile)
+    return JacobianOperator(
+        model_fn, params, x, chunk_size=chunk_size, compile=compile, randomness=randomness
+    )
