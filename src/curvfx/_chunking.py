@@ -25,9 +25,13 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from curvfx._pytree import leaves, tree_map
 
-__all__ = ["COLUMN_NUMBERS", "columns_per_call"]
+__all__ = ["COLUMN_NUMBERS", "SAMPLE_NUMBERS", "columns_per_call"]
 
 COLUMN_NUMBERS = 2**22  # numbers of the batched intermediates one vmap call may hold
+# Per-sample routes (exact diagonals): numbers of per-sample gradients per vmap call. Larger
+# calls are slower, not faster (fresh multi-GB buffers page-fault: a GPT's exact diagonal took
+# 1.9× the time in chunks sized by the 2 GiB memory budget); the budget still caps it.
+SAMPLE_NUMBERS = 2**24
 
 
 def columns_per_call(model_fn: Callable, params: Any, x: Any) -> int:

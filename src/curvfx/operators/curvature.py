@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvfx._chunking import columns_per_call
+from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
 from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
@@ -408,7 +408,8 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     functional), "generic" (per-sample vmap over all parameters), or "auto" (structured when
     possible). The generic route processes ``op.chunk_size`` samples at a time (default: as
     many as keep the per-sample gradients of the K factor columns, K·P_g numbers per sample
-    for the P_g entries on that route, within the memory budget of :mod:`curvfx._memory`).
+    for the P_g entries on that route, under 2²⁴ numbers per call and within the memory
+    budget of :mod:`curvfx._memory`).
     """
     check_backend(backend)  # before any work
     check_diagonal_masks(op.model_fn, op.params, op.randomness, backend)
@@ -428,7 +429,8 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
                 return op.chunk_size
             what = f"the exact diagonal's per-sample gradients of one sample (K·P = {k}·{size})"
             n = leaves(x)[0].shape[0]
-            return fitting_chunk(what, k * size, n, op.dtype, "use method='hutchinson'")
+            fitting = fitting_chunk(what, k * size, n, op.dtype, "use method='hutchinson'")
+            return min(fitting, max(1, SAMPLE_NUMBERS // max(1, k * size)))
 
         return ravel(sample_squares(op.model_fn, op.params, x, factor, chunk, backend=backend))
 
