@@ -8,6 +8,9 @@ trainable adapters) and an MLP with ``ReLU(inplace=True)``. For each: Hessian, G
 (exact, empirical, MC) and Jacobian against dense float64 truths built without curvfx
 (``zoo.ZooTruth``), exact diagonals and traces, the top eigenvalue, and no side effects
 (params, buffers, .grad, hooks, train flags, global settings; ``helpers.unchanged``).
+The model with dropout in train mode is in ``test_randomness.py``: its truths need the
+operator's mask seed (Hessian, GGN, exact Fisher and Jacobian products, exact diagonals,
+trace and top eigenvalue under ``randomness="fixed"``; ``"off"`` against ``model.eval()``).
 """
 
 from __future__ import annotations
@@ -365,7 +368,3 @@ def test_unchanged_detects_leftover_hooks_and_settings():
         torch.set_grad_enabled(True)
     with pytest.raises(AssertionError, match="requires_grad"), unchanged(problem):
         problem.model[0].bias.requires_grad_(False)
-
-
-def test_dropout_train_mode_is_left_to_the_randomness_option():
-    pytest.skip("model 7 (nn.Dropout in train mode) waits for the randomness option (another engineer)")

@@ -202,3 +202,15 @@ def test_jacobian_with_dropout_is_one_matrix_and_its_transpose(randomness):
     assert torch.equal(J @ flat, J @ flat)
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training and model[2].training
+
+
+def test_fixed_fisher_trace_and_top_eigenvalue_match_the_seeded_truth():
+    """With dropout active: the exact Fisher equals the GGN for cross-entropy under the same
+    masks; its trace and top eigenvalue from the operator equal the dense truth's."""
+    model, batches = dropout_problem()
+    op = curvfx.fisher(model, CE, batches, kind="exact")
+    truth = seeded_truth(model, batches, op.model_seed, "ggn")
+    assert_matches_dense(op, truth)
+    assert_close_rel(curvfx.trace(op, "exact"), torch.trace(truth))
+    top = curvfx.eigsh(op, k=1, return_eigenvectors=False, generator=torch.Generator().manual_seed(0))
+    assert_close_rel(top, torch.linalg.eigvalsh(truth)[-1:], tol=1e-8)
