@@ -78,3 +78,26 @@ def test_factored_layers_do_not_count_against_the_generic_routes_budget():
         with pytest.raises(curvfx.MemoryBudgetError, match="K·P = 3·"):
             G._exact_diagonal(backend="generic")
     assert_close_rel(unconstrained, G.to_dense().diagonal())
+
+
+def test_exact_diagonal_on_a_huge_output_space_states_the_factor_size():
+    """Cross-entropy on [N, V, T] logits: the exact factor has V·T columns per sample."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(512, 4), nn.Linear(4, 512)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids)).transpose(1, 2)  # [N, V, T]
+
+    x, y = torch.randint(0, 512, (8, 64)), torch.randint(0, 512, (8, 64))
+    G = curvfx.ggn(Tokens(), nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(
+        curvfx.MemoryBudgetError, match=r"factor S \[K ≤ 32768, \*\[8, 512, 64\]\] needs 32.0 GB"
+    ):
+        curvfx.diagonal(G, "exact")
+    F = curvfx.fisher(
+        Tokens(), nn.CrossEntropyLoss(), (x, y), kind="mc", generator=torch.Generator().manual_seed(0)
+    )
+    assert_close_rel(curvfx.diagonal(F, "exact"), F._exact_diagonal("generic"))  # K = 1 draw: fits

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
+from curvfx._memory import check_fits
+
 __all__ = [
     "AutogradLoss",
     "BCEWithLogitsLoss",
@@ -87,13 +89,25 @@ class Loss:
         return self._hessian_vp(outputs, targets, v)
 
     def hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample factor ``S`` [K, *outputs.shape] of the output Hessian."""
+        """Per-sample factor ``S`` [K, *outputs.shape] of the output Hessian.
+
+        Raises:
+            MemoryBudgetError: If S may exceed the memory budget (:mod:`curvfx._memory`):
+                K is at most one sample's number of outputs D (C·T for cross-entropy on
+                [N, C, T] logits), so S holds at most D·N·D numbers.
+        """
         self.check(outputs, targets)
+        _check_factor_fits(outputs, "the output Hessian's factor")
         return self._hessian_factor(outputs, targets)
 
     def fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample factor ``S`` [K, *outputs.shape] of the output-space Fisher."""
+        """Per-sample factor ``S`` [K, *outputs.shape] of the output-space Fisher.
+
+        Raises:
+            MemoryBudgetError: As :meth:`hessian_factor`.
+        """
         self.check(outputs, targets)
+        _check_factor_fits(outputs, "the output Fisher's factor")
         return self._fisher_factor(outputs, targets)
 
     def sample_targets(
@@ -593,3 +607,16 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Ten
     flat = probs.movedim(1, -1).reshape(-1, c)
     draws = torch.multinomial(flat, 1, replacement=True, generator=generator)
     return draws.reshape(probs.shape[0], *probs.shape[2:])
+
+
+def _check_factor_fits(outputs: Tensor, what: str) -> None:
+    """Budget check before forming a factor [K, *outputs.shape] with K ≤ D = outputs per sample."""
+    if torch.compiler.is_compiling():  # checked by the eager self-check's call
+        return
+    per_sample = outputs[0].numel() if outputs.dim() else 1
+    check_fits(
+        f"{what} S [K ≤ {per_sample}, *{list(outputs.shape)}]",
+        per_sample * outputs.numel(),
+        outputs.dtype,
+        "use a stochastic estimate (method='hutchinson', or the Monte-Carlo Fisher: K = num_samples)",
+    )
