@@ -80,8 +80,11 @@ def _outer_squares(
     a2, g2 = call[0][:, 0] ** 2, call[1][:, :, 0] ** 2  # [N, G, in], [K, N, G, out]
     out = {}
     if "weight" in names:
-        w = torch.einsum("kngo,ngi->n" if per_sample else "kngo,ngi->goi", g2, a2)
-        out[names["weight"]] = w if per_sample else w.reshape(module.weight.shape)
+        if per_sample:  # Σ_k Σ_g (Σ_o g²)(Σ_i a²)
+            out[names["weight"]] = (g2.sum((0, 3)) * a2.sum(2)).sum(1)
+        else:  # Σ_n (Σ_k g²) a²ᵀ per group: one matrix product (K summed first)
+            w = torch.bmm(g2.sum(0).permute(1, 2, 0), a2.transpose(0, 1))  # [G, out, in]
+            out[names["weight"]] = w.reshape(module.weight.shape)
     if "bias" in names:
         out[names["bias"]] = g2.sum((0, 2, 3)) if per_sample else g2.sum(0).sum(0).reshape(-1)
     return out
