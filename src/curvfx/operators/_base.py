@@ -19,7 +19,7 @@ from torch.func import vmap
 
 from curvfx._errors import all_finite, describe, inside_transform
 from curvfx._memory import check_fits
-from curvfx._pytree import as_tree, ravel, unravel
+from curvfx._pytree import as_tree, leaves, ravel, unravel
 
 __all__ = [
     "DenseOperator",
@@ -32,6 +32,10 @@ __all__ = [
 ]
 
 PyTree = Any
+
+# dtype and device of an operator over parameters, read from its ``params`` pytree
+PARAMS_DTYPE = property(lambda self: leaves(self.params)[0].dtype, doc="The parameters' dtype.")
+PARAMS_DEVICE = property(lambda self: leaves(self.params)[0].device, doc="The parameters' device.")
 
 
 class LinearOperator:

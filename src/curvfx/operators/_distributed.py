@@ -39,6 +39,7 @@ __all__ = [
     "broadcast_seed",
     "process_group_of",
     "rank_of",
+    "rank_stream_seed",
     "resolve_process_group",
     "summed_over_ranks",
     "unwrap_ddp",
@@ -116,6 +117,11 @@ def unwrap_ddp(model: Any) -> Any:
     prefix).
     """
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def rank_stream_seed(seed: int, process_group: dist.ProcessGroup, device: Any = None) -> int:
+    """Rank 0's ``seed`` offset by ``rank·2³²``: one random stream per rank (a collective)."""
+    return broadcast_seed(seed, process_group, device) + (rank_of(process_group) << 32)
 
 
 def broadcast_seed(seed: int, process_group: dist.ProcessGroup | None, device: Any = None) -> int:

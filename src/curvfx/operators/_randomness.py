@@ -27,7 +27,7 @@ from torch import nn
 
 from curvfx._capture import supported_layers
 from curvfx.functional import FunctionalModel
-from curvfx.operators._distributed import broadcast_seed, rank_of
+from curvfx.operators._distributed import rank_stream_seed
 
 __all__ = [
     "RANDOMNESS",
@@ -60,9 +60,7 @@ def fixed_seed(randomness: str, process_group, device: torch.device) -> int | No
         return None
     with torch.random.fork_rng(devices=[]):
         seed = int(torch.randint(0, 2**62, (1,)))
-    if process_group is not None:  # rank 0's seed; a stream per rank
-        seed = broadcast_seed(seed, process_group, device) + (rank_of(process_group) << 32)
-    return seed
+    return seed if process_group is None else rank_stream_seed(seed, process_group, device)
 
 
 @contextlib.contextmanager

@@ -49,15 +49,10 @@ from curvfx._pytree import leaves, num_params, ravel, unravel
 from curvfx._structured import check_backend, sample_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.losses import Loss, get_loss
-from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
-from curvfx.operators._distributed import (
-    broadcast_seed,
-    rank_of,
-    resolve_process_group,
-    summed_over_ranks,
-)
+from curvfx.operators._distributed import rank_stream_seed, resolve_process_group, summed_over_ranks
 from curvfx.operators._randomness import (
     batch_randomness,
     check_diagonal_masks,
@@ -94,6 +89,28 @@ class CurvatureOperator(LinearOperator):
     randomness: str = "fixed"  # random operations in the model, see curvfx.operators._randomness
     model_seed: int | None = None  # the seed of randomness="fixed"
 
+    def _set_common(
+        self,
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        factor,
+        chunk_size,
+        compile,
+        process_group,
+        randomness,
+        batch_size_fn,
+    ) -> None:
+        """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn)."""
+        self.model_fn, self.params = model_fn, params
+        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
+        self.factor, self.chunk_size = float(factor), chunk_size
+        self.process_group = resolve_process_group(process_group)
+        self.randomness = check_randomness(randomness, model_fn)
+        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
+        self.compile_options = compile_options(compile)
+
     def restrict(self, names: str | list[str]) -> CurvatureOperator:
         """The operator over the parameters ``names`` selects, the others held fixed at their values.
 
@@ -118,15 +135,7 @@ class CurvatureOperator(LinearOperator):
         p = num_params(self.params)
         return (p, p)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype."""
-        return leaves(self.params)[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters."""
-        return leaves(self.params)[0].device
+    dtype, device = PARAMS_DTYPE, PARAMS_DEVICE
 
     @property
     def in_like(self) -> PyTree:
@@ -273,13 +282,18 @@ class HessianOperator(CurvatureOperator):
         randomness="fixed",
         batch_size_fn=None,
     ):
-        self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
-        self.factor, self.chunk_size = float(factor), chunk_size
-        self.process_group = resolve_process_group(process_group)
-        self.randomness = check_randomness(randomness, model_fn)
-        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
-        self.compile_options = compile_options(compile)
+        self._set_common(
+            model_fn,
+            loss_fn,
+            params,
+            data,
+            factor,
+            chunk_size,
+            compile,
+            process_group,
+            randomness,
+            batch_size_fn,
+        )
 
     def _product(self, b, x, y, v, strategy):
         return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v, strategy=strategy)
@@ -308,13 +322,18 @@ class GGNOperator(CurvatureOperator):
         randomness="fixed",
         batch_size_fn=None,
     ):
-        self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
-        self.factor, self.chunk_size = float(factor), chunk_size
-        self.process_group = resolve_process_group(process_group)
-        self.randomness = check_randomness(randomness, model_fn)
-        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
-        self.compile_options = compile_options(compile)
+        self._set_common(
+            model_fn,
+            loss_fn,
+            params,
+            data,
+            factor,
+            chunk_size,
+            compile,
+            process_group,
+            randomness,
+            batch_size_fn,
+        )
 
     def _product(self, b, x, y, v, strategy):
         return ggn_vp(self.model_fn, self.loss, self.params, x, y, v, strategy=strategy)
@@ -361,18 +380,22 @@ class FisherOperator(CurvatureOperator):
         batch_size_fn=None,
     ):
         check_fisher_kind(kind, num_samples)
-        self.model_fn, self.params = model_fn, params
-        self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
-        self.factor, self.chunk_size = float(factor), chunk_size
-        self.process_group = resolve_process_group(process_group)
-        self.randomness = check_randomness(randomness, model_fn)
-        self.model_seed = fixed_seed(randomness, self.process_group, self.device)
+        self._set_common(
+            model_fn,
+            loss_fn,
+            params,
+            data,
+            factor,
+            chunk_size,
+            compile,
+            process_group,
+            randomness,
+            batch_size_fn,
+        )
         self.kind, self.num_samples = kind, num_samples
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
         if kind == "mc" and self.process_group is not None:  # rank 0's seed; a stream per rank
-            group = self.process_group
-            self.seed = broadcast_seed(self.seed, group, self.device) + (rank_of(group) << 32)
-        self.compile_options = compile_options(compile)
+            self.seed = rank_stream_seed(self.seed, self.process_group, self.device)
         if self.compile_options is not None and kind == "mc":
             raise ValueError("compile: not supported for kind='mc' (its per-batch generators do not trace)")
 

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._pytree import leaves, num_params, ravel, unravel
+from curvfx._pytree import num_params, ravel, unravel
 from curvfx.func import model_jvp, model_vjp
 from curvfx.functional import as_function
-from curvfx.operators._base import LinearOperator, apply_columns
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._distributed import unwrap_ddp
 from curvfx.operators._randomness import batch_randomness, check_randomness, fixed_seed, replay_batch_seed
@@ -66,15 +66,7 @@ class JacobianOperator(LinearOperator):
         """(N·C, P)."""
         return (self.output_shape.numel(), num_params(self.params))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype."""
-        return leaves(self.params)[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters."""
-        return leaves(self.params)[0].device
+    dtype, device = PARAMS_DTYPE, PARAMS_DEVICE
 
     @property
     def in_like(self) -> PyTree:

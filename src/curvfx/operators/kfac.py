@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._pytree import leaves, num_params
+from curvfx._pytree import num_params
 from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import AutogradLoss, get_loss
-from curvfx.operators._base import LinearOperator
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator
 from curvfx.operators._data import Batches
 from curvfx.operators._kfac_factors import (
     FISHER_TYPES,
@@ -100,8 +100,7 @@ class KFACOperator(LinearOperator):
         self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     shape = property(lambda self: (num_params(self.params),) * 2, doc="(P, P).")
-    dtype = property(lambda self: leaves(self.params)[0].dtype, doc="The parameters' dtype.")
-    device = property(lambda self: leaves(self.params)[0].device, doc="The parameters' device.")
+    dtype, device = PARAMS_DTYPE, PARAMS_DEVICE
     in_like = property(lambda self: self.params, doc="The parameters (pytree inputs/outputs).")
     out_like = in_like
 
