@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from curvfx._errors import describe, inside_transform
+from curvfx._forward_rules import ConstantInputTangents
 from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
 
@@ -223,7 +224,7 @@ def model_vjp(model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor) -
 
 
 def _forward_ad(model_at, spec, p: list[Tensor], v_leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
-    with fwad.dual_level():
+    with fwad.dual_level(), ConstantInputTangents():
         duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, v_leaves)]
         outputs, jv = fwad.unpack_dual(model_at(unflatten(spec, duals)))  # f, Jv
     return outputs, torch.zeros_like(outputs) if jv is None else jv.detach()

@@ -7,7 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "describe", "inside_transform"]
+__all__ = ["UnsupportedInputError", "all_finite", "describe", "inside_transform"]
+
+
+class UnsupportedInputError(ValueError, NotImplementedError):
+    """An argument value the function does not support.
+
+    A ``ValueError`` (curvfx's rule for bad input) that is also a ``NotImplementedError``,
+    for the seed APIs whose originals raise that for the same input.
+    """
 
 
 def describe(obj: Any) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._engines import jv_by_transposition
-from curvfx._errors import describe
+from curvfx._errors import UnsupportedInputError, describe
 from curvfx._factors import factor_product
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.api._secorder_hvp import check_bool, model_parts, model_result, param_list, pure_function
@@ -285,9 +285,9 @@ def generalized_fisher_diagonal(
         A list over ``model.parameters()``, each tensor shaped like its parameter.
 
     Raises:
-        NotImplementedError: For a ``loss_type`` other than ``"nll"`` or ``outputs`` with
-            fewer than two dimensions (as torch-secorder).
-        ValueError: If ``outputs`` has no autograd graph or ``targets`` do not fit.
+        ValueError: If ``loss_type`` is not ``"nll"``, ``outputs`` has fewer than two
+            dimensions (these two errors are also ``NotImplementedError``, which
+            torch-secorder raises there) or no autograd graph, or ``targets`` do not fit.
     """
     op, params, index = _recorded_fisher(model, outputs, targets, loss_type, create_graph)
     d = diagonal(op, method="exact")  # Σ_{n,k} (J_nᵀ s_kn)²
@@ -324,7 +324,6 @@ def generalized_fisher_trace(
     Raises:
         ValueError: If ``num_samples`` is not a positive int, or as
             :func:`generalized_fisher_diagonal`.
-        NotImplementedError: As :func:`generalized_fisher_diagonal`.
     """
     check_count(num_samples, "num_samples")
     op, _, _ = _recorded_fisher(model, outputs, targets, loss_type, create_graph)
@@ -426,9 +425,9 @@ def _recorded_fisher(
     """Validate the generalized-Fisher arguments; the operator, its parameters and their names."""
     check_bool(create_graph, "create_graph")
     if loss_type not in LOSS_TYPES:
-        raise NotImplementedError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+        raise UnsupportedInputError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if not isinstance(outputs, Tensor) or outputs.dim() < 2:
-        raise NotImplementedError(
+        raise UnsupportedInputError(
             f"outputs: expected the model's outputs [N, C, ...] (logits or log-probabilities), "
             f"got {describe(outputs)}"
         )
