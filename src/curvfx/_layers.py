@@ -27,9 +27,17 @@ __all__ = ["layer_squares", "reads_per_sample"]
 
 
 def layer_squares(
-    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, Tensor]], per_sample: bool
+    module: nn.Module,
+    names: dict[str, str],
+    calls: list[tuple[Tensor, Tensor]],
+    per_sample: bool,
+    out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Squared per-sample gradients of ``module``'s parameters ``names`` from its ``calls``."""
+    """Squared per-sample gradients of ``module``'s parameters ``names`` from its ``calls``.
+
+    ``out`` (optional, name -> tensor shaped like the result): where a result may be
+    written instead of a new tensor (the caller's flat vector, saving a copy).
+    """
     kind = layer_kind(module)
     if kind == "embedding":
         return {names["weight"]: _embedding(module, calls, per_sample)}
@@ -38,7 +46,7 @@ def layer_squares(
     else:
         flat = [_positions(module, a, g) for a, g in calls]
         if len(flat) == 1 and flat[0][0].shape[1] == 1:  # one call, one position: factored
-            return _outer_squares(module, names, flat[0], per_sample)
+            return _outer_squares(module, names, flat[0], per_sample, out or {})
         grads = _linear_grads(module, names, flat)
     reduce = (lambda G: (G**2).flatten(2).sum((0, 2))) if per_sample else (lambda G: (G**2).sum((0, 1)))
     return {names[attr]: reduce(G) for attr, G in grads.items()}
@@ -74,20 +82,28 @@ def _positions(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
 
 
 def _outer_squares(
-    module: nn.Module, names: dict[str, str], call: tuple[Tensor, Tensor], per_sample: bool
+    module: nn.Module,
+    names: dict[str, str],
+    call: tuple[Tensor, Tensor],
+    per_sample: bool,
+    out: dict[str, Tensor],
 ) -> dict[str, Tensor]:
-    """One position: ``(g aᵀ)² = g² (a²)ᵀ``, contracted without forming G_kn."""
-    a2, g2 = call[0][:, 0] ** 2, call[1][:, :, 0] ** 2  # [N, G, in], [K, N, G, out]
-    out = {}
+    """One position: ``Σ_k (g_k aᵀ)² = (Σ_k g_k²) (a²)ᵀ``, contracted without forming G_kn."""
+    a, g = call[0][:, 0], call[1][:, :, 0]  # [N, G, in], [K, N, G, out]
+    a2 = a * a
+    g2 = g[0] * g[0] if g.shape[0] == 1 else (g * g).sum(0)  # Σ_k g_k² [N, G, out]
+    result = {}
     if "weight" in names:
-        if per_sample:  # Σ_k Σ_g (Σ_o g²)(Σ_i a²)
-            out[names["weight"]] = (g2.sum((0, 3)) * a2.sum(2)).sum(1)
-        else:  # Σ_n (Σ_k g²) a²ᵀ per group: one matrix product (K summed first)
-            w = torch.bmm(g2.sum(0).permute(1, 2, 0), a2.transpose(0, 1))  # [G, out, in]
-            out[names["weight"]] = w.reshape(module.weight.shape)
+        if per_sample:  # Σ_g (Σ_o g²)(Σ_i a²)
+            result[names["weight"]] = (g2.sum(2) * a2.sum(2)).sum(1)
+        else:  # Σ_n g_n² a_n²ᵀ per group: one batched matrix product [G, out, in]
+            into = out.get(names["weight"])
+            into = None if into is None else into.view(a.shape[1], g.shape[-1], a.shape[-1])
+            w = torch.bmm(g2.permute(1, 2, 0), a2.transpose(0, 1), out=into)
+            result[names["weight"]] = w.reshape(module.weight.shape)
     if "bias" in names:
-        out[names["bias"]] = g2.sum((0, 2, 3)) if per_sample else g2.sum(0).sum(0).reshape(-1)
-    return out
+        result[names["bias"]] = g2.sum((1, 2)) if per_sample else g2.sum(0).reshape(-1)
+    return result
 
 
 def _linear_grads(

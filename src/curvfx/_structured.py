@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from curvfx._capture import captured, output_grads, supported_layers
 from curvfx._factors import factor_diagonal
 from curvfx._layers import layer_squares, reads_per_sample
-from curvfx._pytree import leaves, unsqueeze_leaves
+from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
 from curvfx.functional import FunctionalModel
 
-__all__ = ["check_backend", "sample_squares", "structured_diagonal"]
+__all__ = ["check_backend", "raveled_squares", "sample_squares", "structured_diagonal"]
 
 BACKENDS = ("auto", "structured", "generic")
 Factor = Tensor | Callable[[Tensor], Tensor]
@@ -65,12 +65,41 @@ def sample_squares(
     Raises:
         ValueError: For an unknown ``backend``, or "structured" with a pure function.
     """
+    if _structured_route(fn, params, backend):
+        return structured_diagonal(fn, params, x, S, chunk_size, per_sample)
+    return _generic_squares(fn, params, x, S, chunk_size, per_sample)
+
+
+def raveled_squares(
+    fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk = None, backend: str = "auto"
+) -> Tensor:
+    """``Σ_n Σ_k (J_nᵀ s_kn)²`` as one vector [P] (:func:`sample_squares`, then raveled).
+
+    On the structured route the layers write their largest results straight into the
+    vector (no copy of the diagonal, no second P-sized allocation).
+    """
+    if not _structured_route(fn, params, backend):
+        return ravel(_generic_squares(fn, params, x, S, chunk_size, False))
+    first = next(iter(params.values()))
+    flat = first.new_empty(num_params(params))
+    into = unravel(flat, params)
+    diag = structured_diagonal(fn, params, x, S, chunk_size, False, out=into)
+    for k, d in diag.items():
+        if d.data_ptr() != into[k].data_ptr():
+            into[k].copy_(d)
+    return flat
+
+
+def _structured_route(fn: Any, params: Any, backend: str) -> bool:
+    """Whether ``backend`` takes the structured route (ValueError if it is impossible)."""
     check_backend(backend)
     possible = isinstance(fn, FunctionalModel) and isinstance(params, dict)
     if backend == "structured" and not possible:
         raise ValueError("backend: 'structured' needs an nn.Module model (made functional by curvfx)")
-    if possible and backend != "generic":
-        return structured_diagonal(fn, params, x, S, chunk_size, per_sample)
+    return possible and backend != "generic"
+
+
+def _generic_squares(fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk, per_sample: bool) -> Any:
     S = _factor_at(fn, params, x, S)
 
     def sample_outputs(p, xn):
@@ -92,6 +121,7 @@ def structured_diagonal(
     S: Factor,
     chunk_size: Chunk = None,
     per_sample: bool = False,
+    out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``Σ_n Σ_k (J_nᵀ s_kn)²`` per parameter for ``S`` [K, N, *output_shape] (a dict like ``params``).
 
@@ -100,7 +130,8 @@ def structured_diagonal(
     parameter instead. Known layers (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``,
     the affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and of
     ``nn.BatchNorm1d/2d/3d`` in eval mode; see :mod:`curvfx._capture`) are handled in
-    factored form; every other parameter by the generic route.
+    factored form; every other parameter by the generic route. ``out``: tensors shaped
+    like ``params`` that factored layers may write their results into (and then return).
     """
     layers = supported_layers(fn.module, params, factored=True)
     diag: dict[str, Tensor] = {}
@@ -120,7 +151,7 @@ def structured_diagonal(
         grads = iter(output_grads(outputs, zs, S) if zs else ())  # ∂⟨f, s_k⟩/∂z per call, [K, *z.shape]
         for module, calls in records.items():
             per_call = [(a, next(grads)) for a, _ in calls]
-            diag.update(layer_squares(module, layers[module], per_call, per_sample))
+            diag.update(layer_squares(module, layers[module], per_call, per_sample, out))
     else:
         S = _factor_at(fn, params, x, S)
     if S.shape[0] == 0:  # an empty factor (e.g. a loss linear in the outputs)

@@ -46,7 +46,7 @@ from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
-from curvfx._structured import check_backend, sample_squares
+from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
@@ -455,6 +455,6 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
             fitting = fitting_chunk(what, k * size, n, op.dtype, "use method='hutchinson'")
             return min(fitting, max(1, SAMPLE_NUMBERS // max(1, k * size)))
 
-        return ravel(sample_squares(op.model_fn, op.params, x, factor, chunk, backend=backend))
+        return raveled_squares(op.model_fn, op.params, x, factor, chunk, backend=backend)
 
     return op._over_batches(per_batch)
