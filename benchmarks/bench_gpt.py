@@ -1,9 +1,10 @@
 """A GPT-style decoder: curvature ops as ratios to one gradient, peak memory, curvlinops beside.
 
-The model (:class:`GPT`): token and position embeddings, pre-LayerNorm blocks of causal
-self-attention (``F.scaled_dot_product_attention(is_causal=True)``) and a GELU MLP, a final
-LayerNorm and an output layer tied to the token embedding, GPT-2's initialization
-(N(0, 0.02²) weights: with unit-variance embeddings the tied logits saturate the softmax);
+The model (``GPT`` of ``tests/zoo.py``): token and position embeddings, pre-LayerNorm
+blocks of causal self-attention (``F.scaled_dot_product_attention(is_causal=True)``) and a
+GELU MLP of width 4·128, a final LayerNorm and an output layer tied to the token embedding,
+GPT-2's initialization (N(0, 0.02²) weights: with unit-variance embeddings the tied logits
+saturate the softmax);
 vocabulary 512, width 128, 4 blocks of 4 heads, context 64 (P = 867,072).
 Batch: 8 sequences of 64 tokens, targets with about 10 % set to -100
 (``nn.CrossEntropyLoss(ignore_index=-100)`` on logits [N, V, T]). CPU, float32.
@@ -38,14 +39,17 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _common import machine, time_ops
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvfx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import GPT
 
 VOCAB, CONTEXT, WIDTH, BLOCKS, HEADS = 512, 64, 128, 4, 4
 BATCH, IGNORED = 8, 0.1
@@ -54,55 +58,14 @@ FULL = {"repeats": 10, "slow_seconds": 20.0, "max_seconds": 10.0, "timeout": 600
 MAX_FACTOR_BYTES = 4 * 2**30  # the exact diagonal's factor S above this: not run at that size
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(a.transpose(1, 2).reshape(n, t, d))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    """GPT-style decoder, logits [N, V, T] (class dimension 1, as ``nn.CrossEntropyLoss`` takes them)."""
-
-    def __init__(self, vocab=VOCAB, context=CONTEXT, d=WIDTH, blocks=BLOCKS, heads=HEADS):
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, d)
-        self.pos_emb = nn.Embedding(context, d)
-        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(blocks)))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied
-        for m in self.modules():  # GPT-2's initialization: N(0, 0.02²) weights, zero biases
-            if isinstance(m, nn.Linear | nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        h = self.blocks(self.tok_emb(idx) + self.pos_emb(pos))
-        return self.lm_head(self.ln_f(h)).transpose(1, 2)
+def gpt2_init_(model: nn.Module) -> nn.Module:
+    """GPT-2's initialization, in place: N(0, 0.02²) weights of Linear and Embedding, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def batch(seq: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -244,7 +207,7 @@ def _raiser(err):
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    model = GPT(VOCAB, CONTEXT, WIDTH, BLOCKS, HEADS)
+    model = gpt2_init_(GPT(VOCAB, CONTEXT, WIDTH, HEADS, hidden=4 * WIDTH, blocks=BLOCKS))
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     x, y = batch(CONTEXT)
     P = sum(p.numel() for p in model.parameters())

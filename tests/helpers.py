@@ -35,15 +35,19 @@ def loss_of_params(problem: Problem, fn: Any) -> Any:
 
 
 def hvp_or_none(f: Any, params: Any, v: Any, strategy: str, *, mse: bool) -> Any:
-    """``curvfx.hvp``; returns None where "fwd-rev" declines an MSE loss with ValueError.
+    """``curvfx.hvp``; None where a strategy declines the function with a ValueError.
 
-    torch 2.13's ``jvp`` of ``grad`` fails on ``mse_loss``; curvfx may refuse that
-    strategy there with a ValueError. Anywhere else every strategy must work.
+    torch 2.13's ``jvp`` of ``grad`` fails on ``mse_loss``, so "fwd-rev" may refuse an MSE
+    loss; "rev-fwd" refuses functions with an operation outside its checked list (batch
+    norm, log-softmax, layer norm, attention, recurrent layers; ``tests/test_func.py``
+    checks that it accepts the plain models). Anywhere else every strategy must work.
     """
-    if strategy == "fwd-rev" and mse:
+    if (strategy == "fwd-rev" and mse) or strategy == "rev-fwd":
         try:
             return curvfx.hvp(f, params, v, strategy=strategy)
-        except ValueError:
+        except ValueError as err:
+            if strategy == "rev-fwd" and "rev-fwd" not in str(err):
+                raise
             return None
     return curvfx.hvp(f, params, v, strategy=strategy)
 

@@ -1,8 +1,13 @@
-"""The forward-mode rules for affine layers with a constant input equal torch's own formulas.
+"""The forward-mode rules of :mod:`curvfx._forward_rules`, against torch's formulas and dense Hessians.
 
-Each case runs one call under ``torch.autograd.forward_ad`` twice, with and without
-:class:`ConstantInputTangents`, in float64, and compares the output, its tangent and the
-reverse-mode gradients through the output to the primal weights.
+* Affine layers with a constant input: one call under ``torch.autograd.forward_ad`` with
+  and without :class:`ForwardRules`, in float64, comparing the output, its tangent and the
+  reverse-mode gradients through the output to the primal weights.
+* Differentiable tangents: the reverse-over-forward HVP (``strategy="rev-fwd"``) of a
+  function around each operation in :data:`TRUSTED` (each must be covered), and around
+  losses whose own forward-mode formula torch cannot back-propagate, equals the dense
+  Hessian (``torch.autograd.functional.hessian``) times v; functions with operations the
+  rules cannot make differentiable fall back to double backprop (and are exact too).
 """
 
 import pytest
@@ -11,7 +16,7 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 
 import curvfx
-from curvfx._forward_rules import ConstantInputTangents
+from curvfx._forward_rules import TRUSTED, ForwardRules
 
 D = torch.float64
 
@@ -25,7 +30,7 @@ def _run(op, x, weight, bias, w_tangent, b_tangent, x_tangent, options, rules):
         bd = b if (b is None or b_tangent is None) else fwad.make_dual(b, b_tangent)
         xd = x if x_tangent is None else fwad.make_dual(x, x_tangent)
         if rules:
-            with ConstantInputTangents():
+            with ForwardRules():
                 out = op(xd, wd, bd, **options)
         else:
             out = op(xd, wd, bd, **options)
@@ -74,7 +79,7 @@ def test_rules_equal_torch_formulas(case, tangents):
 def test_rules_skip_the_zero_input_product():
     """Under the rules, a first linear layer does two products (y and ẏ), not three."""
     x, w = torch.randn(8, 5, dtype=D), torch.randn(3, 5, dtype=D)
-    with fwad.dual_level(), ConstantInputTangents():
+    with fwad.dual_level(), ForwardRules():
         with torch.profiler.profile() as prof:
             F.linear(x, fwad.make_dual(w, torch.ones_like(w)))
     products = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
@@ -108,3 +113,226 @@ def test_model_vmapping_inside_keeps_torch_formulas():
     jac = torch.func.jacrev(lambda p: fn(p, x))(params)
     truth = sum((jac[k].reshape(10, -1) @ v[k].reshape(-1)) for k in params).reshape(5, 2)
     torch.testing.assert_close(curvfx.model_jvp(fn, params, x, v), truth, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# reverse-over-forward HVP: f(z) for z [4, 6]; every case is nonlinear in z
+
+_Y = torch.tensor([1, 0, 5, 2])
+_R = torch.linspace(-1, 1, 24, dtype=D).reshape(4, 6)
+_X = torch.linspace(-2, 2, 2 * 3 * 36, dtype=D).reshape(2, 3, 6, 6).sin()
+_T = torch.Tensor
+
+
+def _cube(t):
+    return (t**3).sum()
+
+
+def _inplace_relu(z):
+    w = z * 1.5
+    return _cube(F.relu(w, inplace=True))
+
+
+def _iadd(z):
+    w = z * z
+    w += z
+    return _cube(w)
+
+
+def _imul(z):
+    w = z + 1
+    w *= z
+    return _cube(w)
+
+
+def _add_(z):
+    w = z.sin()
+    w.add_(z)
+    return _cube(w)
+
+
+def _mul_(z):
+    w = z.sin()
+    w.mul_(z)
+    return _cube(w)
+
+
+def _relu_(z):
+    w = z - 0.1
+    torch.relu_(w)
+    return _cube(w)
+
+
+def _tensor_relu_(z):
+    w = z - 0.1
+    w.relu_()
+    return _cube(w)
+
+
+HVP_CASES = {
+    # products, the affine rule included
+    "linear constant input": lambda z: _cube(F.linear(_R[:, :4], z[:3, :4], z[3, :3])),
+    "linear": lambda z: _cube(F.linear(z, z[:3] * 0.5)),
+    "conv1d": lambda z: _cube(F.conv1d(z.reshape(2, 2, 6), z[:3, :4].reshape(3, 2, 2))),
+    "conv2d": lambda z: _cube(F.conv2d(_X, z[:2, :3].reshape(2, 3, 1, 1), z[3, :2], padding=1)),
+    "conv2d both": lambda z: _cube(F.conv2d(z.reshape(1, 1, 4, 6), z[:2, :2].reshape(1, 1, 2, 2))),
+    "conv3d": lambda z: _cube(F.conv3d(z.reshape(1, 1, 2, 3, 4), z[0, :2].reshape(1, 1, 1, 1, 2))),
+    "matmul": lambda z: _cube(torch.matmul(z, z.T)),
+    "Tensor.matmul": lambda z: _cube(z.matmul(z.mT)),
+    "@": lambda z: _cube(z @ z.t()),
+    "rmatmul": lambda z: _cube(_R.T @ z) + _cube(_T.__rmatmul__(z, _R.T)),
+    "mm": lambda z: _cube(torch.mm(z, z.T)) + _cube(z.mm(z.T)),
+    "bmm": lambda z: (
+        _cube(torch.bmm(z.reshape(2, 2, 6), z.reshape(2, 6, 2)))
+        + _cube(z.reshape(2, 2, 6).bmm(z.reshape(2, 6, 2)))
+    ),
+    # arithmetic
+    "add": lambda z: _cube(torch.add(z, z * z)) + _cube(z.add(1.0)) + _cube(z + z.sin()) + _cube(2.0 + z),
+    "sub": lambda z: _cube(torch.sub(z, z * z)) + _cube(z.sub(z.cos())) + _cube(z - 1.0) + _cube(1.0 - z),
+    "mul": lambda z: _cube(torch.mul(z, z)) + _cube(z.mul(z.sin())) + _cube(z * 3.0) + _cube(2.0 * z),
+    "div": lambda z: (
+        _cube(torch.div(z, z * z + 1)) + _cube(z.div(2.0)) + _cube(z / 3.0) + _cube(1.0 / (z * z + 1))
+    ),
+    "neg and pow": lambda z: (
+        _cube(torch.neg(z)) + _cube(z.neg()) + _cube(-z) + torch.pow(z, 4).sum() + z.pow(3).sum()
+    ),
+    "in-place add and mul": lambda z: _iadd(z) + _imul(z) + _add_(z) + _mul_(z),
+    # activations
+    "elementwise functions": lambda z: (
+        _cube(torch.exp(z) + z.exp())
+        + _cube(torch.log(z * z + 1) + (z * z + 2).log())
+        + _cube(torch.sqrt(z * z + 1) + (z * z + 2).sqrt())
+        + _cube(torch.rsqrt(z * z + 1) + (z * z + 2).rsqrt())
+        + _cube(torch.sin(z) + z.sin())
+        + _cube(torch.cos(z) + z.cos())
+    ),
+    "copies": lambda z: _cube(z.clone() * z),
+    "relu": lambda z: _cube(F.relu(z)) + _cube(torch.relu(z - 0.2)) + _cube(z.relu()),
+    "relu in place": lambda z: _inplace_relu(z) + _relu_(z) + _tensor_relu_(z),
+    "tanh and sigmoid": lambda z: (
+        _cube(torch.tanh(z)) + _cube(z.tanh()) + _cube(torch.sigmoid(z)) + _cube(z.sigmoid())
+    ),
+    "gelu and silu": lambda z: _cube(F.gelu(z)) + _cube(F.gelu(z, approximate="tanh")) + _cube(F.silu(z)),
+    # shapes and views
+    "reshape and view": lambda z: (
+        _cube(torch.reshape(z, (6, 4)) @ z) + _cube(z.reshape(3, 8).view(8, 3) @ z[:3])
+    ),
+    "flatten": lambda z: _cube(torch.flatten(z) * z.flatten()),
+    "transpose and permute": lambda z: (
+        _cube(torch.transpose(z, 0, 1) @ z)
+        + _cube(z.transpose(0, 1) @ z)
+        + _cube(torch.permute(z, (1, 0)) @ z.permute(1, 0).T)
+    ),
+    "squeeze and unsqueeze": lambda z: (
+        _cube(torch.unsqueeze(z, 0) * z.unsqueeze(1).squeeze(1)) + _cube(torch.squeeze(z[None]) * z)
+    ),
+    "expand and contiguous": lambda z: _cube(z[:1].expand(4, 6).contiguous() * z),
+    "getitem": lambda z: _cube(z[[0, 2], 1:] * z[1:3, :5]),
+    "split and chunk": lambda z: (
+        _cube(torch.split(z, 2)[0] * z.split(2)[1]) + _cube(torch.chunk(z, 2, 1)[0] * z.chunk(2, 1)[1])
+    ),
+    "cat and stack": lambda z: _cube(torch.cat([z, z * z]) @ z.T) + _cube(torch.stack([z, z.sin()]) * z),
+    # reductions, pooling, lookups
+    "sum and mean": lambda z: (
+        torch.sum(z * z, 1).pow(3).sum()
+        + (z * z).sum(0).pow(3).sum()
+        + torch.mean(z * z, 1).pow(3).sum()
+        + (z * z).mean(0).pow(3).sum()
+    ),
+    "max pool": lambda z: (
+        _cube(F.max_pool1d(z[None], 2))
+        + _cube(F.max_pool2d(z[None], 2))
+        + _cube(F.max_pool3d(z.reshape(1, 1, 2, 2, 6), 2))
+    ),
+    "avg pool": lambda z: (
+        _cube(F.avg_pool1d(z[None], 2))
+        + _cube(F.avg_pool2d(z[None], 2))
+        + _cube(F.avg_pool3d(z.reshape(1, 1, 2, 2, 6), 2))
+    ),
+    "adaptive avg pool": lambda z: (
+        _cube(F.adaptive_avg_pool1d(z[None], 4))
+        + _cube(F.adaptive_avg_pool2d(z[None], 3))
+        + _cube(F.adaptive_avg_pool3d(z.reshape(1, 1, 2, 2, 6), 2))
+    ),
+    "embedding": lambda z: _cube(F.embedding(torch.tensor([[0, 2], [3, 2]]), z)),
+    # losses (scalar outputs) whose own forward-mode formula torch cannot back-propagate
+    "cross_entropy": lambda z: (
+        F.cross_entropy(z, _Y) + F.cross_entropy(z, _Y, label_smoothing=0.1, reduction="sum")
+    ),
+    "cross_entropy ignore_index": lambda z: F.cross_entropy(z * z, _Y, ignore_index=5),
+    "nll_loss": lambda z: F.nll_loss(z * z.sin(), _Y),
+    "kl_div": lambda z: F.kl_div(z.sin(), _R.softmax(1), reduction="batchmean"),
+    "mse and bce": lambda z: F.mse_loss(z.sin(), _R) + F.binary_cross_entropy_with_logits(z, _R.sigmoid()),
+}
+
+
+@pytest.mark.parametrize("case", list(HVP_CASES))
+def test_reverse_over_forward_equals_dense_hessian(case):
+    f = HVP_CASES[case]
+    z = torch.linspace(-1.3, 1.1, 24, dtype=D).reshape(4, 6) + 0.05 * torch.randn(
+        4, 6, dtype=D, generator=torch.Generator().manual_seed(0)
+    )
+    v = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(1))
+    truth = (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
+    for strategy in ("rev-fwd", "auto"):
+        torch.testing.assert_close(curvfx.hvp(f, z, v, strategy=strategy), truth, rtol=1e-10, atol=1e-10)
+
+
+def test_every_trusted_operation_is_checked():
+    """Each operation in TRUSTED is called with a tangent input by some case above."""
+    seen = set()
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            leaves = [
+                t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            ]
+            if any(fwad.unpack_dual(t).tangent is not None for t in leaves):
+                seen.add(func)
+            return func(*args, **kwargs)
+
+    z = torch.linspace(-1.3, 1.1, 24, dtype=D).reshape(4, 6)
+    for f in HVP_CASES.values():
+        with fwad.dual_level(), Spy():
+            f(fwad.make_dual(z, torch.ones_like(z)))
+    assert not [getattr(op, "__qualname__", op) for op in TRUSTED if op not in seen]
+
+
+def _sigmoid_in_place(z):
+    w = z * 2
+    w.sigmoid_()
+    return _cube(w)
+
+
+def _vmapped_inside(z):
+    return _cube(torch.vmap(lambda row: row.sin() * row)(z))
+
+
+FALLBACK_CASES = {  # tensor-valued operations outside TRUSTED, in-place writes, transforms inside
+    "log_softmax": lambda z: _cube(F.log_softmax(z, 1)),
+    "softmax": lambda z: _cube(z.softmax(0)),
+    "cross_entropy per sample": lambda z: _cube(F.cross_entropy(z, _Y, reduction="none")),
+    "logsumexp": lambda z: _cube(torch.logsumexp(z, 1)),
+    "layer_norm": lambda z: _cube(F.layer_norm(z, (6,), _R[0], _R[1])),
+    "batch_norm train": lambda z: _cube(F.batch_norm(z, None, None, _R[0], _R[1], training=True)),
+    "attention": lambda z: _cube(
+        F.scaled_dot_product_attention(
+            z.reshape(1, 4, 6), z.flip(0).reshape(1, 4, 6), z.reshape(1, 4, 6), is_causal=True
+        )
+    ),
+    "untrusted in-place op": _sigmoid_in_place,
+    "vmap inside": _vmapped_inside,
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACK_CASES))
+def test_untrusted_functions_fall_back_to_double_backprop(case):
+    """ "auto" gives the exact HVP by double backprop; "rev-fwd" says it cannot."""
+    f = FALLBACK_CASES[case]
+    z = torch.linspace(-1.3, 1.1, 24, dtype=D).reshape(4, 6)
+    v = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(1))
+    truth = (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
+    torch.testing.assert_close(curvfx.hvp(f, z, v), truth, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="rev-fwd"):
+        curvfx.hvp(f, z, v, strategy="rev-fwd")

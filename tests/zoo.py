@@ -62,27 +62,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class TinyGPT(nn.Module):
+class GPT(nn.Module):
     """GPT-style decoder with a tied output embedding; logits [N, V, T] (class dim 1).
 
     ``lm_head.weight is tok_emb.weight``; the logits are transposed to [N, V, T] so that
-    ``nn.CrossEntropyLoss`` takes them with targets [N, T] as they are.
+    ``nn.CrossEntropyLoss`` takes them with targets [N, T] as they are. Also the model of
+    ``benchmarks/bench_gpt.py``.
     """
 
-    def __init__(self, vocab: int = 7, context: int = 5, d: int = 4, heads: int = 2, hidden: int = 6):
+    def __init__(self, vocab: int, context: int, d: int, heads: int, hidden: int, blocks: int):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, d)
         self.pos_emb = nn.Embedding(context, d)
-        self.blocks = nn.Sequential(Block(d, heads, hidden), Block(d, heads, hidden))
+        self.blocks = nn.Sequential(*(Block(d, heads, hidden) for _ in range(blocks)))
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.tok_emb.weight
-        _perturb_norms(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
         h = self.blocks(self.tok_emb(idx) + self.pos_emb(pos))
         return self.lm_head(self.ln_f(h)).transpose(1, 2)
+
+
+def TinyGPT(vocab: int = 7, context: int = 5, d: int = 4, heads: int = 2, hidden: int = 6) -> GPT:
+    """A 2-block :class:`GPT` with random LayerNorm affines."""
+    model = GPT(vocab, context, d, heads, hidden, blocks=2)
+    _perturb_norms(model)
+    return model
 
 
 class ResBlock(nn.Module):

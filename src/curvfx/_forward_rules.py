@@ -1,17 +1,35 @@
-"""Forward-mode rules that skip the zero tangent of a constant operand.
+"""Forward-mode rules: cheaper tangents for affine layers, and tangents reverse mode can differentiate.
 
-Torch's forward-mode formula for an affine map ``y = x Wᵀ + b`` (``F.linear``, and the
-same for ``F.conv1d/2d/3d``) is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``; when ``x`` carries no tangent
-(the model's input, seen by the first layer) it still multiplies a zero ``ẋ`` by ``W``,
-one full product of the layer's size: for a 784-256-256-10 MLP about a third of the
-tangent pass. Inside :class:`ConstantInputTangents` such calls compute ``y`` from the
-primal weights (keeping the reverse-mode graph to them) and ``ẏ = x Ẇᵀ + ḃ`` directly.
-Every other call, every call whose input carries a tangent, and every call under a
-``torch.func`` transform (a model that vmaps inside) runs unchanged.
+Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mode dual level):
+
+* **Constant input.** Torch's formula for an affine map ``y = x Wᵀ + b`` (``F.linear``,
+  ``F.conv1d/2d/3d``) is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``; when ``x`` carries no tangent (the
+  model's input, seen by the first layer) it still multiplies a zero ``ẋ`` by ``W``, one
+  full product of the layer's size (a third of the tangent work of a 784-256-256-10 MLP).
+  Such calls compute ``y`` from the primal weights (keeping the reverse-mode graph to them)
+  and ``ẏ = x Ẇᵀ + ḃ`` directly.
+* **Differentiable tangents** (``differentiable=True``, for the reverse-over-forward HVP
+  ``H v = ∇_θ (∇f·v)``, which back-propagates through the tangents). Some of torch's
+  forward-mode formulas cannot be differentiated in reverse mode: softmax, log-softmax,
+  cross-entropy, logsumexp and attention modify a saved result in place (an error), and
+  layer norm and batch norm in train mode give wrong second derivatives without an error
+  (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
+  torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
+  Any other operation with a tangent input and a scalar output (a loss) gets
+  ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph, differentiable wherever double
+  backprop is. Any other operation with a tangent input and a tensor output, an in-place
+  or ``out=`` call of an operation outside :data:`TRUSTED`, or a ``torch.func`` transform
+  inside the function raises :class:`UntrustedTangents`, and the caller uses double
+  backprop instead.
+
+Every call without tangent inputs runs unchanged; so does every call under a ``torch.func``
+transform when ``differentiable=False``.
 """
 
 from __future__ import annotations
 
+import optree
+import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,29 +37,132 @@ from torch.overrides import TorchFunctionMode
 
 from curvfx._errors import inside_transform
 
-__all__ = ["ConstantInputTangents"]
+__all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
 
 _SPATIAL_DIMS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # op(input, weight, bias=None, *config)
 
+_T = torch.Tensor
+TRUSTED = frozenset(
+    {  # as torch's function mode sees them: `a + b` is Tensor.add, `1 / a` Tensor.__rdiv__
+        # products
+        F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, _T.matmul, _T.__rmatmul__,
+        torch.mm, _T.mm, torch.bmm, _T.bmm,
+        # arithmetic, in place too
+        torch.add, _T.add, _T.add_, torch.sub, _T.sub, _T.__rsub__, torch.mul, _T.mul, _T.mul_,
+        torch.div, _T.div, _T.__rdiv__, torch.neg, _T.neg, torch.pow, _T.pow, _T.__pow__,
+        # elementwise functions and activations
+        torch.exp, _T.exp, torch.log, _T.log, torch.sqrt, _T.sqrt, torch.rsqrt, _T.rsqrt,
+        torch.sin, _T.sin, torch.cos, _T.cos, F.relu, torch.relu, _T.relu, torch.relu_,
+        _T.relu_, torch.tanh, _T.tanh, torch.sigmoid, _T.sigmoid, F.gelu, F.silu,
+        # shapes, views and copies
+        torch.reshape, _T.reshape, _T.view, torch.flatten, _T.flatten, torch.transpose,
+        _T.transpose, torch.permute, _T.permute, _T.t, torch.unsqueeze, _T.unsqueeze,
+        torch.squeeze, _T.squeeze, _T.expand, _T.contiguous, _T.clone, _T.__getitem__,
+        torch.split, _T.split, torch.chunk, _T.chunk, torch.cat, torch.stack, _T.T.__get__,
+        _T.mT.__get__,
+        # reductions, pooling, lookups
+        torch.sum, _T.sum, torch.mean, _T.mean, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+        F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.embedding,
+    }
+)  # fmt: skip
 
-class ConstantInputTangents(TorchFunctionMode):
-    """Run affine layers whose input has no tangent without the ``ẋ Wᵀ`` term (see module)."""
+
+_PASS = TRUSTED | {torch._make_dual, torch._unpack_dual}  # and the dual-number API itself
+
+
+class UntrustedTangents(RuntimeError):
+    """The function does an operation whose tangent :class:`ForwardRules` cannot make differentiable."""
+
+
+class ForwardRules(TorchFunctionMode):
+    """The rules of the module docstring; ``differentiable``: tangents will be back-propagated."""
+
+    def __init__(self, differentiable: bool = False):
+        super().__init__()
+        self.differentiable = differentiable
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SPATIAL_DIMS and len(args) >= 2 and not inside_transform() and _tangent(args[0]) is None:
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            w_primal, w_tangent = fwad.unpack_dual(args[1])
-            b_primal, b_tangent = fwad.unpack_dual(bias) if isinstance(bias, Tensor) else (bias, None)
-            if w_tangent is not None or b_tangent is not None:
-                rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
-                out = func(args[0], w_primal, b_primal, *rest, **options)
-                if w_tangent is None:  # ẏ = ḃ, broadcast over the batch and spatial dims
-                    tangent = b_tangent.reshape((-1,) + (1,) * _SPATIAL_DIMS[func]).expand_as(out)
-                else:
-                    tangent = func(args[0], w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
-                return fwad.make_dual(out, tangent)
-        return func(*args, **kwargs)
+        if inside_transform():
+            if self.differentiable:
+                raise UntrustedTangents("a torch.func transform inside the function")
+            return func(*args, **kwargs)
+        if func in _SPATIAL_DIMS and len(args) >= 2 and _tangent(args[0]) is None:
+            out = _constant_input(func, args, kwargs)
+            if out is not None:
+                return out
+        if not self.differentiable or func in _PASS or not _has_tangent(args, kwargs):
+            return func(*args, **kwargs)
+        if _in_place(func, kwargs):
+            raise UntrustedTangents(
+                f"{getattr(func, '__name__', func)} writes a tensor with a tangent in place"
+            )
+        return _scalar_tangent(func, args, kwargs)
+
+
+def _constant_input(func, args, kwargs) -> Tensor | None:
+    """An affine call whose input has no tangent: ``(y, x Ẇᵀ + ḃ)``; None if nothing has a tangent."""
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    w_primal, w_tangent = fwad.unpack_dual(args[1])
+    b_primal, b_tangent = fwad.unpack_dual(bias) if isinstance(bias, Tensor) else (bias, None)
+    if w_tangent is None and b_tangent is None:
+        return None
+    rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
+    out = func(args[0], w_primal, b_primal, *rest, **options)
+    if w_tangent is None:  # ẏ = ḃ, broadcast over the batch and spatial dims
+        tangent = b_tangent.reshape((-1,) + (1,) * _SPATIAL_DIMS[func]).expand_as(out)
+    else:
+        tangent = func(args[0], w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
+    return fwad.make_dual(out, tangent)
+
+
+def _scalar_tangent(func, args, kwargs):
+    """``func`` on the primals; a scalar output ``y`` made dual with ``ẏ = Σ_i ⟨∂y/∂x_i, ẋ_i⟩``.
+
+    ``∂y/∂x_i`` comes from a backward pass with its graph, so the tangent is differentiable
+    wherever double backprop is. An operation with any other output raises
+    :class:`UntrustedTangents`: its tangent would need third derivatives of torch's
+    backward formulas, and some of those are wrong without an error (layer norm's).
+    """
+    leaves, spec = optree.tree_flatten((args, kwargs))
+    inputs, tangents = [], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            primal, tangent = fwad.unpack_dual(leaf)
+            if tangent is not None:
+                primal = primal if primal.requires_grad else primal.detach().requires_grad_()
+                inputs.append(primal)
+                tangents.append(tangent)
+            leaves[i] = primal
+    call_args, call_kwargs = optree.tree_unflatten(spec, leaves)
+    with torch.enable_grad():
+        out = func(*call_args, **call_kwargs)
+        if not (isinstance(out, Tensor) and out.numel() == 1):
+            if any(isinstance(o, Tensor) and o.requires_grad for o in optree.tree_leaves(out)):
+                raise UntrustedTangents(
+                    f"{getattr(func, '__name__', func)} has no differentiable forward-mode rule"
+                )
+            return out  # no differentiable output (an integer, a shape, a comparison)
+        if not out.requires_grad:
+            return out
+        grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
+    terms = [(g * t).sum() for g, t in zip(grads, tangents) if g is not None]
+    return fwad.make_dual(out, sum(terms).reshape(out.shape) if terms else torch.zeros_like(out))
+
+
+def _in_place(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    return (
+        (name.endswith("_") and not name.endswith("__"))
+        or name.startswith("__i")
+        or bool(kwargs.get("inplace"))
+        or kwargs.get("out") is not None
+    )
+
+
+def _has_tangent(args, kwargs) -> bool:
+    return any(_tangent(leaf) is not None for leaf in optree.tree_leaves((args, kwargs)))
 
 
 def _tangent(t) -> Tensor | None:

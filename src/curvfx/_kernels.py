@@ -11,6 +11,7 @@ differentiates that pass works. The user's settings are restored on exit.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -19,18 +20,36 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["derivable_kernels"]
 
+_active = threading.local()  # .attention: an enclosing derivable_kernels chose the SDPA kernel
+
 
 @contextlib.contextmanager
 def derivable_kernels(module: nn.Module | None = None) -> Iterator[None]:
-    """Run the enclosed forward pass with the math SDPA kernel (and no cuDNN RNNs in ``module``)."""
+    """Run the enclosed forward pass with the math SDPA kernel (and no cuDNN RNNs in ``module``).
+
+    Nested uses (a curvfx model function called inside a curvfx transform) choose the
+    attention kernel once, at the outermost level.
+    """
     if torch.compiler.is_compiling():  # the compiled graph decomposes attention itself
         yield
         return
+    outermost = not getattr(_active, "attention", False)
+    rnn = module is not None and _cudnn_on() and _has_rnn(module)
+    if not (outermost or rnn):
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        if module is not None and torch.backends.cudnn.enabled and _has_rnn(module):
+        if outermost:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            _active.attention = True
+            stack.callback(setattr, _active, "attention", False)
+        if rnn:
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         yield
+
+
+def _cudnn_on() -> bool:
+    return torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
 
 
 def _has_rnn(module: nn.Module) -> bool:

@@ -9,9 +9,10 @@ for the HVP, one first backward pass) and loop over the columns through the reta
 graph, as PyHessian does for its probes; inside a ``torch.func`` transform or with a
 ``torch.func`` strategy the columns are vmapped.
 
-Engines. Each product has a plain-autograd engine (fastest eager, measured in
-``benchmarks/``) and a ``torch.func`` engine. ``strategy="auto"`` picks the autograd
-engine when called eagerly and the ``torch.func`` engine when called inside a
+Engines. Each product has eager engines built on ``torch.autograd`` (the fastest,
+measured in ``benchmarks/``: reverse-over-forward for ``hvp``, forward-mode Jv then one
+backward pass for ``ggn_vp``) and a ``torch.func`` engine. ``strategy="auto"`` picks the
+fastest eager engine when called eagerly and the ``torch.func`` engine when called inside a
 ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...), so every transform composes
 with ``torch.func``: ``vmap(lambda v: hvp(f, params, v))(V)`` is a matrix product.
 
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 PyTree = Any
-HVP_STRATEGIES = ("auto", "autograd", "rev-rev", "fwd-rev")  # documented in hvp
+HVP_STRATEGIES = ("auto", "rev-fwd", "autograd", "rev-rev", "fwd-rev")  # documented in hvp
 GGN_STRATEGIES = ("auto", "autograd", "forward-ad", "func", "func-vjp")
 
 
@@ -68,12 +69,19 @@ def hvp(
         params: Parameter pytree θ (leaves: tensors).
         v: Pytree shaped like ``params``, a flat tensor [P], or a matrix [P, K] of K
             flat vectors (result [P, K]; see the module docstring).
-        strategy: ``"autograd"`` (reverse-over-reverse double backprop with
-            ``torch.autograd``; the fastest eager engine, 2.0–2.6× a gradient),
-            ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``), ``"fwd-rev"`` (``jvp``
-            of ``grad``; torch 2.13 cannot differentiate ``F.mse_loss`` this way and a
-            ``ValueError`` says so), or ``"auto"``: ``"autograd"`` eagerly, ``"rev-rev"``
-            inside a ``torch.func`` transform.
+        strategy: ``"rev-fwd"`` (reverse-over-forward, ``∇_θ (∇f·v)``: one forward pass
+            with dual parameters carrying the directional derivative, then one backward
+            pass through it; the fastest eager engine, about 2.0–2.2× a gradient on the
+            benchmark MLPs and CNN; operations whose forward-mode derivative torch cannot
+            back-propagate correctly get theirs from their backward pass, see
+            :mod:`curvfx._forward_rules`; a ``ValueError`` where that is impossible),
+            ``"autograd"`` (reverse-over-reverse double backprop with ``torch.autograd``,
+            2.3–2.8×), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
+            ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
+            ``F.mse_loss`` this way and a ``ValueError`` says so), or ``"auto"``: eagerly
+            ``"rev-fwd"``, falling back to ``"autograd"`` for a function with an operation
+            that has no usable forward-mode derivative (and ``"autograd"`` for the shared
+            forward pass of a matrix V); ``"rev-rev"`` inside a ``torch.func`` transform.
 
     Returns:
         ``H v`` in the form of ``v``.
@@ -87,11 +95,13 @@ def hvp(
         >>> hvp(lambda p: (p["w"] ** 3).sum(), params, torch.tensor([1.0, 0.0]))
         tensor([6., 0.])
     """
-    engine = _engines.pick(strategy, HVP_STRATEGIES, eager="autograd", composable="rev-rev")
+    engine = _engines.pick(strategy, HVP_STRATEGIES, eager="auto-eager", composable="rev-rev")
     columns = as_columns(v, params)
     if columns is not None:
-        if engine == "autograd":
+        if engine in ("auto-eager", "autograd"):  # one forward and first backward for all columns
             return _stacked(_engines.hessian_vps(f, params, columns))
+        if engine == "rev-fwd":
+            return _stacked([_engines.hessian_vp(f, params, c, engine) for c in columns])
         return _vmapped_columns(lambda c: hvp(f, params, c, strategy=strategy), v)
     tree, flat = as_tree(v, params)
     out = _engines.hessian_vp(f, params, tree, engine)
