@@ -125,7 +125,7 @@ def curvfx_ops(c, strategies: bool = True) -> tuple[dict, dict]:
         },
         "optimizer step": _optimizer_steps(c),
     }
-    for s in ("autograd", "rev-rev", "fwd-rev") if strategies else ():
+    for s in ("rev-fwd", "autograd", "rev-rev", "fwd-rev") if strategies else ():
         ops["HVP"][f"strategy={s}"] = lambda s=s: curvfx.hvp(loss_at, c.params, c.v_dict, strategy=s)
     for s in ("autograd", "forward-ad", "func") if strategies else ():
         ops["GGN-vp"][f"strategy={s}"] = lambda s=s: curvfx.ggn_vp(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
+from curvfx._errors import inside_transform
 from curvfx._pytree import leaves, tree_map
 from curvfx.losses import Loss
 
@@ -119,10 +120,23 @@ def _stack(trees: list[PyTree]) -> PyTree:
     return tree_map(lambda *leaves: torch.stack(leaves), *trees)
 
 
+def _loss_gradient(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``∇_f L(f, targets)`` at ``f = outputs``.
+
+    By ``torch.func.grad`` inside transforms or for outputs with a graph (the result then
+    keeps it), else by one plain backward pass (less overhead).
+    """
+    if inside_transform() or outputs.requires_grad:
+        return grad(lambda f: loss(f, targets))(outputs)
+    with torch.enable_grad():
+        f = outputs.detach().requires_grad_()
+        return torch.autograd.grad(loss(f, targets), f)[0]
+
+
 def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:
     """``S[m] = √(Z_m / M) ∇_f L(f, ỹ_m)`` stacked over the M target sets."""
     rows = []
     for t in targets:
-        r = grad(lambda f, t=t: loss(f, t))(outputs)  # ∇_f L(f, t): sample n's row is ∇ L_n
+        r = _loss_gradient(loss, outputs, t)  # ∇_f L(f, t): sample n's row is ∇ L_n
         rows.append(r * torch.sqrt(torch.as_tensor(loss.normalizer(t), dtype=r.dtype) / len(targets)))
     return torch.stack(rows)
