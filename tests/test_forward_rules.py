@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvfx
+from curvfx._decompositions import DECOMPOSITIONS
 from curvfx._forward_rules import TRUSTED, ForwardRules
 
 D = torch.float64
@@ -263,7 +265,52 @@ HVP_CASES = {
     "nll_loss": lambda z: F.nll_loss(z * z.sin(), _Y),
     "kl_div": lambda z: F.kl_div(z.sin(), _R.softmax(1), reduction="batchmean"),
     "mse and bce": lambda z: F.mse_loss(z.sin(), _R) + F.binary_cross_entropy_with_logits(z, _R.sigmoid()),
+    # run as curvfx._decompositions
+    "log_softmax": lambda z: (
+        _cube(F.log_softmax(z, 1)) + _cube(torch.log_softmax(z, 0)) + _cube(z.log_softmax(-1))
+    ),
+    "softmax": lambda z: _cube(F.softmax(z, 1)) + _cube(torch.softmax(z, 0)) + _cube(z.softmax(-1)),
+    "logsumexp": lambda z: _cube(torch.logsumexp(z, 1)) + _cube(z.logsumexp((0, 1), keepdim=True)),
+    "layer_norm": lambda z: _cube(F.layer_norm(z, (6,), _R[0], _R[1])) + _cube(F.layer_norm(z, (4, 6))),
+    "rms_norm": lambda z: _cube(F.rms_norm(z, (6,), _R[0])) + _cube(F.rms_norm(z, (4, 6), eps=1e-3)),
+    "group_norm": lambda z: _cube(F.group_norm(z.reshape(2, 4, 3), 2, _R[0, :4], _R[1, :4])),
+    "batch_norm train": lambda z: (
+        _cube(F.batch_norm(z, None, None, _R[0], _R[1], training=True))
+        + _cube(
+            F.batch_norm(z.reshape(2, 3, 4), torch.zeros(3, dtype=D), torch.ones(3, dtype=D), training=True)
+        )
+    ),
+    "batch_norm eval": lambda z: _cube(
+        F.batch_norm(z.reshape(2, 3, 4), _R[0, :3], _R[1, :3].exp(), _R[2, :3], None)
+    ),
+    "attention": lambda z: (
+        _cube(
+            F.scaled_dot_product_attention(
+                z.reshape(1, 4, 6), z[[3, 1, 2, 0]].reshape(1, 4, 6), z.reshape(1, 4, 6), is_causal=True
+            )
+        )
+        + _cube(
+            F.scaled_dot_product_attention(
+                z.reshape(2, 2, 6),
+                z.reshape(2, 2, 6),
+                z.reshape(2, 2, 6),
+                attn_mask=torch.tensor([[True, False], [True, True]]),
+                scale=0.3,
+            )
+        )
+        + _cube(
+            F.scaled_dot_product_attention(
+                z.reshape(2, 2, 6), z.reshape(2, 2, 6), z.reshape(2, 2, 6), attn_mask=z[:2, :2]
+            )
+        )
+    ),
 }
+
+
+def _dense_hvp(f, z, v):
+    """Dense Hessian of f at z [4, 6] times v (math attention: the fused kernels have no double backward)."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        return (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
 
 
 @pytest.mark.parametrize("case", list(HVP_CASES))
@@ -273,13 +320,13 @@ def test_reverse_over_forward_equals_dense_hessian(case):
         4, 6, dtype=D, generator=torch.Generator().manual_seed(0)
     )
     v = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(1))
-    truth = (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
+    truth = _dense_hvp(f, z, v)
     for strategy in ("rev-fwd", "auto"):
         torch.testing.assert_close(curvfx.hvp(f, z, v, strategy=strategy), truth, rtol=1e-10, atol=1e-10)
 
 
 def test_every_trusted_operation_is_checked():
-    """Each operation in TRUSTED is called with a tangent input by some case above."""
+    """Each operation in TRUSTED or DECOMPOSITIONS is called with a tangent input by some case above."""
     seen = set()
 
     class Spy(torch.overrides.TorchFunctionMode):
@@ -296,7 +343,10 @@ def test_every_trusted_operation_is_checked():
     for f in HVP_CASES.values():
         with fwad.dual_level(), Spy():
             f(fwad.make_dual(z, torch.ones_like(z)))
-    assert not [getattr(op, "__qualname__", op) for op in TRUSTED if op not in seen]
+    assert not [getattr(op, "__qualname__", op) for op in TRUSTED | set(DECOMPOSITIONS) if op not in seen]
+
+
+_LSTM = torch.nn.LSTM(6, 3).double()
 
 
 def _sigmoid_in_place(z):
@@ -310,15 +360,11 @@ def _vmapped_inside(z):
 
 
 FALLBACK_CASES = {  # tensor-valued operations outside TRUSTED, in-place writes, transforms inside
-    "log_softmax": lambda z: _cube(F.log_softmax(z, 1)),
-    "softmax": lambda z: _cube(z.softmax(0)),
     "cross_entropy per sample": lambda z: _cube(F.cross_entropy(z, _Y, reduction="none")),
-    "logsumexp": lambda z: _cube(torch.logsumexp(z, 1)),
-    "layer_norm": lambda z: _cube(F.layer_norm(z, (6,), _R[0], _R[1])),
-    "batch_norm train": lambda z: _cube(F.batch_norm(z, None, None, _R[0], _R[1], training=True)),
-    "attention": lambda z: _cube(
+    "recurrent layer": lambda z: _cube(_LSTM(z.reshape(4, 1, 6))[0]),
+    "grouped-query attention": lambda z: _cube(
         F.scaled_dot_product_attention(
-            z.reshape(1, 4, 6), z.flip(0).reshape(1, 4, 6), z.reshape(1, 4, 6), is_causal=True
+            z.reshape(1, 4, 1, 6), z[:2].reshape(1, 2, 1, 6), z[2:].reshape(1, 2, 1, 6), enable_gqa=True
         )
     ),
     "untrusted in-place op": _sigmoid_in_place,
@@ -332,7 +378,7 @@ def test_untrusted_functions_fall_back_to_double_backprop(case):
     f = FALLBACK_CASES[case]
     z = torch.linspace(-1.3, 1.1, 24, dtype=D).reshape(4, 6)
     v = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(1))
-    truth = (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
+    truth = _dense_hvp(f, z, v)
     torch.testing.assert_close(curvfx.hvp(f, z, v), truth, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="rev-fwd"):
         curvfx.hvp(f, z, v, strategy="rev-fwd")

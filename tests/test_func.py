@@ -161,24 +161,11 @@ def test_hvp_matches_dense_hessian(case, problem, dense, strategy):
     assert_close_rel(Hv, dense.hvp(v))
 
 
-_REV_FWD_DECLINES = {  # models with an operation outside curvfx._forward_rules.TRUSTED
-    "batchnorm_train-ce_mean": "batch_norm",
-    "batchnorm_train-mse_mean": "batch_norm",
-    "log_softmax-nll_mean": "log_softmax",
-    "log_softmax-nll_sum": "log_softmax",
-}
-
-
-def test_rev_fwd_declines_only_unchecked_operations(case, problem, dense):
-    """Reverse-over-forward is exact on every model made of checked operations, and names the op otherwise."""
+def test_rev_fwd_applies_to_every_case(case, problem, dense):
+    """Reverse-over-forward is exact on every model here (batch norm and log-softmax decomposed)."""
     fn, params = functional(problem)
     v = random_like(params, torch.Generator().manual_seed(0))
-    f = loss_of_params(problem, fn)
-    if case.name in _REV_FWD_DECLINES:
-        with pytest.raises(ValueError, match=f"'rev-fwd'.*{_REV_FWD_DECLINES[case.name]}"):
-            curvfx.hvp(f, params, v, strategy="rev-fwd")
-    else:
-        assert_close_rel(curvfx.hvp(f, params, v, strategy="rev-fwd"), dense.hvp(v))
+    assert_close_rel(curvfx.hvp(loss_of_params(problem, fn), params, v, strategy="rev-fwd"), dense.hvp(v))
 
 
 @pytest.mark.parametrize("strategy", HVP_STRATEGIES)

@@ -15,6 +15,8 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   layer norm and batch norm in train mode give wrong second derivatives without an error
   (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
   torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
+  Normalization layers, softmax, log-softmax, logsumexp and attention run as
+  :mod:`curvfx._decompositions` (the same values from checked operations).
   Any other operation with a tangent input and a scalar output (a loss) gets
   ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph, differentiable wherever double
   backprop is. Any other operation with a tangent input and a tensor output, an in-place
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from curvfx._decompositions import DECOMPOSITIONS
 from curvfx._errors import inside_transform
 
 __all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
@@ -98,7 +101,13 @@ class ForwardRules(TorchFunctionMode):
             raise UntrustedTangents(
                 f"{getattr(func, '__name__', func)} writes a tensor with a tangent in place"
             )
-        return _scalar_tangent(func, args, kwargs)
+        decomposed = DECOMPOSITIONS.get(func)
+        if decomposed is None:
+            return _scalar_tangent(func, args, kwargs)
+        try:
+            return decomposed(*args, **kwargs)  # checked operations only (the mode is off in here)
+        except NotImplementedError as err:
+            raise UntrustedTangents(f"{getattr(func, '__name__', func)}: {err}") from err
 
 
 def _constant_input(func, args, kwargs) -> Tensor | None:

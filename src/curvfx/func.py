@@ -72,9 +72,11 @@ def hvp(
         strategy: ``"rev-fwd"`` (reverse-over-forward, ``∇_θ (∇f·v)``: one forward pass
             with dual parameters carrying the directional derivative, then one backward
             pass through it; the fastest eager engine, about 2.0–2.2× a gradient on the
-            benchmark MLPs and CNN; operations whose forward-mode derivative torch cannot
-            back-propagate correctly get theirs from their backward pass, see
-            :mod:`curvfx._forward_rules`; a ``ValueError`` where that is impossible),
+            benchmark MLPs and CNN; torch's forward-mode formulas are used only where they
+            back-propagate correctly, normalization, softmax and attention are decomposed,
+            losses take their tangent from their backward pass, see
+            :mod:`curvfx._forward_rules`; a ``ValueError`` for anything else, such as a
+            recurrent layer),
             ``"autograd"`` (reverse-over-reverse double backprop with ``torch.autograd``,
             2.3–2.8×), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
             ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
