@@ -382,3 +382,28 @@ def test_untrusted_functions_fall_back_to_double_backprop(case):
     torch.testing.assert_close(curvfx.hvp(f, z, v), truth, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="rev-fwd"):
         curvfx.hvp(f, z, v, strategy="rev-fwd")
+
+
+@pytest.mark.parametrize(
+    "case, engine",
+    [
+        ("linear", "rev-fwd"),
+        ("cross_entropy", "rev-fwd"),
+        ("layer_norm", "autograd"),
+        ("attention", "autograd"),
+    ],
+)
+def test_auto_uses_double_backprop_where_a_decomposition_is_needed(case, engine, monkeypatch):
+    """ "auto" runs reverse-over-forward without decompositions; with one it takes double backprop."""
+    calls = []
+    monkeypatch.setattr(
+        curvfx._engines, "hessian_vps", lambda *a: calls.append("autograd") or _double_backprop(*a)
+    )
+    f = HVP_CASES[case]
+    z = torch.linspace(-1.3, 1.1, 24, dtype=D).reshape(4, 6)
+    v = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(curvfx.hvp(f, z, v), _dense_hvp(f, z, v), rtol=1e-10, atol=1e-10)
+    assert calls == ([] if engine == "rev-fwd" else ["autograd"])
+
+
+_double_backprop = curvfx._engines.hessian_vps

@@ -79,11 +79,17 @@ class UntrustedTangents(RuntimeError):
 
 
 class ForwardRules(TorchFunctionMode):
-    """The rules of the module docstring; ``differentiable``: tangents will be back-propagated."""
+    """The rules of the module docstring.
 
-    def __init__(self, differentiable: bool = False):
+    ``differentiable``: tangents will be back-propagated. ``decompose``: run the operations
+    of :data:`~curvfx._decompositions.DECOMPOSITIONS` decomposed (else they raise
+    :class:`UntrustedTangents`, for callers that prefer double backprop to a decomposition).
+    """
+
+    def __init__(self, differentiable: bool = False, decompose: bool = True):
         super().__init__()
         self.differentiable = differentiable
+        self.decompose = decompose  # else the operations of DECOMPOSITIONS raise UntrustedTangents
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -104,6 +110,8 @@ class ForwardRules(TorchFunctionMode):
         decomposed = DECOMPOSITIONS.get(func)
         if decomposed is None:
             return _scalar_tangent(func, args, kwargs)
+        if not self.decompose:
+            raise UntrustedTangents(f"{getattr(func, '__name__', func)} would run decomposed")
         try:
             return decomposed(*args, **kwargs)  # checked operations only (the mode is off in here)
         except NotImplementedError as err:

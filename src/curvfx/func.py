@@ -71,19 +71,19 @@ def hvp(
             flat vectors (result [P, K]; see the module docstring).
         strategy: ``"rev-fwd"`` (reverse-over-forward, ``∇_θ (∇f·v)``: one forward pass
             with dual parameters carrying the directional derivative, then one backward
-            pass through it; the fastest eager engine, about 2.0–2.2× a gradient on the
-            benchmark MLPs and CNN; torch's forward-mode formulas are used only where they
-            back-propagate correctly, normalization, softmax and attention are decomposed,
+            pass through it; torch's forward-mode formulas are used only where they
+            back-propagate correctly, normalization, softmax and attention run decomposed,
             losses take their tangent from their backward pass, see
             :mod:`curvfx._forward_rules`; a ``ValueError`` for anything else, such as a
-            recurrent layer),
-            ``"autograd"`` (reverse-over-reverse double backprop with ``torch.autograd``,
-            2.3–2.8×), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
+            recurrent layer), ``"autograd"`` (reverse-over-reverse double backprop with
+            ``torch.autograd``), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
             ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
             ``F.mse_loss`` this way and a ``ValueError`` says so), or ``"auto"``: eagerly
-            ``"rev-fwd"``, falling back to ``"autograd"`` for a function with an operation
-            that has no usable forward-mode derivative (and ``"autograd"`` for the shared
-            forward pass of a matrix V); ``"rev-rev"`` inside a ``torch.func`` transform.
+            ``"rev-fwd"`` for functions that need no decomposition (the fastest: about
+            2.0–2.5× a gradient on the benchmark MLPs and CNN, double backprop 2.3–2.8×)
+            and ``"autograd"`` otherwise (faster than the decomposed ``"rev-fwd"`` on a
+            GPT-style model) and for the shared forward pass of a matrix V; ``"rev-rev"``
+            inside a ``torch.func`` transform.
 
     Returns:
         ``H v`` in the form of ``v``.
