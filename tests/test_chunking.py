@@ -1,6 +1,8 @@
-"""Matrix products: the transforms on V [P, K], operators' matmats, batched layer-output gradients."""
+"""Matrix products: the transforms on V [P, K] and how operators batch their columns."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from dense import assert_close_rel
 from torch import nn
 
 import curvfx
+from curvfx._chunking import COLUMN_NUMBERS, columns_per_call
 
 DT = torch.float64
 
@@ -33,16 +36,39 @@ def _operators(model, x, y):
     }
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 3], ids=["shared-graph loop", "vmap 1", "vmap 3"])
+def test_columns_per_call_counts_largest_activation(monkeypatch):
+    model, x, _ = _conv_problem()
+    fn, params = curvfx.make_functional(model)
+    per_column = 5 * 2 * 4 * 4  # the conv output saved by ReLU (parameters are not counted)
+    assert columns_per_call(fn, params, x) == COLUMN_NUMBERS // per_column
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", 3 * per_column + 1)
+    assert columns_per_call(fn, params, x) == 3
+
+
+def test_measurement_leaves_rng_and_grads_untouched():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    fn, params = curvfx.make_functional(model)
+    x = torch.randn(4, 3)
+    state = torch.get_rng_state()
+    columns_per_call(fn, params, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("budget", [1, 2**40], ids=["loop", "vmap"])
 @pytest.mark.parametrize("name", ["hessian", "ggn", "fisher-exact", "fisher-mc", "empirical"])
-def test_matmat_equals_columns_and_dense(name, chunk_size):
-    """One forward pass shared by the columns (the default), or vmap in chunks: the dense matrix."""
+def test_matmat_equals_columns_and_dense(monkeypatch, name, budget):
+    monkeypatch.setattr("curvfx._chunking.COLUMN_NUMBERS", budget)
     model, x, y = _conv_problem()
     op = _operators(model, x, y)[name]
-    op.chunk_size = chunk_size
     V = torch.randn(op.shape[0], 4, dtype=DT, generator=torch.Generator().manual_seed(1))
     dense = torch.stack([op @ e for e in torch.eye(op.shape[0], dtype=DT)], 1)  # one column at a time
     assert_close_rel(op @ V, dense @ V)
+    first_batch = 3 * 2 * 4 * 4  # measured on the first batch (3 samples)
+    if name == "hessian":  # always one shared graph: nothing to measure
+        assert op._measured_columns is None
+    else:
+        assert op._measured_columns == (1 if budget == 1 else 2**40 // first_batch)
 
 
 P = 4 * 6 + 6 + 6 * 3 + 3  # parameters of the MLP below
@@ -90,6 +116,21 @@ def test_matrix_of_wrong_height_is_rejected():
         curvfx.ggn_vp(fn, nn.MSELoss(), params, x, y, torch.zeros(P - 1, 2, dtype=DT))
     with pytest.raises(ValueError, match=r"v: .*dtype"):
         curvfx.hvp(lambda p: fn(p, x).sum(), params, torch.zeros(P, 2))
+
+
+def test_measurement_keeps_no_tensor_alive():
+    model, x, _ = _conv_problem()
+    fn, params = curvfx.make_functional(model)
+    columns_per_call(fn, params, x)
+
+    def live():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    before = live()
+    for _ in range(5):
+        columns_per_call(fn, params, x)
+    assert live() <= before  # a saved tensor that referenced itself would add one per call
 
 
 @pytest.mark.parametrize("budget", [1, 2**40], ids=["loop", "batched"])

@@ -44,8 +44,7 @@ def hessian(
         data: One ``(X, y)`` batch or a re-iterable of batches (list, DataLoader).
         params: Parameter pytree (default: the module's trainable parameters).
         factor: Scale of the whole operator.
-        chunk_size: Columns per vmap call in ``matmat``; None: no vmap, one forward pass
-            shared by all columns (faster on every benchmark model).
+        chunk_size: Columns per vmap call in ``matmat`` (None: all).
         compile: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False`` to
             skip the self-check): products are compiled once and checked against eager on
             first use (see :mod:`curvfx.operators._compile`); ``False``: eager.

@@ -34,13 +34,15 @@ Parameter subsets: ``op.restrict(names)`` is the same operator over the paramete
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvfx._chunking import SAMPLE_NUMBERS
+from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
+from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
@@ -124,7 +126,7 @@ class CurvatureOperator(LinearOperator):
         """
         op = copy.copy(self)
         op.params = selected_params(self.params, names)
-        op._compiled = None
+        op._compiled, op._measured_columns = None, None
         return op
 
     @property
@@ -177,14 +179,23 @@ class CurvatureOperator(LinearOperator):
         name = type(self).__name__
 
         def per_batch(b: int, x: Any, y: Tensor) -> Tensor:
-            # one forward (and, for the Hessian, first backward) pass shared by all columns beat
-            # vmap over columns on every model measured: Hessian 0.6× (CNN), 0.8× (784-1024-1024-10
-            # MLP), 1.05× (784-256-256-10 MLP) of vmap's time; GGN 0.39×, 0.84×, 1.03×
-            if self.chunk_size is None and V.shape[1] > 1:
+            shared = self.shares_graph or V.shape[1] > self._columns_per_call(x)
+            if self.chunk_size is None and V.shape[1] > 1 and shared:
                 return self._product(b, x, y, V, "auto")  # a loop over columns of one forward pass
             return apply_columns(lambda v: self._flat_product(b, x, y, v), V, self.chunk_size, name)
 
         return self._over_batches(per_batch, V)
+
+    _measured_columns: int | None = None
+    shares_graph = False  # True: matmats always loop over the columns of one shared graph
+
+    def _columns_per_call(self, x: Any) -> int:
+        """Columns one vmap call may batch (:func:`columns_per_call`, measured on the first batch)."""
+        if inside_transform():  # the products vmap over columns anyway
+            return sys.maxsize
+        if self._measured_columns is None:
+            self._measured_columns = columns_per_call(self.model_fn, self.params, x)
+        return self._measured_columns
 
     def _over_batches(
         self, per_batch: Callable[[int, Any, Tensor], Tensor], v: Tensor | None = None
@@ -253,6 +264,9 @@ class HessianOperator(CurvatureOperator):
     """
 
     compiled_strategy = "rev-rev"
+    # one forward and first backward pass shared by all columns beat vmap on every model
+    # measured (CNN 0.6×, 784-1024-1024-10 MLP 0.8×, 784-256-256-10 MLP 1.05× of vmap's time)
+    shares_graph = True
 
     def __init__(
         self,
