@@ -13,7 +13,7 @@ torch-secorder, PyHessian) and plain torch. Peers that do not import are listed 
   live before it (``_common.peak_memory``: torch.profiler memory events on CPU,
   max_memory_allocated on CUDA), the result included.
 * --quick: 3 rounds; a first call over 0.3 s is the only timing; one over 2 s is stopped (the row
-  says so); curvfx's explicit strategies are left out. The full run: 10 rounds, at most
+  says so); curvfx's explicit strategies are left out. The full run: 40 rounds, at most
   3 s of timed runs per implementation, every ``strategy=`` of ``hvp`` and ``ggn_vp``.
 * rel. diff: ‖peer - curvfx‖ / ‖curvfx‖ after the conversions of ``_peers.py``. For the
   stochastic ops (MC diag GGN, Hutchinson trace) differences of the size of the estimator's
@@ -62,7 +62,7 @@ GN_MAX_ENTRIES = 5e7
 # call alone; one that takes over 2 s is stopped and reported as such.
 QUICK = {"repeats": 3, "max_seconds": 0.3, "slow_seconds": 0.3, "timeout": 2.0}
 FULL = {
-    "repeats": 10,
+    "repeats": 40,  # fewer rounds left the millisecond ops' medians ±10 % apart between runs
     "max_seconds": 3.0,
     "slow_seconds": None,
     "timeout": 300.0,

@@ -103,8 +103,8 @@ def _reverse_over_forward(
     with torch.enable_grad():
         p = [leaf.detach().requires_grad_() for leaf in p_leaves]
         with fwad.dual_level():
+            duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, spec.flatten_up_to(v))]
             with ForwardRules(differentiable=True, decompose=decompose):
-                duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, spec.flatten_up_to(v))]
                 value = _scalar(_in_derivable_kernels(f))(unflatten(spec, duals))
             slope = fwad.unpack_dual(value).tangent  # ∇f·v, with its graph
         if slope is None or not slope.requires_grad:  # f is at most linear in θ
@@ -271,9 +271,11 @@ def model_vjp(model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor) -
 
 
 def _forward_ad(model_at, spec, p: list[Tensor], v_leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
-    with fwad.dual_level(), ForwardRules():
+    with fwad.dual_level():
         duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, v_leaves)]
-        outputs, jv = fwad.unpack_dual(model_at(unflatten(spec, duals)))  # f, Jv
+        with ForwardRules():
+            out = model_at(unflatten(spec, duals))
+        outputs, jv = fwad.unpack_dual(out)  # f, Jv
     return outputs, torch.zeros_like(outputs) if jv is None else jv.detach()
 
 
