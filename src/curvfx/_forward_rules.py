@@ -15,8 +15,9 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   layer norm and batch norm in train mode give wrong second derivatives without an error
   (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
   torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
-  Normalization layers, softmax, log-softmax, logsumexp and attention run as
-  :mod:`curvfx._decompositions` (the same values from checked operations).
+  With ``decompose=True``, normalization layers, softmax, log-softmax, logsumexp and
+  attention run as :mod:`curvfx._decompositions` (the same values from checked
+  operations); without, they raise :class:`UntrustedTangents` like the cases below.
   Any other operation with a tangent input and a scalar output (a loss) gets
   ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph, differentiable wherever double
   backprop is. Any other operation with a tangent input and a tensor output, an in-place
