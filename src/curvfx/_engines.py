@@ -10,14 +10,16 @@ space: the loss's Hessian for the GGN, a factor product for the Fisher kinds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
+from curvfx._decompositions import DECOMPOSITIONS
 from curvfx._errors import describe, inside_transform
 from curvfx._forward_rules import ForwardRules, UntrustedTangents
 from curvfx._kernels import derivable_kernels
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 PyTree = Any
+AUTO_DECOMPOSED = frozenset({F.batch_norm})  # what "auto" lets rev-fwd decompose
 OutputProduct = Callable[[Tensor], Callable[[Tensor], Tensor]]  # outputs f -> (u -> M(f) u)
 OutputCheck = Callable[[Tensor], None]
 
@@ -51,16 +54,17 @@ def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str
 def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine: str) -> PyTree:
     """``∇²f(params) v`` by ``engine`` in {"auto-eager", "rev-fwd", "autograd", "rev-rev", "fwd-rev"}.
 
-    "auto-eager": "rev-fwd" without decompositions, or "autograd" (with the random number
-    state of the first attempt) where the function has an operation that would need one or
-    that "rev-fwd" cannot differentiate: decomposed normalization, softmax and attention
-    made "rev-fwd" slower than double backprop on a GPT-style model (3.8× against 3.4× a
-    gradient; a CNN with BatchNorm: 3.65× against 4.0×, so "rev-fwd" stays available).
+    "auto-eager": "rev-fwd" decomposing only batch norm, or "autograd" (with the random
+    number state of the first attempt) where the function has an operation that would need
+    another decomposition or that "rev-fwd" cannot differentiate. Measured (× a gradient,
+    "rev-fwd" against double backprop): a small CNN with BatchNorm 3.7–4.0 against 4.0–4.4,
+    the same with GroupNorm 4.3 against 3.8, a GPT-style model (layer norm, softmax
+    attention) 3.8–4.0 against 3.3–3.4.
     """
     if engine == "auto-eager":
         rng = _rng_state()
         try:
-            return _reverse_over_forward(f, params, v, decompose=False)
+            return _reverse_over_forward(f, params, v, decompose=AUTO_DECOMPOSED)
         except (UntrustedTangents, NotImplementedError, RuntimeError) as err:
             if not isinstance(err, UntrustedTangents) and not _no_forward_mode(err):
                 raise
@@ -90,7 +94,7 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
 
 
 def _reverse_over_forward(
-    f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, decompose: bool = True
+    f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, decompose: Collection = DECOMPOSITIONS
 ) -> PyTree:
     """``H v = ∇_θ (∇f(θ)·v)``: one forward pass carrying the tangent ``∇f·v``, one backward.
 

@@ -15,9 +15,9 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   layer norm and batch norm in train mode give wrong second derivatives without an error
   (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
   torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
-  With ``decompose=True``, normalization layers, softmax, log-softmax, logsumexp and
-  attention run as :mod:`curvfx._decompositions` (the same values from checked
-  operations); without, they raise :class:`UntrustedTangents` like the cases below.
+  Normalization layers, softmax, log-softmax, logsumexp and attention run as
+  :mod:`curvfx._decompositions` (the same values from checked operations) when listed
+  in ``decompose``; otherwise they raise :class:`UntrustedTangents` like the cases below.
   Any other operation with a tangent input and a scalar output (a loss) gets
   ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph, differentiable wherever double
   backprop is. Any other operation with a tangent input and a tensor output, an in-place
@@ -30,6 +30,8 @@ transform when ``differentiable=False``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import optree
 import torch
@@ -86,15 +88,15 @@ class UntrustedTangents(RuntimeError):
 class ForwardRules(TorchFunctionMode):
     """The rules of the module docstring.
 
-    ``differentiable``: tangents will be back-propagated. ``decompose``: run the operations
-    of :data:`~curvfx._decompositions.DECOMPOSITIONS` decomposed (else they raise
-    :class:`UntrustedTangents`, for callers that prefer double backprop to a decomposition).
+    ``differentiable``: tangents will be back-propagated. ``decompose``: the operations of
+    :data:`~curvfx._decompositions.DECOMPOSITIONS` to run decomposed (default: all); the
+    others raise :class:`UntrustedTangents`, for callers that prefer double backprop there.
     """
 
-    def __init__(self, differentiable: bool = False, decompose: bool = True):
+    def __init__(self, differentiable: bool = False, decompose: Collection = DECOMPOSITIONS):
         super().__init__()
         self.differentiable = differentiable
-        self.decompose = decompose  # else the operations of DECOMPOSITIONS raise UntrustedTangents
+        self.decompose = decompose
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,7 +117,7 @@ class ForwardRules(TorchFunctionMode):
         decomposed = DECOMPOSITIONS.get(func)
         if decomposed is None:
             return _scalar_tangent(func, args, kwargs)
-        if not self.decompose:
+        if func not in self.decompose:
             raise UntrustedTangents(f"{getattr(func, '__name__', func)} would run decomposed")
         try:
             return decomposed(*args, **kwargs)  # checked operations only (the mode is off in here)

@@ -79,11 +79,11 @@ def hvp(
             ``torch.autograd``), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
             ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
             ``F.mse_loss`` this way and a ``ValueError`` says so), or ``"auto"``: eagerly
-            ``"rev-fwd"`` for functions that need no decomposition (the fastest: about
-            2.0–2.5× a gradient on the benchmark MLPs and CNN, double backprop 2.3–2.8×)
-            and ``"autograd"`` otherwise (faster than the decomposed ``"rev-fwd"`` on a
-            GPT-style model) and for the shared forward pass of a matrix V; ``"rev-rev"``
-            inside a ``torch.func`` transform.
+            ``"rev-fwd"`` for functions that need no decomposition but batch norm's (the
+            fastest there: 1.9× a gradient on the benchmark CNN against 2.2–2.3× for
+            double backprop) and ``"autograd"`` otherwise (faster than the decomposed
+            ``"rev-fwd"`` with layer or group norm and attention) and for the shared
+            forward pass of a matrix V; ``"rev-rev"`` inside a ``torch.func`` transform.
 
     Returns:
         ``H v`` in the form of ``v``.
