@@ -106,9 +106,9 @@ def as_tree(v: PyTree | Tensor, params: PyTree, name: str = "v") -> tuple[PyTree
             f"{name}: structure does not match params; expected {spec}, got {flatten(v)[1]}"
         ) from err
     for i, (leaf, p) in enumerate(zip(v_leaves, param_leaves)):
-        if isinstance(leaf, Tensor) and leaf.shape == p.shape and leaf.dtype == p.dtype:
-            if leaf.device == p.device:
-                continue
+        matches = isinstance(leaf, Tensor) and (leaf.shape, leaf.dtype) == (p.shape, p.dtype)
+        if matches and leaf.device == p.device:
+            continue
         path = optree.tree_paths(params, none_is_leaf=False, namespace=_NAMESPACE)[i]
         where = f"{name}{''.join(f'[{k!r}]' for k in path)}"  # the message names the leaf
         if not isinstance(leaf, Tensor):

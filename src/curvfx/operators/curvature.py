@@ -74,9 +74,9 @@ PyTree = Any
 class CurvatureOperator(LinearOperator):
     """Base of the P × P curvature operators: batch weighting, formats, exact diagonals.
 
-    Subclasses set ``model_fn, params, loss, data, factor`` (and ``process_group`` for
-    data parallelism) in their ``__init__`` and implement ``_product(b, x, y, v)`` (the
-    curvature of batch b's loss as written, times the params-shaped ``v``).
+    ``__init__`` sets the fields every operator has; subclasses implement
+    ``_product(b, x, y, v)`` (the curvature of batch b's loss as written, times the
+    params-shaped ``v``).
     """
 
     symmetric = True
@@ -89,19 +89,20 @@ class CurvatureOperator(LinearOperator):
     randomness: str = "fixed"  # random operations in the model, see curvfx.operators._randomness
     model_seed: int | None = None  # the seed of randomness="fixed"
 
-    def _set_common(
+    def __init__(
         self,
         model_fn,
         loss_fn,
         params,
         data,
-        factor,
-        chunk_size,
-        compile,
-        process_group,
-        randomness,
-        batch_size_fn,
-    ) -> None:
+        *,
+        factor=1.0,
+        chunk_size=None,
+        compile=False,
+        process_group=None,
+        randomness="fixed",
+        batch_size_fn=None,
+    ):
         """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn)."""
         self.model_fn, self.params = model_fn, params
         self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
@@ -268,33 +269,6 @@ class HessianOperator(CurvatureOperator):
     # measured (CNN 0.6×, 784-1024-1024-10 MLP 0.8×, 784-256-256-10 MLP 1.05× of vmap's time)
     shares_graph = True
 
-    def __init__(
-        self,
-        model_fn,
-        loss_fn,
-        params,
-        data,
-        *,
-        factor=1.0,
-        chunk_size=None,
-        compile=False,
-        process_group=None,
-        randomness="fixed",
-        batch_size_fn=None,
-    ):
-        self._set_common(
-            model_fn,
-            loss_fn,
-            params,
-            data,
-            factor,
-            chunk_size,
-            compile,
-            process_group,
-            randomness,
-            batch_size_fn,
-        )
-
     def _product(self, b, x, y, v, strategy):
         return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v, strategy=strategy)
 
@@ -307,33 +281,6 @@ class GGNOperator(CurvatureOperator):
     """
 
     compiled_strategy = "func-vjp"
-
-    def __init__(
-        self,
-        model_fn,
-        loss_fn,
-        params,
-        data,
-        *,
-        factor=1.0,
-        chunk_size=None,
-        compile=False,
-        process_group=None,
-        randomness="fixed",
-        batch_size_fn=None,
-    ):
-        self._set_common(
-            model_fn,
-            loss_fn,
-            params,
-            data,
-            factor,
-            chunk_size,
-            compile,
-            process_group,
-            randomness,
-            batch_size_fn,
-        )
 
     def _product(self, b, x, y, v, strategy):
         return ggn_vp(self.model_fn, self.loss, self.params, x, y, v, strategy=strategy)
@@ -380,17 +327,17 @@ class FisherOperator(CurvatureOperator):
         batch_size_fn=None,
     ):
         check_fisher_kind(kind, num_samples)
-        self._set_common(
+        super().__init__(
             model_fn,
             loss_fn,
             params,
             data,
-            factor,
-            chunk_size,
-            compile,
-            process_group,
-            randomness,
-            batch_size_fn,
+            factor=factor,
+            chunk_size=chunk_size,
+            compile=compile,
+            process_group=process_group,
+            randomness=randomness,
+            batch_size_fn=batch_size_fn,
         )
         self.kind, self.num_samples = kind, num_samples
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
