@@ -587,6 +587,52 @@ def test_per_sample_grad_norms(model_name, loss):
     assert torch.equal(norms["auto"], norms["structured"])
 
 
+def loop_grads(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``∇_θ loss_fn(model(x_n), y_n)`` [N, *shape] per trainable parameter, one backward per sample."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    rows = []
+    for n in range(len(y)):
+        loss = loss_fn(model(x[n : n + 1]), y[n : n + 1])
+        grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(named.values(), grads)])
+    return {k: torch.stack(column) for k, column in zip(named, zip(*rows))}
+
+
+@pytest.mark.parametrize(("model_name", "loss"), CASES, ids=CASE_IDS)
+def test_per_sample_grad_backends(model_name, loss):
+    # the structured route (layer inputs and output gradients) equals a loop of backward passes
+    model, loss_fn, x, y = problem(model_name, loss)
+    truth = loop_grads(model, loss_fn, x, y)
+    with unchanged(SimpleNamespace(model=model)):
+        grads = {
+            backend: curvfx.per_sample_grad(model, loss_fn, None, x, y, backend=backend)
+            for backend in ("auto", *BACKENDS)
+        }
+    assert_no_hooks(model)
+    for backend, result in grads.items():
+        assert list(result) == list(truth), backend
+        for name, g in result.items():
+            assert g.shape == truth[name].shape and not g.requires_grad, (backend, name)
+        assert_close_rel(result, truth)
+    same = "generic" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "structured"
+    for name in truth:  # "auto": the generic route for models with convolutions (measured faster)
+        assert torch.equal(grads["auto"][name], grads[same][name])
+
+
+def test_per_sample_grad_structured_needs_a_module():
+    model, loss_fn, x, y = problem("mlp", "ce")
+    fn, params = curvfx.make_functional(model)
+
+    def pure(p, inputs):
+        return fn(p, inputs)
+
+    with pytest.raises(ValueError, match="backend"):
+        curvfx.per_sample_grad(pure, loss_fn, params, x, y, backend="structured")
+    with pytest.raises(ValueError, match="backend"):
+        curvfx.per_sample_grad(model, loss_fn, None, x, y, backend="fast")
+    assert_close_rel(curvfx.per_sample_grad(pure, loss_fn, params, x, y), loop_grads(model, loss_fn, x, y))
+
+
 def test_per_sample_grad_norms_with_a_functional_model():
     # make_functional's (fn, params) take the structured route as well
     model, loss_fn, x, y = problem("cnn", "ce")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from curvfx._capture import layer_kind, patches
 
-__all__ = ["layer_squares", "reads_per_sample"]
+__all__ = ["layer_grads", "layer_squares", "reads_per_sample"]
 
 
 def layer_squares(
@@ -50,6 +50,21 @@ def layer_squares(
         grads = _linear_grads(module, names, flat)
     reduce = (lambda G: (G**2).flatten(2).sum((0, 2))) if per_sample else (lambda G: (G**2).sum((0, 1)))
     return {names[attr]: reduce(G) for attr, G in grads.items()}
+
+
+def layer_grads(
+    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``G_kn`` [K, N, *shape] of ``module``'s parameters ``names`` (by name).
+
+    Linear layers, convolutions and normalization layers (the formulas of the module
+    docstring); not embeddings, whose per-sample gradients are [K, N, V, D] dense tables.
+    """
+    if layer_kind(module) == "norm":
+        grads = _norm_grads(module, names, calls)
+    else:
+        grads = _linear_grads(module, names, [_positions(module, a, g) for a, g in calls])
+    return {names[attr]: G for attr, G in grads.items()}
 
 
 def reads_per_sample(module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: int) -> bool:
@@ -113,11 +128,20 @@ def _linear_grads(
     grads = {}
     k, n = flat[0][1].shape[:2]
     if "weight" in names:  # G_kn = Σ_calls Σ_t g_knt a_ntᵀ, per group
-        w = sum(torch.einsum("kntgo,ntgi->kngoi", g, a) for a, g in flat)
+        w = _added(torch.einsum("kntgo,ntgi->kngoi", g, a) for a, g in flat)
         grads["weight"] = w.reshape(k, n, *module.weight.shape)
     if "bias" in names:
-        grads["bias"] = sum(g.sum(2) for _, g in flat).reshape(k, n, -1)
+        grads["bias"] = _added(g.sum(2) for _, g in flat).reshape(k, n, -1)
     return grads
+
+
+def _added(terms) -> Tensor:
+    """The sum of new tensors, accumulated into the first (``sum`` would copy it once more)."""
+    terms = iter(terms)
+    total = next(terms)
+    for term in terms:
+        total += term
+    return total
 
 
 def _norm_grads(

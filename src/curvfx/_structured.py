@@ -28,13 +28,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._capture import captured, output_grads, supported_layers
+from curvfx._capture import captured, layer_kind, output_grads, supported_layers
 from curvfx._factors import factor_diagonal
-from curvfx._layers import layer_squares, reads_per_sample
+from curvfx._layers import layer_grads, layer_squares, reads_per_sample
 from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
 from curvfx.functional import FunctionalModel
 
-__all__ = ["check_backend", "raveled_squares", "sample_squares", "structured_diagonal"]
+__all__ = [
+    "check_backend",
+    "raveled_squares",
+    "sample_grads_route",
+    "sample_squares",
+    "structured_diagonal",
+    "structured_sample_grads",
+]
 
 BACKENDS = ("auto", "structured", "generic")
 Factor = Tensor | Callable[[Tensor], Tensor]
@@ -136,22 +143,9 @@ def structured_diagonal(
     layers = supported_layers(fn.module, params, factored=True)
     diag: dict[str, Tensor] = {}
     if layers:
-        candidates = {name for names in layers.values() for name in names.values()}
-        records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
-        with torch.enable_grad(), captured(records):
-            p = {k: v.detach().requires_grad_(k in candidates) for k, v in params.items()}
-            outputs = fn(p, x)
-        if callable(S):
-            S = S(outputs.detach())
-        if S.shape[0] == 0:
-            return _zeros(params, S, per_sample)
-        n = S.shape[1]
-        records = {m: calls for m, calls in records.items() if reads_per_sample(m, calls, n)}
-        zs = [z for calls in records.values() for _, z in calls]
-        grads = iter(output_grads(outputs, zs, S) if zs else ())  # ∂⟨f, s_k⟩/∂z per call, [K, *z.shape]
-        for module, calls in records.items():
-            per_call = [(a, next(grads)) for a, _ in calls]
-            diag.update(layer_squares(module, layers[module], per_call, per_sample, out))
+        S, layer_calls = _layer_pass(fn, params, x, S, layers)
+        for module, calls in layer_calls.items():
+            diag.update(layer_squares(module, layers[module], calls, per_sample, out))
     else:
         S = _factor_at(fn, params, x, S)
     if S.shape[0] == 0:  # an empty factor (e.g. a loss linear in the outputs)
@@ -167,6 +161,73 @@ def structured_diagonal(
         chunk = _chunk(chunk_size, S, generic)
         diag.update(factor_diagonal(sample_outputs, generic, x, S, chunk, per_sample))
     return {k: diag[k] for k in params}
+
+
+def structured_sample_grads(
+    fn: FunctionalModel, params: dict[str, Tensor], x: Any, residuals: Callable[[Tensor], Tensor]
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``J_nᵀ r_n`` [N, *shape] of the parameters of known layers.
+
+    ``residuals(outputs)`` gives ``r`` [1, N, *output_shape] from the detached outputs of
+    the forward pass made here. Linear layers, convolutions and normalization layers
+    (:func:`curvfx._layers.layer_grads`): one forward and one backward pass to the layer
+    outputs, then ``G_n = Σ_t g_nt a_ntᵀ`` per layer. Returns only the parameters it
+    computed (not embeddings, tied parameters or layers that do not read per sample); the
+    caller takes the others by the generic route.
+    """
+    layers = {
+        m: names
+        for m, names in supported_layers(fn.module, params, factored=True).items()
+        if layer_kind(m) != "embedding"
+    }
+    if not layers:
+        return {}
+    _, layer_calls = _layer_pass(fn, params, x, residuals, layers)
+    grads = {}
+    with torch.no_grad():  # the recorded layer inputs carry graphs; the results need none
+        for module, calls in layer_calls.items():
+            grads.update({name: G[0] for name, G in layer_grads(module, layers[module], calls).items()})
+    return grads
+
+
+def sample_grads_route(fn: Any, params: Any, backend: str) -> bool:
+    """Whether :func:`curvfx.per_sample_grad` takes the structured route for ``backend``.
+
+    "auto" takes it for modules without convolutions among their factored layers: on the
+    benchmark MLP 784-256-256-10 (N = 128) it took 0.83–0.90 of the time of ``vmap(grad)``,
+    while on the benchmark CNN the unfolded patches made it 1.06–1.14 (``vmap`` turns the
+    per-sample weight gradient into one grouped convolution). "structured" takes it for
+    every factored layer.
+    """
+    if not _structured_route(fn, params, backend):
+        return False
+    layers = supported_layers(fn.module, params, factored=True)
+    return backend == "structured" or all(layer_kind(m) != "conv" for m in layers)
+
+
+def _layer_pass(
+    fn: FunctionalModel, params: dict[str, Tensor], x: Any, S: Factor, layers: dict[nn.Module, dict[str, str]]
+) -> tuple[Tensor, dict[nn.Module, list[tuple[Tensor, Tensor]]]]:
+    """One forward pass recording the calls of ``layers``, then the gradients at their outputs.
+
+    Returns ``S`` (evaluated at the detached outputs when it is a function) and, for each
+    layer whose calls read per sample, its calls as ``(input, ∂⟨f, s_k⟩/∂z [K, *z.shape])``
+    (none when ``S`` has no columns).
+    """
+    candidates = {name for names in layers.values() for name in names.values()}
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+    with torch.enable_grad(), captured(records):
+        p = {k: v.detach().requires_grad_(k in candidates) for k, v in params.items()}
+        outputs = fn(p, x)
+    if callable(S):
+        S = S(outputs.detach())
+    if S.shape[0] == 0:
+        return S, {}
+    n = S.shape[1]
+    records = {m: calls for m, calls in records.items() if reads_per_sample(m, calls, n)}
+    zs = [z for calls in records.values() for _, z in calls]
+    grads = iter(output_grads(outputs, zs, S) if zs else ())  # in the order of zs
+    return S, {m: [(a, next(grads)) for a, _ in calls] for m, calls in records.items()}
 
 
 def _factor_at(fn: Any, params: Any, x: Any, S: Factor) -> Tensor:
