@@ -355,6 +355,15 @@ def _sigmoid_in_place(z):
     return _cube(w)
 
 
+def _item_assignment(z):
+    w = z * 2
+    w[0] = z[1] ** 2  # a row with a tangent written into a tensor with one
+    w[1:3, 2:] = torch.sin(z[2:, :4])
+    buffer = torch.zeros(4, 6, dtype=z.dtype)
+    buffer[1] = z[3] * z[0]  # into a tensor without a tangent
+    return _cube(w) + _cube(buffer)
+
+
 def _vmapped_inside(z):
     return _cube(torch.vmap(lambda row: row.sin() * row)(z))
 
@@ -368,6 +377,7 @@ FALLBACK_CASES = {  # tensor-valued operations outside TRUSTED, in-place writes,
         )
     ),
     "untrusted in-place op": _sigmoid_in_place,
+    "item assignment": _item_assignment,
     "vmap inside": _vmapped_inside,
 }
 

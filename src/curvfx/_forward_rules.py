@@ -180,6 +180,7 @@ def _in_place(func, kwargs) -> bool:
     return (
         (name.endswith("_") and not name.endswith("__"))
         or name.startswith("__i")
+        or name == "__setitem__"  # y[i] = ...: returns None, writes y
         or bool(kwargs.get("inplace"))
         or kwargs.get("out") is not None
     )
