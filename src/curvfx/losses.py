@@ -240,8 +240,11 @@ class CrossEntropyLoss(Loss):
     def _coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``a_i / Z`` per position, shape [N, d1, ...]."""
         num_classes = outputs.shape[1]
-        w = self.weight if self.weight is not None else outputs.new_ones(num_classes)
         eps = self.label_smoothing
+        if self.weight is None and eps == 0 and not targets.is_floating_point():  # a_i = [y_i counted]
+            a = (targets != self.ignore_index).to(outputs.dtype)
+            return a / (a.sum().clamp(min=1) if self.reduction == "mean" else 1.0)
+        w = self.weight if self.weight is not None else outputs.new_ones(num_classes)
         if targets.is_floating_point():
             smoothed = (1 - eps) * targets + eps / num_classes
             a = torch.einsum("nc...,c->n...", smoothed, w.to(outputs.dtype))
