@@ -301,6 +301,26 @@ def test_ekfac_diagonal_in_kfac_eigenbasis(name):
     assert_close_rel(rotated.diagonal(), (Q.T @ G @ Q).diagonal(), tol=1e-9)
 
 
+@pytest.mark.parametrize("name", list(EKFAC_CASES))
+def test_one_backward_pass_per_column_gives_the_same_factors(name, monkeypatch):
+    """Large activations take one backward pass per factor column (summed block by block)."""
+    factory, loss, x, y, approx = EKFAC_CASES[name]
+    model = seeded(factory)
+    batched = ekfac(model, loss, (x, y), kfac_approx=approx).to_dense()
+    calls = []
+    real = torch.autograd.grad
+
+    def spy(*args, is_grads_batched=False, **kwargs):
+        calls.append(is_grads_batched)
+        return real(*args, is_grads_batched=is_grads_batched, **kwargs)
+
+    monkeypatch.setattr(curvfx._chunking, "COLUMN_NUMBERS", 0)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    looped = ekfac(model, loss, (x, y), kfac_approx=approx).to_dense()
+    assert calls and not any(calls)  # no batched backward pass
+    assert_close_rel(looped, batched, tol=1e-12)
+
+
 # -- structured queries ------------------------------------------------------------------------
 
 

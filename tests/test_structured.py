@@ -564,6 +564,17 @@ def test_unbatched_backward_fallback(model_name, monkeypatch):
     assert_no_hooks(model)
 
 
+@pytest.mark.parametrize(("model_name", "loss"), CASES, ids=CASE_IDS)
+def test_one_backward_pass_per_column(model_name, loss, monkeypatch):
+    # large activations: one backward pass per factor column, the squares summed block by block
+    model, loss_fn, x, y = problem(model_name, loss)
+    op = operator("ggn", model, loss_fn, (x, y))
+    batched = op._exact_diagonal(backend="structured")
+    monkeypatch.setattr(curvfx._chunking, "COLUMN_NUMBERS", 0)
+    assert_close_rel(op._exact_diagonal(backend="structured"), batched, tol=1e-12)
+    assert_close_rel(op._exact_diagonal(backend="structured"), op._exact_diagonal(backend="generic"))
+
+
 # -- per-sample gradient norms ----------------------------------------------------------------
 
 

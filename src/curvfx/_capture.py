@@ -2,13 +2,14 @@
 
 :func:`captured` records each call's ``(input a, output z)`` of chosen modules with forward
 hooks that are removed on exit (also on error), :func:`output_grads` back-propagates K
-output-space cotangents to every recorded z in one batched backward pass.
+output-space cotangents to every recorded z (in column blocks).
 :func:`supported_layers` picks the layers read this way:
 
 * the Kronecker layers (KFAC's blocks; the default): ``nn.Linear``, and ``nn.Conv1d/2d``
   with one group and numeric zero padding, whose per-sample weight gradient is
   ``Σ_t g_kt a_tᵀ`` over positions t: :func:`positions` puts a call into the form
-  ``a`` [N, T, in], ``g`` [K, N, T, out] (convolutions on unfolded patches, :func:`unfold`);
+  ``a`` [N, T, in], ``g`` [k_b, N, T, out] per column block (convolutions on unfolded
+  patches, :func:`unfold`);
 * with ``factored=True`` (the exact diagonals, :mod:`curvfx._layers`) also ``nn.Conv3d``,
   grouped convolutions and any padding mode (:func:`patches`), ``nn.Embedding``, and the
   affine parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and
@@ -109,47 +110,53 @@ def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]]):
             h.remove()
 
 
-def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> tuple[Tensor, ...]:
-    """``∂⟨outputs, S[k]⟩/∂z`` for every z, stacked over k.
+def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> list[list[Tensor]]:
+    """``∂⟨outputs, S[k]⟩/∂z`` for every z, in column blocks.
 
-    One batched backward pass (vmap over the K columns) when K copies of the largest z fit
-    in :data:`curvfx._chunking.COLUMN_NUMBERS` numbers; otherwise (large activations, where
-    batching is slower: a CNN's type-2 KFAC factors took 1.3× the time of a plain loop) and
-    for operations without a batching rule, one backward pass per column through the kept
-    graph.
+    Each z gets a list of blocks [k_b, *z.shape] that cover the K columns in order, with
+    the same partition for every z: one block from one batched backward pass (vmap over
+    the K columns) when K copies of the largest z fit in
+    :data:`curvfx._chunking.COLUMN_NUMBERS` numbers; otherwise (large activations, where
+    batching is slower: a CNN's type-2 KFAC factors took 1.3× the time of a loop) and for
+    operations without a batching rule, one block per column from one backward pass each
+    through the kept graph. Callers sum over the columns block by block: stacking the
+    looped columns (a copy of K·|z| numbers) took a sixth of a CNN's exact diagonal.
     """
     k = S.shape[0]
     largest = max((z.numel() for z in zs), default=0)
     try:
         if k == 1:  # one column: a plain backward pass (no vmap overhead), same numbers
-            grads = torch.autograd.grad(outputs, zs, S[0], allow_unused=True)
-            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        elif k * largest <= _chunking.COLUMN_NUMBERS:
-            grads = torch.autograd.grad(outputs, zs, S, is_grads_batched=True, allow_unused=True)
-        else:
-            grads = _looped(outputs, zs, S)
-    except RuntimeError:  # an operation without a batching rule
-        grads = _looped(outputs, zs, S)
-    return tuple(  # a layer output that does not reach the outputs has zero gradient
-        torch.zeros(S.shape[0], *z.shape, dtype=z.dtype, device=z.device) if g is None else g
-        for g, z in zip(grads, zs)
-    )
+            return _blocks(zs, [_one_column(torch.autograd.grad(outputs, zs, S[0], allow_unused=True))], 1)
+        if k * largest <= _chunking.COLUMN_NUMBERS:
+            batched = torch.autograd.grad(outputs, zs, S, is_grads_batched=True, allow_unused=True)
+            return _blocks(zs, [batched], k)
+    except RuntimeError:  # an operation without a batching rule: the loop below
+        pass
+    columns = [torch.autograd.grad(outputs, zs, s, retain_graph=True, allow_unused=True) for s in S]
+    return _blocks(zs, [_one_column(grads) for grads in columns], 1)
 
 
-def _looped(outputs: Tensor, zs: list[Tensor], S: Tensor) -> tuple[Tensor | None, ...]:
-    cols = [torch.autograd.grad(outputs, zs, s, retain_graph=True, allow_unused=True) for s in S]
-    return tuple(torch.stack(g) if g[0] is not None else None for g in zip(*cols))
+def _one_column(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    return tuple(None if g is None else g.unsqueeze(0) for g in grads)
 
 
-def positions(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """One call of a Kronecker layer as ``a`` [N, T, in] and ``g`` [K, N, T, out].
+def _blocks(zs: list[Tensor], per_block: list[tuple[Tensor | None, ...]], size: int) -> list[list[Tensor]]:
+    """Per z its blocks [size, *z.shape]; a layer output that does not reach the outputs gets zeros."""
+    return [
+        [z.new_zeros(size, *z.shape) if g[i] is None else g[i] for g in per_block] for i, z in enumerate(zs)
+    ]
 
-    ``a`` is the layer input (unfolded into patches for a convolution), ``g`` the gradients
-    at the layer output for K cotangents, both with the positions T flattened.
+
+def positions(module: nn.Module, a: Tensor, blocks: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """One call of a Kronecker layer as ``a`` [N, T, in] and output-gradient blocks [k_b, N, T, out].
+
+    ``a`` is the layer input (unfolded into patches for a convolution, once), the blocks
+    those of :func:`output_grads`, both with the positions T flattened (views).
     """
     if type(module) is nn.Linear:
-        return a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(*g.shape[:2], -1, g.shape[-1])
-    return unfold(module, a).transpose(1, 2), g.flatten(3).transpose(2, 3)
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        return a, [g.reshape(*g.shape[:2], -1, g.shape[-1]) for g in blocks]
+    return unfold(module, a).transpose(1, 2), [g.flatten(3).transpose(2, 3) for g in blocks]
 
 
 def unfold(conv: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:

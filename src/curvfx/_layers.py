@@ -2,10 +2,11 @@
 
 Input: the calls ``[(a, g)]`` of one layer in a forward pass (:mod:`curvfx._capture`), with
 ``g = ∂⟨f, s_k⟩/∂z`` [K, *z.shape] the gradients at the layer output for K output-space
-cotangents. Output, per parameter: ``Σ_k Σ_n G_kn ⊙ G_kn`` (shaped like the parameter)
-with G_kn the per-sample gradient of sample n for column k, or ``[Σ_k ‖G_kn‖²]_n`` [N]
-with ``per_sample``. Per layer kind, with t the positions of a sample (sequence steps,
-output pixels) over all calls of the layer:
+cotangents, given in column blocks (sums over k are taken block by block). Output, per
+parameter: ``Σ_k Σ_n G_kn ⊙ G_kn`` (shaped like the parameter) with G_kn the per-sample
+gradient of sample n for column k, or ``[Σ_k ‖G_kn‖²]_n`` [N] with ``per_sample``. Per
+layer kind, with t the positions of a sample (sequence steps, output pixels) over all
+calls of the layer:
 
 * linear / convolution (patches ``a_nt`` per group): ``G_kn = Σ_t g_knt a_ntᵀ``, bias
   ``Σ_t g_knt``. One call at one position: ``Σ_k Σ_n g_kn² a_n²ᵀ``, no G_kn formed;
@@ -29,42 +30,52 @@ __all__ = ["layer_grads", "layer_squares", "reads_per_sample"]
 def layer_squares(
     module: nn.Module,
     names: dict[str, str],
-    calls: list[tuple[Tensor, Tensor]],
+    calls: list[tuple[Tensor, list[Tensor]]],
     per_sample: bool,
     out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Squared per-sample gradients of ``module``'s parameters ``names`` from its ``calls``.
 
-    ``out`` (optional, name -> tensor shaped like the result): where a result may be
-    written instead of a new tensor (the caller's flat vector, saving a copy).
+    ``calls``: ``[(a, blocks)]`` with the output gradients in the column blocks of
+    :func:`curvfx._capture.output_grads`; the squares are summed over the blocks. ``out``
+    (optional, name -> tensor shaped like the result): where a result may be written
+    instead of a new tensor (the caller's flat vector, saving a copy).
     """
     kind = layer_kind(module)
     if kind == "embedding":
-        return {names["weight"]: _embedding(module, calls, per_sample)}
+        return {names["weight"]: _added(_embedding(module, block, per_sample) for block in _by_block(calls))}
     if kind == "norm":
-        grads = _norm_grads(module, names, calls)
+        blocks = [_norm_grads(module, names, block) for block in _by_block(calls)]
     else:
-        flat = [_positions(module, a, g) for a, g in calls]
+        flat = [_positions(module, a, gs) for a, gs in calls]
         if len(flat) == 1 and flat[0][0].shape[1] == 1:  # one call, one position: factored
             return _outer_squares(module, names, flat[0], per_sample, out or {})
-        grads = _linear_grads(module, names, flat)
+        blocks = [_linear_grads(module, names, block) for block in _by_block(flat)]
     reduce = (lambda G: (G**2).flatten(2).sum((0, 2))) if per_sample else (lambda G: (G**2).sum((0, 1)))
-    return {names[attr]: reduce(G) for attr, G in grads.items()}
+    return {names[attr]: _added(reduce(grads[attr]) for grads in blocks) for attr in blocks[0]}
 
 
 def layer_grads(
-    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, Tensor]]
+    module: nn.Module, names: dict[str, str], calls: list[tuple[Tensor, list[Tensor]]]
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``G_kn`` [K, N, *shape] of ``module``'s parameters ``names`` (by name).
 
     Linear layers, convolutions and normalization layers (the formulas of the module
     docstring); not embeddings, whose per-sample gradients are [K, N, V, D] dense tables.
+    ``calls`` as in :func:`layer_squares`, with one column block.
     """
     if layer_kind(module) == "norm":
-        grads = _norm_grads(module, names, calls)
+        (block,) = _by_block(calls)
+        grads = _norm_grads(module, names, block)
     else:
-        grads = _linear_grads(module, names, [_positions(module, a, g) for a, g in calls])
+        (block,) = _by_block([_positions(module, a, gs) for a, gs in calls])
+        grads = _linear_grads(module, names, block)
     return {names[attr]: G for attr, G in grads.items()}
+
+
+def _by_block(calls: list[tuple[Tensor, list[Tensor]]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """``[(a, blocks)]`` per call -> per column block, the calls ``[(a, g_block)]``."""
+    return [[(a, gs[b]) for a, gs in calls] for b in range(len(calls[0][1]))]
 
 
 def reads_per_sample(module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: int) -> bool:
@@ -87,38 +98,43 @@ def reads_per_sample(module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: i
     return bool(calls) and all(z.requires_grad and a.dim() >= least and a.shape[0] == n for a, z in calls)
 
 
-def _positions(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """A call as ``a`` [N, T, G, in] and ``g`` [K, N, T, G, out] (G groups; 1 for a linear layer)."""
+def _positions(module: nn.Module, a: Tensor, blocks: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A call as ``a`` [N, T, G, in] and blocks ``g`` [k_b, N, T, G, out] (G groups; 1 for a linear layer)."""
     if type(module) is nn.Linear:
         a = a.reshape(a.shape[0], -1, 1, a.shape[-1])
-        return a, g.reshape(*g.shape[:2], -1, 1, g.shape[-1])
-    g = g.flatten(3).transpose(2, 3)  # [K, N, T, out]
-    return patches(module, a), g.reshape(*g.shape[:3], module.groups, -1)
+        return a, [g.reshape(*g.shape[:2], -1, 1, g.shape[-1]) for g in blocks]
+    flat = [g.flatten(3).transpose(2, 3) for g in blocks]  # [k_b, N, T, out]
+    return patches(module, a), [g.reshape(*g.shape[:3], module.groups, -1) for g in flat]
 
 
 def _outer_squares(
     module: nn.Module,
     names: dict[str, str],
-    call: tuple[Tensor, Tensor],
+    call: tuple[Tensor, list[Tensor]],
     per_sample: bool,
     out: dict[str, Tensor],
 ) -> dict[str, Tensor]:
     """One position: ``Σ_k (g_k aᵀ)² = (Σ_k g_k²) (a²)ᵀ``, contracted without forming G_kn."""
-    a, g = call[0][:, 0], call[1][:, :, 0]  # [N, G, in], [K, N, G, out]
+    a = call[0][:, 0]  # [N, G, in]
     a2 = a * a
-    g2 = g[0] * g[0] if g.shape[0] == 1 else (g * g).sum(0)  # Σ_k g_k² [N, G, out]
+    g2 = _added(_squares_over_columns(g[:, :, 0]) for g in call[1])  # Σ_k g_k² [N, G, out]
     result = {}
     if "weight" in names:
         if per_sample:  # Σ_g (Σ_o g²)(Σ_i a²)
             result[names["weight"]] = (g2.sum(2) * a2.sum(2)).sum(1)
         else:  # Σ_n g_n² a_n²ᵀ per group: one batched matrix product [G, out, in]
             into = out.get(names["weight"])
-            into = None if into is None else into.view(a.shape[1], g.shape[-1], a.shape[-1])
+            into = None if into is None else into.view(a.shape[1], g2.shape[-1], a.shape[-1])
             w = torch.bmm(g2.permute(1, 2, 0), a2.transpose(0, 1), out=into)
             result[names["weight"]] = w.reshape(module.weight.shape)
     if "bias" in names:
         result[names["bias"]] = g2.sum((1, 2)) if per_sample else g2.sum(0).reshape(-1)
     return result
+
+
+def _squares_over_columns(g: Tensor) -> Tensor:
+    """``Σ_k g_k²`` over the first dimension (no sum for one column)."""
+    return g[0] * g[0] if g.shape[0] == 1 else (g * g).sum(0)
 
 
 def _linear_grads(

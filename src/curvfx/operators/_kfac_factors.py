@@ -184,14 +184,14 @@ def kronecker_factors(
     counts = dict.fromkeys(blocks, 0)
     diagonal, z_total = 0.0, 0.0
     for z, x, S, layers in _layer_batches(model_fn, loss, params, data, fisher_type, num_samples, seed):
-        for module, (a, g) in layers.items():
+        for module, (a, gs) in layers.items():
             if kfac_approx == "reduce":  # ā_n = mean_t ã_nt, ḡ_kn = Σ_t g_knt
-                a, g = (None if a is None else a.mean(1)), g.sum(2)
-            rows = g.shape[1] * (g.shape[2] if g.dim() == 4 else 1)  # N·T (expand) or N (reduce)
+                a, gs = (None if a is None else a.mean(1)), [g.sum(2) for g in gs]
+            rows = gs[0].shape[1] * (gs[0].shape[2] if gs[0].dim() == 4 else 1)  # N·T (expand) or N (reduce)
             blk = blocks[module]
             first = counts[module] == 0  # overwrite the uninitialized accumulators
             _add_input_moment(blk.A, a, rows, first)  # Σ ã ãᵀ
-            _accumulate(blk.B, _second_moment(g), z, first)  # Σ_k Σ_n Σ_t g gᵀ
+            _accumulate(blk.B, sum(_second_moment(g) for g in gs), z, first)  # Σ_k Σ_n Σ_t g gᵀ
             counts[module] += rows
         if factors.diagonal_params:
             diagonal = diagonal + z * _diagonal(model_fn, params, factors.diagonal_params, x, S)
@@ -229,19 +229,20 @@ def eigenvalue_corrections(
     sums: dict[str, Any] = {m: None for m in bases}
     z_total = 0.0
     for z, _, _, layers in _layer_batches(model_fn, loss, params, data, fisher_type, num_samples, seed):
-        for module, (a, g) in layers.items():
+        for module, (a, gs) in layers.items():
             QB, QA = bases[module]
-            g_rot = g @ QB  # Q_Bᵀ g [K, N, T, out]
             # Q_Aᵀ ã [N, T, in'] with ã = [a; 1]: a Q_A[:in] + Q_A[in] (no concatenation)
             if a is None:
-                a_rot = QA[-1].expand(*g.shape[1:3], 1)
+                a_rot = QA[-1].expand(*gs[0].shape[1:3], 1)
             else:
                 a_rot = a @ QA[: a.shape[-1]] + (QA[-1] if QA.shape[0] > a.shape[-1] else 0.0)
-            if a_rot.shape[1] == 1:  # one position: (Q_Bᵀ G Q_A)² = (Q_Bᵀ g)² (Q_Aᵀ ã)²ᵀ
-                e = torch.einsum("kno,ni->oi", g_rot[:, :, 0] ** 2, a_rot[:, 0] ** 2)
-            else:
-                e = sum((torch.einsum("nto,nti->noi", gk, a_rot) ** 2).sum(0) for gk in g_rot)
-            sums[module] = e * z if sums[module] is None else sums[module].add_(e, alpha=z)
+            for g in gs:
+                g_rot = g @ QB  # Q_Bᵀ g [k_b, N, T, out]
+                if a_rot.shape[1] == 1:  # one position: (Q_Bᵀ G Q_A)² = (Q_Bᵀ g)² (Q_Aᵀ ã)²ᵀ
+                    e = torch.einsum("kno,ni->oi", g_rot[:, :, 0] ** 2, a_rot[:, 0] ** 2)
+                else:
+                    e = sum((torch.einsum("nto,nti->noi", gk, a_rot) ** 2).sum(0) for gk in g_rot)
+                sums[module] = e * z if sums[module] is None else sums[module].add_(e, alpha=z)
         z_total += z
     norm = _normalizer(loss, z_total)
     out = {}
@@ -269,10 +270,11 @@ def _layer_batches(
     num_samples: int,
     seed: int,
 ) -> Iterator[tuple[float, Any, Tensor, dict[str, tuple[Tensor, Tensor]]]]:
-    """Per batch: ``(Z_b or 1, x, S, {module: (a [N, T, in] or None, g [K, N, T, out])})``.
+    """Per batch: ``(Z_b or 1, x, S, {module: (a [N, T, in] or None, [g [k_b, N, T, out]])})``.
 
     ``a`` is the layers' input (None when the weight is not a parameter: ``ã = 1``), the
-    calls of a layer concatenated along the positions T.
+    calls of a layer concatenated along the positions T; the output gradients come in the
+    column blocks of :func:`curvfx._capture.output_grads` (K columns in all).
     """
     layers = supported_layers(model_fn.module, params)
     names = {m: _module_name(model_fn.module, m) for m in layers}
@@ -288,15 +290,16 @@ def _layer_batches(
         S = output_factor(loss, outputs.detach(), y, _KIND[fisher_type], num_samples, generator)
         zs = [z for calls in records.values() for _, z in calls]
         if S.shape[0] == 0:  # an empty factor (a loss linear in the outputs)
-            grads = iter([z.new_zeros(0, *z.shape) for z in zs])
+            grads = iter([[z.new_zeros(0, *z.shape)] for z in zs])
         else:
             grads = iter(output_grads(outputs, zs, S) if zs else ())
         per_layer = {}
         for module, calls in records.items():
             flat = [positions(module, a, next(grads)) for a, _ in calls]
-            if flat:
-                a, g = flat[0] if len(flat) == 1 else (torch.cat(t, d) for t, d in zip(zip(*flat), (1, 2)))
-                per_layer[names[module]] = (a if "weight" in layers[module] else None, g)
+            if flat:  # several calls: their positions concatenated, column block by block
+                a = flat[0][0] if len(flat) == 1 else torch.cat([a for a, _ in flat], 1)
+                gs = flat[0][1] if len(flat) == 1 else [torch.cat(g, 2) for g in zip(*(gs for _, gs in flat))]
+                per_layer[names[module]] = (a if "weight" in layers[module] else None, gs)
         z = float(loss.normalizer(y)) if mean else 1.0
         yield z, x, S, per_layer
 
