@@ -191,7 +191,8 @@ def kronecker_factors(
             blk = blocks[module]
             first = counts[module] == 0  # overwrite the uninitialized accumulators
             _add_input_moment(blk.A, a, rows, first)  # Σ ã ãᵀ
-            _accumulate(blk.B, sum(_second_moment(g) for g in gs), z, first)  # Σ_k Σ_n Σ_t g gᵀ
+            for b, g in enumerate(gs):  # Σ_k Σ_n Σ_t g gᵀ, column block by column block
+                _add_second_moment(blk.B, g, z, first and b == 0)
             counts[module] += rows
         if factors.diagonal_params:
             diagonal = diagonal + z * _diagonal(model_fn, params, factors.diagonal_params, x, S)
@@ -326,7 +327,7 @@ def _add_input_moment(A: Tensor, a: Tensor | None, rows: int, first: bool) -> No
             A.add_(rows)
         return
     size_in = a.shape[-1]
-    _accumulate(A[:size_in, :size_in], _second_moment(a), 1.0, first)
+    _add_second_moment(A[:size_in, :size_in], a, 1.0, first)
     if A.shape[0] > size_in:
         s = a.sum(tuple(range(a.dim() - 1)))
         if first:
@@ -337,28 +338,26 @@ def _add_input_moment(A: Tensor, a: Tensor | None, rows: int, first: bool) -> No
             A[size_in, size_in] += rows
 
 
-def _second_moment(t: Tensor) -> Tensor:
-    """``Σ t tᵀ`` [d, d] over all rows of ``t`` [..., d], without copying ``t``.
+def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> None:
+    """``total = weight · Σ t tᵀ`` over the rows of ``t`` [..., d] (``total +=`` unless ``first``).
 
-    Rows stored one after the other (linear layers) make one matrix product. A
+    ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
+    stored one after the other (linear layers) make one matrix product into ``total``. A
     convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
     (channels before positions): one batched product over the leading entries, summed —
     on a 2-conv CNN's type-2 factors 6× faster than copying the rows into place first.
     """
     d = t.shape[-1]
-    if t.dim() < 2 or t.stride(-1) == 1 or t.shape[-2] == 1:
+    if t.stride(-1) == 1 or t.shape[-2] == 1:
         rows = t.reshape(-1, d)
-        return rows.T @ rows
+        total.addmm_(rows.T, rows, beta=0.0 if first else 1.0, alpha=weight)  # beta = 0 ignores total
+        return
     blocks = t.transpose(-1, -2).reshape(-1, d, t.shape[-2])  # a view of the contiguous layout
-    return torch.bmm(blocks, blocks.mT).sum(0)
-
-
-def _accumulate(total: Tensor, term: Tensor, weight: float, first: bool) -> None:
-    """``total = weight · term`` if ``first`` (uninitialized), else ``total += weight · term``."""
+    term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
     if first:
-        total.copy_(term.mul_(weight))  # term is a new tensor
+        total.copy_(term)
     else:
-        total.add_(term, alpha=weight)
+        total.add_(term)
 
 
 def _diagonal(
