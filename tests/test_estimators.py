@@ -188,6 +188,32 @@ def test_trace_within_four_standard_errors(method, distribution):
         assert abs(float(estimate - exact)) <= 4 * float(std), (seed, estimate, exact, std)
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_hutchinson_in_blocks_of_probes(distribution, monkeypatch):
+    # large P: the probes are drawn and applied a block at a time (here 3 columns of P = 40)
+    from curvfx.estimators._probes import probes
+
+    trace_module = sys.modules["curvfx.estimators.trace"]
+    M = symmetric(40)
+    real, seen = trace_module.products, []
+
+    def spy(op, V, who):
+        seen.append(V.shape[1])
+        return real(op, V, who)
+
+    monkeypatch.setattr(trace_module, "PROBE_NUMBERS", 3 * 40 + 7)
+    monkeypatch.setattr(trace_module, "products", spy)
+    estimate, std = trace(
+        M, "hutchinson", num_samples=8, distribution=distribution, generator=gen(3), return_std=True
+    )
+    assert seen == [3, 3, 2]
+    g = gen(3)
+    blocks = [probes(40, k, distribution, g, DTYPE) for k in (3, 3, 2)]
+    terms = torch.cat([(V * (M @ V)).sum(0) for V in blocks])
+    torch.testing.assert_close(estimate, terms.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(std, terms.std() / math.sqrt(8), rtol=1e-12, atol=1e-12)
+
+
 def test_standard_error_matches_the_spread_of_hutchinson():
     M = symmetric(40)
     # Var(ωᵀMω) = 2 (‖M‖_F² - Σ M_ii²) for Rademacher ω
