@@ -81,3 +81,16 @@ def test_pure_function_with_attention():
     G = curvfx.ggn(pure, nn.CrossEntropyLoss(), (x, y), params=params)
     v = torch.randn(G.shape[0], dtype=torch.double)
     assert torch.allclose(G @ v, curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y)) @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_only_the_math_attention_kernel_inside():
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    from curvfx._kernels import derivable_kernels
+
+    before = _cur_sdpa_kernel_backends()
+    with derivable_kernels():
+        assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+        with derivable_kernels():  # nested: unchanged
+            assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+    assert _cur_sdpa_kernel_backends() == before

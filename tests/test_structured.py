@@ -136,6 +136,18 @@ class Custom(nn.Module):
         return self.head(self.custom(self.lin(x)))
 
 
+class UsedElsewhere(nn.Module):
+    """Parameters of known layers also used outside their layer's calls (generic route)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin(x) + F.linear(x.sin(), self.lin.weight)  # the weight once more
+        return self.head(self.norm(h) + 0.1 * self.norm.weight * h)  # the scale once more
+
+
 def mlp():
     return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
@@ -328,6 +340,7 @@ MODELS: dict[str, tuple[Callable, Callable, set[str]]] = {
     "shared": (Shared, floats(N, 4), set()),
     "tied": (Tied, floats(N, 4), {"a.weight"}),
     "custom": (Custom, floats(N, 4), {"custom.w"}),
+    "used_elsewhere": (UsedElsewhere, floats(N, 4), {"lin.weight", "lin.bias", "norm.weight", "norm.bias"}),
     "frozen": (frozen, floats(N, 4), set()),
     "no_bias": (no_bias, floats(N, 4), set()),
     "conv_options": (conv_options, floats(N, 2, 6, 6), set()),
@@ -399,6 +412,8 @@ CASES = [
     ("tied", "ce"),
     ("custom", "ce"),
     ("custom", "mse_sum"),
+    ("used_elsewhere", "ce"),
+    ("used_elsewhere", "mse"),
     ("frozen", "ce"),
     ("no_bias", "mse"),
     ("conv_options", "ce"),
@@ -570,8 +585,16 @@ def test_one_backward_pass_per_column(model_name, loss, monkeypatch):
     model, loss_fn, x, y = problem(model_name, loss)
     op = operator("ggn", model, loss_fn, (x, y))
     batched = op._exact_diagonal(backend="structured")
+    real, batched_calls = torch.autograd.grad, []
+
+    def spy(*args, is_grads_batched=False, **kwargs):
+        batched_calls.append(is_grads_batched)
+        return real(*args, is_grads_batched=is_grads_batched, **kwargs)
+
     monkeypatch.setattr(curvfx._chunking, "COLUMN_NUMBERS", 0)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
     assert_close_rel(op._exact_diagonal(backend="structured"), batched, tol=1e-12)
+    assert not any(batched_calls)  # one backward pass per column
     assert_close_rel(op._exact_diagonal(backend="structured"), op._exact_diagonal(backend="generic"))
 
 
@@ -625,12 +648,11 @@ def test_per_sample_grad_backends(model_name, loss):
         for name, g in result.items():
             assert g.shape == truth[name].shape and not g.requires_grad, (backend, name)
         assert_close_rel(result, truth)
-    same = "generic" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "structured"
-    for name in truth:  # "auto": the generic route for models with convolutions (measured faster)
-        assert torch.equal(grads["auto"][name], grads[same][name])
+    for name in truth:  # "auto" is vmap(grad), exact for every model
+        assert torch.equal(grads["auto"][name], grads["generic"][name])
 
 
-def test_per_sample_grad_structured_needs_a_module():
+def test_per_sample_grad_structured_needs_an_eager_module():
     model, loss_fn, x, y = problem("mlp", "ce")
     fn, params = curvfx.make_functional(model)
 
@@ -641,6 +663,12 @@ def test_per_sample_grad_structured_needs_a_module():
         curvfx.per_sample_grad(pure, loss_fn, params, x, y, backend="structured")
     with pytest.raises(ValueError, match="backend"):
         curvfx.per_sample_grad(model, loss_fn, None, x, y, backend="fast")
+    with pytest.raises(ValueError, match=r"torch\.func"):  # the structured route detaches
+        torch.func.grad(
+            lambda p: curvfx.per_sample_grad(fn, loss_fn, p, x, y, backend="structured")["0.bias"].sum()
+        )(params)
+    g = torch.func.grad(lambda p: curvfx.per_sample_grad(fn, loss_fn, p, x, y)["0.bias"].sum())(params)
+    assert g["0.weight"].abs().sum() > 0  # "auto" composes with torch.func
     assert_close_rel(curvfx.per_sample_grad(pure, loss_fn, params, x, y), loop_grads(model, loss_fn, x, y))
 
 

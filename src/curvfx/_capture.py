@@ -29,7 +29,16 @@ from torch.nn.modules import module as _torch_module
 
 from curvfx import _chunking
 
-__all__ = ["captured", "layer_kind", "output_grads", "patches", "positions", "supported_layers", "unfold"]
+__all__ = [
+    "captured",
+    "layer_kind",
+    "output_grads",
+    "parameter_uses",
+    "patches",
+    "positions",
+    "supported_layers",
+    "unfold",
+]
 
 NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -134,6 +143,34 @@ def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> list[list[Tens
         pass
     columns = [torch.autograd.grad(outputs, zs, s, retain_graph=True, allow_unused=True) for s in S]
     return _blocks(zs, [_one_column(grads) for grads in columns], 1)
+
+
+def parameter_uses(outputs: Tensor, params: list[Tensor]) -> list[int]:
+    """How many operations of the autograd graph of ``outputs`` take each leaf of ``params`` as input.
+
+    A supported layer's formulas cover the parameter uses inside its recorded calls, one
+    per call; a parameter also used elsewhere (``F.linear(x, layer.weight)`` outside the
+    layer, a penalty on the weight) has more, and must take the generic route.
+    """
+    index = {id(t): i for i, t in enumerate(params)}
+    counts = [0] * len(params)
+    stack, seen = ([outputs.grad_fn] if outputs.grad_fn is not None else []), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)  # an AccumulateGrad node
+            if leaf is not None:
+                i = index.get(id(leaf))
+                if i is not None:
+                    counts[i] += 1
+            elif child not in seen:
+                stack.append(child)
+    return counts
 
 
 def _one_column(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

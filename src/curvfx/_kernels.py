@@ -7,8 +7,9 @@ attention kernel (and, for a module with recurrent layers, the native RNN instea
 cuDNN), whose derivatives are composed of ordinary operations, so every product that later
 differentiates that pass works. The user's settings are restored on exit.
 
-The attention flags are switched directly (four getter/setter pairs of
-``torch.backends.cuda``) rather than through ``torch.nn.attention.sdpa_kernel``, whose
+The attention flags are switched directly (the getter/setter pairs of
+``torch.backends.cuda``, and torch's private pair for the "overrideable" backend of
+out-of-tree devices) rather than through ``torch.nn.attention.sdpa_kernel``, whose
 generic bookkeeping costs about 40 µs per forward pass — a tenth of a gradient of a small
 MLP, paid by every product.
 """
@@ -32,14 +33,16 @@ _SDPA_FLAGS = (  # (getter, setter, value inside): only the math kernel on
     (_cuda.cudnn_sdp_enabled, _cuda.enable_cudnn_sdp, False),
     (_cuda.math_sdp_enabled, _cuda.enable_math_sdp, True),
 )
+if hasattr(torch._C, "_set_sdp_use_overrideable"):  # the backend of out-of-tree devices (no public API)
+    _SDPA_FLAGS += ((torch._C._get_overrideable_sdp_enabled, torch._C._set_sdp_use_overrideable, False),)
 
 
 @contextlib.contextmanager
 def derivable_kernels(module: nn.Module | None = None) -> Iterator[None]:
     """Run the enclosed forward pass with the math SDPA kernel (and no cuDNN RNNs in ``module``).
 
-    Inside, the flash, memory-efficient and cuDNN attention kernels are off and the math
-    kernel is on.
+    Inside, the flash, memory-efficient, cuDNN and overrideable attention kernels are off
+    and the math kernel is on.
 
     Nested uses (a curvfx model function called inside a curvfx transform) choose the
     attention kernel once, at the outermost level.

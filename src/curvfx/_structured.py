@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._capture import captured, layer_kind, output_grads, supported_layers
+from curvfx._capture import captured, layer_kind, output_grads, parameter_uses, supported_layers
+from curvfx._errors import inside_transform
 from curvfx._factors import factor_diagonal
 from curvfx._layers import layer_grads, layer_squares, reads_per_sample
 from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
@@ -191,28 +192,34 @@ def structured_sample_grads(
 
 
 def sample_grads_route(fn: Any, params: Any, backend: str) -> bool:
-    """Whether :func:`curvfx.per_sample_grad` takes the structured route for ``backend``.
+    """Whether :func:`curvfx.per_sample_grad` takes the structured route: for "structured" only.
 
-    "auto" takes it for modules without convolutions among their factored layers: on the
-    benchmark MLP 784-256-256-10 (N = 128) it took 0.83–0.90 of the time of ``vmap(grad)``,
-    while on the benchmark CNN the unfolded patches made it 1.06–1.14 (``vmap`` turns the
-    per-sample weight gradient into one grouped convolution). "structured" takes it for
-    every factored layer.
+    "auto" keeps ``vmap(grad)``, exact for every model. The structured route assumes
+    batch-first layer inputs (a sequence-first input [T, N, ...] with T = N cannot be told
+    apart), gives results without an autograd graph, and cannot run inside a
+    ``torch.func`` transform; measured against ``vmap(grad)`` it took 0.83–0.90 of the
+    time on the benchmark MLP 784-256-256-10 (N = 128) and 1.06–1.14 on the benchmark CNN.
+
+    Raises:
+        ValueError: For "structured" with a pure function or inside a ``torch.func`` transform.
     """
-    if not _structured_route(fn, params, backend):
+    if not _structured_route(fn, params, backend) or backend != "structured":
         return False
-    layers = supported_layers(fn.module, params, factored=True)
-    return backend == "structured" or all(layer_kind(m) != "conv" for m in layers)
+    if inside_transform():
+        raise ValueError("backend: 'structured' cannot run inside a torch.func transform; use 'generic'")
+    return True
 
 
 def _layer_pass(
     fn: FunctionalModel, params: dict[str, Tensor], x: Any, S: Factor, layers: dict[nn.Module, dict[str, str]]
-) -> tuple[Tensor, dict[nn.Module, list[tuple[Tensor, Tensor]]]]:
+) -> tuple[Tensor, dict[nn.Module, list[tuple[Tensor, list[Tensor]]]]]:
     """One forward pass recording the calls of ``layers``, then the gradients at their outputs.
 
     Returns ``S`` (evaluated at the detached outputs when it is a function) and, for each
-    layer whose calls read per sample, its calls as ``(input, ∂⟨f, s_k⟩/∂z [K, *z.shape])``
-    (none when ``S`` has no columns).
+    layer whose calls read per sample and whose parameters are used by those calls only
+    (:func:`curvfx._capture.parameter_uses`), its calls as ``(input, blocks)`` with the
+    column blocks of ``∂⟨f, s_k⟩/∂z`` from :func:`curvfx._capture.output_grads` (none when
+    ``S`` has no columns).
     """
     candidates = {name for names in layers.values() for name in names.values()}
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
@@ -225,6 +232,10 @@ def _layer_pass(
         return S, {}
     n = S.shape[1]
     records = {m: calls for m, calls in records.items() if reads_per_sample(m, calls, n)}
+    names = [(m, name) for m in records for name in layers[m].values()]
+    uses = parameter_uses(outputs, [p[name] for _, name in names])
+    elsewhere = {m for (m, _), count in zip(names, uses) if count != len(records[m])}
+    records = {m: calls for m, calls in records.items() if m not in elsewhere}  # those: generic
     zs = [z for calls in records.values() for _, z in calls]
     grads = iter(output_grads(outputs, zs, S) if zs else ())  # in the order of zs
     return S, {m: [(a, next(grads)) for a, _ in calls] for m, calls in records.items()}

@@ -299,17 +299,18 @@ def per_sample_grad(
     entries, no ignored positions), for ``"sum"`` it is ``Σ_n g_n``. No ``1/N`` is folded
     into ``g_n``.
 
-    Two routes, the same numbers. Structured (``backend="structured"``, and ``"auto"`` for
-    modules without convolutions): for the ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
-    normalization layers, one forward pass over the batch and one backward pass of the
-    residuals ``r_n = ∇_{f_n} loss_fn(f_n, y_n)`` to the layer outputs give
-    ``g_n = Σ_t δ_nt a_ntᵀ`` (layer input a, output gradient δ, positions t). Generic: every
-    other parameter (all of them for a pure function, ``backend="generic"``, or "auto" on a
-    model with convolutions) takes ``vmap(grad)`` over samples, ``chunk_size`` samples at
-    a time (all at once if None). Dropout draws a separate mask per sample on both. Measured
-    on the benchmark MLP 784-256-256-10 (N = 128) the structured route took 0.83–0.90 of
-    the time of ``vmap(grad)``, on the benchmark CNN 1.06–1.14; both are mostly the cost of
-    writing N·P numbers.
+    ``backend``: ``"auto"`` / ``"generic"`` compute ``vmap(grad)`` over samples,
+    ``chunk_size`` samples at a time (all at once if None); dropout draws a separate mask
+    per sample. ``"structured"`` (modules only, eager only) computes the parameters of
+    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and normalization layers from one forward pass over
+    the batch and one backward pass of the residuals ``r_n = ∇_{f_n} loss_fn(f_n, y_n)``
+    to the layer outputs, ``g_n = Σ_t δ_nt a_ntᵀ`` (layer input a, output gradient δ,
+    positions t), and every other parameter by ``vmap(grad)``. It assumes batch-first
+    layer inputs (a sequence-first [T, N, ...] input with T = N cannot be told apart from
+    a batch-first one), returns tensors without an autograd graph, and under dropout gives
+    the two groups of parameters different masks. Measured against ``vmap(grad)``: 0.83–0.90
+    of the time on the benchmark MLP 784-256-256-10 (N = 128), 1.06–1.14 on the benchmark
+    CNN; both are mostly the cost of writing N·P numbers.
 
     Returns:
         A pytree like ``params``, each leaf [N, *leaf.shape].
@@ -317,7 +318,8 @@ def per_sample_grad(
     Raises:
         ValueError: If the batch is empty, ``x`` and ``y`` disagree on N, the model
             couples samples (BatchNorm in train mode has no per-sample gradient; call
-            ``model.eval()``), or ``backend`` is unknown ("structured" with a pure function).
+            ``model.eval()``), or ``backend`` is unknown ("structured" with a pure function
+            or inside a ``torch.func`` transform).
         MemoryBudgetError: If the result, N·P numbers, exceeds the memory budget
             (:mod:`curvfx._memory`).
     """

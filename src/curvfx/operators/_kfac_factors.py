@@ -344,15 +344,17 @@ def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> 
     ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
     stored one after the other (linear layers) make one matrix product into ``total``. A
     convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
-    (channels before positions): one batched product over the leading entries, summed —
-    on a 2-conv CNN's type-2 factors 6× faster than copying the rows into place first.
+    (channels before positions): with T ≥ d, one batched product over the leading
+    entries, summed — on a 2-conv CNN's type-2 factors 6× faster than copying the rows
+    into place first; with T < d (late layers of deep CNNs) the per-entry [d, d] products
+    would outgrow the rows, which are then copied.
     """
-    d = t.shape[-1]
-    if t.stride(-1) == 1 or t.shape[-2] == 1:
+    d, positions = t.shape[-1], t.shape[-2]
+    if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
         rows = t.reshape(-1, d)
         total.addmm_(rows.T, rows, beta=0.0 if first else 1.0, alpha=weight)  # beta = 0 ignores total
         return
-    blocks = t.transpose(-1, -2).reshape(-1, d, t.shape[-2])  # a view of the contiguous layout
+    blocks = t.transpose(-1, -2).reshape(-1, d, positions)  # a view of the contiguous layout
     term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
     if first:
         total.copy_(term)
