@@ -14,7 +14,8 @@ torch-secorder, PyHessian) and plain torch. Peers that do not import are listed 
   max_memory_allocated on CUDA), the result included.
 * --quick: 3 rounds; a first call over 0.3 s is the only timing; one over 2 s is stopped (the row
   says so); curvfx's explicit strategies are left out. The full run: 40 rounds, at most
-  3 s of timed runs per implementation, every ``strategy=`` of ``hvp`` and ``ggn_vp``.
+  3 s of timed runs per implementation, every ``strategy=`` of ``hvp`` and ``ggn_vp``, and
+  ``per_sample_grad(backend="structured")``.
 * rel. diff: ‖peer - curvfx‖ / ‖curvfx‖ after the conversions of ``_peers.py``. For the
   stochastic ops (MC diag GGN, Hutchinson trace) differences of the size of the estimator's
   spread are expected; the curvfx row shows that spread (the same op with another seed).
@@ -88,7 +89,8 @@ def context(model, loss_fn, x, y, device) -> SimpleNamespace:
 def curvfx_ops(c, strategies: bool = True) -> tuple[dict, dict]:
     """``{op: {variant: callable}}`` for curvfx, and the stochastic ops re-run with another seed.
 
-    ``strategies``: also each explicit ``strategy=`` of ``hvp`` and ``ggn_vp`` (not in --quick).
+    ``strategies``: also each explicit ``strategy=`` of ``hvp`` and ``ggn_vp``, and the
+    structured ``per_sample_grad`` (not in --quick).
     """
     batch = (c.x, c.y)
     H = curvfx.hessian(c.model, c.loss_fn, batch)
@@ -131,6 +133,10 @@ def curvfx_ops(c, strategies: bool = True) -> tuple[dict, dict]:
     for s in ("autograd", "forward-ad", "func") if strategies else ():
         ops["GGN-vp"][f"strategy={s}"] = lambda s=s: curvfx.ggn_vp(
             c.fn, c.loss_fn, c.params, c.x, c.y, c.v_dict, strategy=s
+        )
+    if strategies:
+        ops["per-sample gradients"]["backend=structured"] = lambda: curvfx.per_sample_grad(
+            c.fn, c.loss_fn, c.params, c.x, c.y, backend="structured"
         )
     reseeded = {
         "MC diag GGN (1 sample)": lambda: mc_diag(11),

@@ -1,4 +1,4 @@
-"""Squared per-sample gradients of one factored layer, from its recorded inputs and output gradients.
+"""Per-sample gradients of one factored layer and their squares, from its inputs and output gradients.
 
 Input: the calls ``[(a, g)]`` of one layer in a forward pass (:mod:`curvfx._capture`), with
 ``g = ∂⟨f, s_k⟩/∂z`` [K, *z.shape] the gradients at the layer output for K output-space
@@ -18,6 +18,8 @@ calls of the layer:
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -140,7 +142,7 @@ def _squares_over_columns(g: Tensor) -> Tensor:
 def _linear_grads(
     module: nn.Module, names: dict[str, str], flat: list[tuple[Tensor, Tensor]]
 ) -> dict[str, Tensor]:
-    """Per-sample gradients [K, N, *shape] of a linear layer or convolution over its positions."""
+    """Per-sample gradients [k_b, N, *shape] of a linear layer or convolution (one column block)."""
     grads = {}
     k, n = flat[0][1].shape[:2]
     if "weight" in names:  # G_kn = Σ_calls Σ_t g_knt a_ntᵀ, per group
@@ -151,7 +153,7 @@ def _linear_grads(
     return grads
 
 
-def _added(terms) -> Tensor:
+def _added(terms: Iterable[Tensor]) -> Tensor:
     """The sum of new tensors, accumulated into the first (``sum`` would copy it once more)."""
     terms = iter(terms)
     total = next(terms)

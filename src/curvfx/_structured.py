@@ -1,4 +1,4 @@
-"""Layer-aware exact diagonals: per-sample gradients of known layers in factored form.
+"""Layer-aware exact diagonals and per-sample gradients of known layers, in factored form.
 
 For a layer ``z = W a (+ b)`` (``nn.Linear``; convolutions after unfolding the input into
 patches) the gradient of sample n for a cotangent ``s`` at the model outputs is
@@ -15,9 +15,11 @@ Embeddings and the affine parameters of normalization layers have per-sample gra
 of the same kind (rows of output gradients; ``Σ_t g ⊙ x̂``): :mod:`curvfx._layers`.
 Layer inputs and outputs are captured by :mod:`curvfx._capture` (forward hooks removed
 before returning, also on error). Parameters of other modules (and of modules
-called with options this path does not cover) take the generic per-sample route
-(:func:`curvfx._factors.factor_diagonal`) restricted to those parameters, so every model
-the generic route accepts works, with the same numbers.
+called with options this path does not cover, or whose parameters are also used outside
+their calls) take the generic per-sample route (:func:`curvfx._factors.factor_diagonal`)
+restricted to those parameters, so every model the generic route accepts works, with the
+same numbers. :func:`structured_sample_grads` forms the per-sample gradients ``G_n``
+themselves (one cotangent per sample) for :func:`curvfx.per_sample_grad`.
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def _layer_batches(
     fisher_type: str,
     num_samples: int,
     seed: int,
-) -> Iterator[tuple[float, Any, Tensor, dict[str, tuple[Tensor, Tensor]]]]:
+) -> Iterator[tuple[float, Any, Tensor, dict[str, tuple[Tensor | None, list[Tensor]]]]]:
     """Per batch: ``(Z_b or 1, x, S, {module: (a [N, T, in] or None, [g [k_b, N, T, out]])})``.
 
     ``a`` is the layers' input (None when the weight is not a parameter: ``ã = 1``), the
