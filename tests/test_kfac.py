@@ -630,3 +630,23 @@ def test_second_moment_of_each_layout(positions):
         assert_close_rel(total, 0.5 * rows.T @ rows, tol=1e-13)
         _add_second_moment(total, t, 2.0, first=False)
         assert_close_rel(total, 2.5 * rows.T @ rows, tol=1e-13)
+
+
+def test_parameter_used_outside_its_layer_is_refused():
+    """A block from the layer's calls would leave out a use of its weight elsewhere."""
+
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.fc(x) + torch.nn.functional.linear(x.sin(), self.fc.weight)))
+
+    model = seeded(Reused)
+    x, y = rand(6, 4), classes(6)
+    with pytest.raises(ValueError, match=r"'fc\.weight' is used outside"):
+        kfac(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    params = {k: v.detach() for k, v in model.named_parameters() if k != "fc.weight"}
+    op = kfac(model, nn.CrossEntropyLoss(), (x, y), params=params)  # fc.bias alone: a block of its own
+    assert op.to_dense().shape == (sum(v.numel() for v in params.values()),) * 2

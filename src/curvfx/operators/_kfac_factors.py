@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._capture import captured, output_grads, positions, supported_layers
+from curvfx._capture import captured, output_grads, parameter_uses, positions, supported_layers
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import unsqueeze_leaves
 from curvfx.functional import FunctionalModel
@@ -287,6 +287,7 @@ def _layer_batches(
         with torch.enable_grad(), captured(records):
             p = {k: v.detach().requires_grad_(k in structured) for k, v in params.items()}
             outputs = model_fn(p, x)
+        _check_used_in_calls(outputs, p, layers, records, names)
         generator = torch.Generator(device).manual_seed(seed + b) if fisher_type == "mc" else None
         S = output_factor(loss, outputs.detach(), y, _KIND[fisher_type], num_samples, generator)
         zs = [z for calls in records.values() for _, z in calls]
@@ -303,6 +304,28 @@ def _layer_batches(
                 per_layer[names[module]] = (a if "weight" in layers[module] else None, gs)
         z = float(loss.normalizer(y)) if mean else 1.0
         yield z, x, S, per_layer
+
+
+def _check_used_in_calls(
+    outputs: Tensor,
+    p: dict[str, Tensor],
+    layers: dict[nn.Module, dict[str, str]],
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    names: dict[nn.Module, str],
+) -> None:
+    """Raise ``ValueError`` if a Kronecker layer's parameter is also used outside the layer's calls.
+
+    Its block, built from the calls' inputs and output gradients, would leave that use out.
+    """
+    if not outputs.requires_grad:
+        return
+    pairs = [(m, name) for m in layers for name in layers[m].values()]
+    for (module, name), uses in zip(pairs, parameter_uses(outputs, [p[name] for _, name in pairs])):
+        if uses > len(records[module]):
+            raise ValueError(
+                f"params: {name!r} is used outside the calls of layer {names[module]!r}, so its "
+                "Kronecker block would leave that use out; leave it out of params= or untie it"
+            )
 
 
 def _normalizer(loss: Loss, z_total: float) -> float:
