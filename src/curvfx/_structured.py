@@ -175,8 +175,9 @@ def structured_sample_grads(
     the forward pass made here. Linear layers, convolutions and normalization layers
     (:func:`curvfx._layers.layer_grads`): one forward and one backward pass to the layer
     outputs, then ``G_n = Σ_t g_nt a_ntᵀ`` per layer. Returns only the parameters it
-    computed (not embeddings, tied parameters or layers that do not read per sample); the
-    caller takes the others by the generic route.
+    computed (not embeddings, tied parameters, layers that do not read per sample or
+    whose parameters are also used elsewhere); the caller takes the others by the generic
+    route.
     """
     layers = {
         m: names
