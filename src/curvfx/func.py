@@ -18,28 +18,26 @@ with ``torch.func``: ``vmap(lambda v: hvp(f, params, v))(V)`` is a matrix produc
 
 Randomness. Each product evaluates the model once, so a model with active dropout yields
 the curvature of the network under the mask drawn in that forward pass (a new mask on each
-call). Call ``model.eval()`` for a deterministic operator. The per-sample transforms vmap
-over samples with ``randomness="different"``: every sample draws its own mask, as in a
-batched forward pass.
+call). Call ``model.eval()`` for a deterministic operator. The per-sample transforms
+(defined in :mod:`curvfx._per_sample`, exported here) vmap over samples with
+``randomness="different"``: every sample draws its own mask, as in a batched forward pass.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacrev, vmap
+from torch.func import vmap
 
 from curvfx import _engines
-from curvfx._errors import describe
+from curvfx._errors import check_batch
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
-from curvfx._memory import check_fits
-from curvfx._pytree import as_columns, as_tree, leaves, num_params, ravel, tree_map, unsqueeze_leaves
-from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
+from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
+from curvfx._pytree import as_columns, as_tree, leaves, ravel
 from curvfx.functional import as_function
 from curvfx.losses import get_loss
 
@@ -219,7 +217,7 @@ def model_jvp(
     """
     fn, params = as_function(fn, params)
     tree, _ = as_tree(v, params)
-    _check_batch(x, None)
+    check_batch(x, None)
     return _engines.model_jvp(lambda p: fn(p, x), params, tree)[1]
 
 
@@ -234,7 +232,7 @@ def model_vjp(
     ``u`` is shaped like the outputs ``fn(params, x)``. One forward and one backward pass.
     """
     fn, params = as_function(fn, params)
-    _check_batch(x, None)
+    check_batch(x, None)
     return _engines.model_vjp(lambda p: fn(p, x), params, u)
 
 
@@ -242,7 +240,7 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     """``Jᵀ M J v`` with ``M = output_product(loss, f)`` (u ↦ M u): validation, engine, form of ``v``."""
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
-    _check_batch(x, y)
+    check_batch(x, y)
     engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
     columns = as_columns(v, params)
     if columns is not None and engine in ("func", "func-vjp"):
@@ -279,203 +277,3 @@ def check_fisher_kind(kind: str, num_samples: int) -> None:
         raise ValueError(f"kind: expected one of {FISHER_KINDS}, got {kind!r}")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-
-
-def per_sample_grad(
-    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
-    loss_fn: Any,
-    params: PyTree,
-    x: Any,
-    y: Tensor,
-    chunk_size: int | None = None,
-    *,
-    backend: str = "auto",
-) -> PyTree:
-    """Gradient of each sample's own loss term, ``g_n = ∇_θ loss_fn(fn(θ, x_n), y_n)``.
-
-    ``x_n``, ``y_n`` are sample n as a batch of one, so ``g_n`` is the gradient of the loss
-    applied to that sample alone, with its own reduction: for ``reduction="mean"`` the
-    batch gradient is ``(1/N) Σ_n g_n`` (when every sample counts equally: same number of
-    entries, no ignored positions), for ``"sum"`` it is ``Σ_n g_n``. No ``1/N`` is folded
-    into ``g_n``.
-
-    ``backend``: ``"auto"`` / ``"generic"`` compute ``vmap(grad)`` over samples,
-    ``chunk_size`` samples at a time (all at once if None); dropout draws a separate mask
-    per sample. ``"structured"`` (modules only, eager only) computes the parameters of
-    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and normalization layers from one forward pass over
-    the batch and one backward pass of the residuals ``r_n = ∇_{f_n} loss_fn(f_n, y_n)``
-    to the layer outputs, ``g_n = Σ_t δ_nt a_ntᵀ`` (layer input a, output gradient δ,
-    positions t), and every other parameter by ``vmap(grad)``. It assumes batch-first
-    layer inputs (a sequence-first [T, N, ...] input with T = N cannot be told apart from
-    a batch-first one), returns tensors without an autograd graph, and under dropout gives
-    the two groups of parameters different masks. Measured against ``vmap(grad)``: 0.83–0.90
-    of the time on the benchmark MLP 784-256-256-10 (N = 128), 1.06–1.14 on the benchmark
-    CNN; both are mostly the cost of writing N·P numbers.
-
-    Returns:
-        A pytree like ``params``, each leaf [N, *leaf.shape].
-
-    Raises:
-        ValueError: If the batch is empty, ``x`` and ``y`` disagree on N, the model
-            couples samples (BatchNorm in train mode has no per-sample gradient; call
-            ``model.eval()``), or ``backend`` is unknown ("structured" with a pure function
-            or inside a ``torch.func`` transform).
-        MemoryBudgetError: If the result, N·P numbers, exceeds the memory budget
-            (:mod:`curvfx._memory`).
-    """
-    fn, params = as_function(fn, params)
-    loss = get_loss(loss_fn)
-    _check_batch(x, y)
-    _check_independent_samples(fn, "per_sample_grad")
-    structured = sample_grads_route(fn, params, backend)  # before any work
-    n, p = leaves(x)[0].shape[0], num_params(params)
-    check_fits(f"per_sample_grad: the result [N={n}, P={p}]", n * p, leaves(params)[0].dtype, _FEWER)
-    grads = structured_sample_grads(fn, params, x, _sample_residuals(loss, y)) if structured else {}
-    rest = {k: v for k, v in params.items() if k not in grads} if grads else params
-    if not leaves(rest):
-        return {k: grads[k] for k in params}
-
-    def sample_loss(sub, xn, yn):
-        xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
-        outputs = fn({**params, **sub} if grads else sub, xb)
-        loss.check(outputs, yb)
-        return loss(outputs, yb)
-
-    generic = _over_samples(grad(sample_loss), grad(sample_loss), rest, (x, y), chunk_size, "per_sample_grad")
-    return {k: grads[k] if k in grads else generic[k] for k in params} if grads else generic
-
-
-def per_sample_grad_norms(
-    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
-    loss_fn: Any,
-    params: PyTree,
-    x: Any,
-    y: Tensor,
-    chunk_size: int | None = None,
-    *,
-    backend: str = "auto",
-) -> Tensor:
-    """Norms ``‖g_n‖`` [N] of the per-sample gradients of :func:`per_sample_grad`, never forming g_n.
-
-    ``g_n = J_nᵀ r_n`` with ``r_n = ∇_{f_n} loss_fn(f_n, y_n)`` (the loss on sample n alone).
-    For ``nn.Linear`` / ``nn.Conv1d/2d`` layers of a module (``backend="auto"`` or
-    ``"structured"``) the squared norm is contracted from the layer's input and output
-    gradient, ``‖Σ_t g_t a_tᵀ‖²`` (for one position ``‖g‖²‖a‖²``), at the cost of about one
-    gradient; other parameters (or ``backend="generic"``) take a per-sample vmap,
-    ``chunk_size`` samples at a time.
-
-    Raises:
-        ValueError: As :func:`per_sample_grad`, or for an unknown ``backend``.
-    """
-    fn, params = as_function(fn, params)
-    loss = get_loss(loss_fn)
-    _check_batch(x, y)
-    _check_independent_samples(fn, "per_sample_grad_norms")
-    check_backend(backend)  # before any work
-    squares = sample_squares(
-        fn, params, x, _sample_residuals(loss, y), chunk_size, per_sample=True, backend=backend
-    )
-    return sum(leaves(squares)).sqrt()
-
-
-def _sample_residuals(loss: Any, y: Tensor) -> Callable[[Tensor], Tensor]:
-    """``outputs ↦ r`` [1, N, ...], ``r_n = ∇_{f_n} loss(f_n, y_n)`` with sample n as a batch of one."""
-
-    def residuals(outputs: Tensor) -> Tensor:
-        loss.check(outputs, y)
-        return vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y).unsqueeze(0)
-
-    return residuals
-
-
-def per_sample_jacobian(
-    fn: Callable[[PyTree, Any], Tensor] | torch.nn.Module,
-    params: PyTree,
-    x: Any,
-    chunk_size: int | None = None,
-) -> PyTree:
-    """Jacobian of each sample's outputs, ``J_n = ∂ fn(θ, x_n) / ∂θ``.
-
-    Computed as ``vmap(jacrev)`` over samples, each sample evaluated as a batch of one,
-    ``chunk_size`` samples at a time (all at once if None) to bound memory: the result
-    holds N·C·P numbers.
-
-    Returns:
-        A pytree like ``params``, each leaf [N, *output_shape, *leaf.shape] where
-        ``output_shape`` is one sample's output shape (``fn(θ, x).shape[1:]``).
-
-    Raises:
-        ValueError: If the batch is empty or the model couples samples (BatchNorm in train
-            mode).
-        MemoryBudgetError: If the result, N·C·P numbers (C outputs per sample, read by one
-            forward pass on the first sample), exceeds the memory budget
-            (:mod:`curvfx._memory`).
-    """
-    fn, params = as_function(fn, params)
-    _check_batch(x, None)
-    _check_independent_samples(fn, "per_sample_jacobian")
-    n, c, p = leaves(x)[0].shape[0], _sample_output_numel(fn, params, x), num_params(params)
-    check_fits(
-        f"per_sample_jacobian: the result [N={n}, C={c}, P={p}]", n * c * p, leaves(params)[0].dtype, _FEWER
-    )
-
-    def sample_outputs(p, xn):
-        return fn(p, unsqueeze_leaves(xn))[0]
-
-    # the loop's jacrev takes one output row at a time (chunk_size=1: no vmap inside either)
-    looped = jacrev(sample_outputs, chunk_size=1)
-    return _over_samples(jacrev(sample_outputs), looped, params, (x,), chunk_size, "per_sample_jacobian")
-
-
-def _over_samples(
-    per_sample, looped, params: PyTree, data: tuple, chunk_size: int | None, who: str
-) -> PyTree:
-    """``per_sample(params, *sample_n)`` for every sample, stacked: vmapped, else a loop.
-
-    Layers without a vmap batching rule (the native LSTM/GRU kernels) make the vmap fail;
-    then ``looped`` (the same function, free of vmap) runs once per sample, with a warning.
-    """
-    in_dims = (None, *(0 for _ in data))
-    try:
-        return vmap(per_sample, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(params, *data)
-    except RuntimeError as err:
-        warnings.warn(
-            f"{who}: could not vmap this model over samples ({str(err).splitlines()[0][:120]}); "
-            "looping over samples instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    n = leaves(data[0])[0].shape[0]
-    rows = [looped(params, *(tree_map(lambda t, i=i: t[i], d) for d in data)) for i in range(n)]
-    return tree_map(lambda *ls: torch.stack(ls), *rows)
-
-
-_FEWER = "pass fewer samples per call or a subset of the parameters"
-
-
-def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
-    """C, the number of outputs of one sample: one forward pass on the first sample (RNG state kept)."""
-    device = leaves(params)[0].device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn(params, tree_map(lambda t: t[:1], x))[0].numel()
-
-
-def _check_batch(x: Any, y: Tensor | None) -> None:
-    x_leaves = leaves(x)
-    if not x_leaves:
-        raise ValueError("x: expected a tensor or a tuple/mapping of tensors, got no tensors")
-    n = x_leaves[0].shape[0] if x_leaves[0].dim() > 0 else None
-    if n is None or any(t.dim() == 0 or t.shape[0] != n for t in x_leaves):
-        raise ValueError("x: every input tensor needs the same leading batch dimension N")
-    if n == 0:
-        raise ValueError("x: the batch is empty (N = 0)")
-    if y is not None and (not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != n):
-        raise ValueError(f"y: expected targets with leading dimension N = {n}, got {describe(y)}")
-
-
-def _check_independent_samples(fn, transform: str) -> None:
-    if getattr(fn, "couples_samples", False):
-        raise ValueError(
-            f"fn: {transform} needs independent samples, but the model has BatchNorm in "
-            "train mode (its batch statistics couple the samples); call model.eval()"
-        )
