@@ -993,6 +993,42 @@ class LearnedQuery(nn.Module):
         return self.lin(x) * self.proj(self.query)
 
 
+class SequenceFirstNorm(nn.Module):
+    """A sequence-first layer norm and linear layer, and a batch-first linear layer after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.lin, self.head = nn.LayerNorm(4), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(self.norm(x.transpose(0, 1)))).transpose(0, 1)  # [N, T, 5]
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("model_type", [SequenceFirst, SequenceFirstNorm])
+def test_sequence_first_layers_with_as_many_positions_as_samples(model_type, generic_calls):
+    # [T, N, D] with T = N has the shape of a batch-first input: sample 0's gradient decides
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_type().to(DTYPE)
+    x, y = torch.randn(N, N, 4, dtype=DTYPE), torch.randint(0, 3, (N,))
+    loss_fn = nn.CrossEntropyLoss()
+    op = curvfx.ggn(model, loss_fn, (x, y))
+    assert_close_rel(op._exact_diagonal(backend="structured"), op.to_dense().diagonal())
+    truth = loop_norms(model, loss_fn, x, y)
+    assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y), truth)
+    assert_close_rel(
+        curvfx.per_sample_grad(model, loss_fn, None, x, y, backend="structured"),
+        loop_grads(model, loss_fn, x, y),
+    )
+    sequence_first = {"lin.weight", "lin.bias"} | (
+        {"norm.weight", "norm.bias"} if model_type is SequenceFirstNorm else set()
+    )
+    assert generic_calls and all(
+        calls == sequence_first for calls in generic_calls
+    )  # "head" stays structured
+
+
 @pytest.mark.parametrize("model_type", [FlatRows, SequenceFirst, LearnedQuery, ScaledByHook])
 def test_layer_inputs_the_structured_path_misreads(model_type):
     # the structured path takes dim 0 of the recorded layer input as the sample and the

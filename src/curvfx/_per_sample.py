@@ -51,12 +51,12 @@ def per_sample_grad(
     ``nn.Linear``, ``nn.Conv1d/2d/3d`` and normalization layers from one forward pass over
     the batch and one backward pass of the residuals ``r_n = ∇_{f_n} loss_fn(f_n, y_n)``
     to the layer outputs, ``g_n = Σ_t δ_nt a_ntᵀ`` (layer input a, output gradient δ,
-    positions t), and every other parameter by ``vmap(grad)``. It assumes batch-first
-    layer inputs (a sequence-first [T, N, ...] input with T = N cannot be told apart from
-    a batch-first one), returns tensors without an autograd graph, and under dropout gives
-    the two groups of parameters different masks. Measured against ``vmap(grad)``: 0.83–0.90
-    of the time on the benchmark MLP 784-256-256-10 (N = 128), 1.06–1.14 on the benchmark
-    CNN; both are mostly the cost of writing N·P numbers.
+    positions t), and every other parameter by ``vmap(grad)`` (also the layers it cannot
+    read per sample: see :mod:`curvfx._structured`). It returns tensors without an
+    autograd graph, and under dropout gives the two groups of parameters different
+    masks. Measured against ``vmap(grad)``: 0.83–0.90 of the time on the benchmark MLP
+    784-256-256-10 (N = 128), 1.06–1.14 on the benchmark CNN; both are mostly the cost of
+    writing N·P numbers.
 
     Returns:
         A pytree like ``params``, each leaf [N, *leaf.shape].

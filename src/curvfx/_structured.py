@@ -197,10 +197,9 @@ def structured_sample_grads(
 def sample_grads_route(fn: Any, params: Any, backend: str) -> bool:
     """Whether :func:`curvfx.per_sample_grad` takes the structured route: for "structured" only.
 
-    "auto" keeps ``vmap(grad)``, exact for every model. The structured route assumes
-    batch-first layer inputs (a sequence-first input [T, N, ...] with T = N cannot be told
-    apart), gives results without an autograd graph, and cannot run inside a
-    ``torch.func`` transform; measured against ``vmap(grad)`` it took 0.83–0.90 of the
+    "auto" keeps ``vmap(grad)``, which composes with every transform. The structured route
+    gives results without an autograd graph and cannot run inside a ``torch.func``
+    transform; measured against ``vmap(grad)`` it took 0.83–0.90 of the
     time on the benchmark MLP 784-256-256-10 (N = 128) and 1.06–1.14 on the benchmark CNN.
 
     Raises:
@@ -219,10 +218,10 @@ def _layer_pass(
     """One forward pass recording the calls of ``layers``, then the gradients at their outputs.
 
     Returns ``S`` (evaluated at the detached outputs when it is a function) and, for each
-    layer whose calls read per sample and whose parameters are used by those calls only
-    (:func:`curvfx._capture.parameter_uses`), its calls as ``(input, blocks)`` with the
-    column blocks of ``∂⟨f, s_k⟩/∂z`` from :func:`curvfx._capture.output_grads` (none when
-    ``S`` has no columns).
+    layer whose calls read per sample, are batch-first (:func:`_sequence_first`) and whose
+    parameters are used by those calls only (:func:`curvfx._capture.parameter_uses`), its
+    calls as ``(input, blocks)`` with the column blocks of ``∂⟨f, s_k⟩/∂z`` from
+    :func:`curvfx._capture.output_grads` (none when ``S`` has no columns).
     """
     candidates = {name for names in layers.values() for name in names.values()}
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
@@ -237,11 +236,38 @@ def _layer_pass(
     records = {m: calls for m, calls in records.items() if reads_per_sample(m, calls, n)}
     names = [(m, name) for m in records for name in layers[m].values()]
     uses = parameter_uses(outputs, [p[name] for _, name in names])
-    elsewhere = {m for (m, _), count in zip(names, uses) if count != len(records[m])}
-    records = {m: calls for m, calls in records.items() if m not in elsewhere}  # those: generic
+    misread = {m for (m, _), count in zip(names, uses) if count != len(records[m])}
+    misread |= _sequence_first(outputs, records, n)
+    records = {m: calls for m, calls in records.items() if m not in misread}  # those: generic
     zs = [z for calls in records.values() for _, z in calls]
     grads = iter(output_grads(outputs, zs, S) if zs else ())  # in the order of zs
     return S, {m: [(a, next(grads)) for a, _ in calls] for m, calls in records.items()}
+
+
+def _sequence_first(
+    outputs: Tensor, records: dict[nn.Module, list[tuple[Tensor, Tensor]]], n: int
+) -> set[nn.Module]:
+    """Layers called on a sequence-first input [T, N, ...] with T = N, which shapes cannot tell apart.
+
+    Only features-last layers (linear, layer and RMS norm: input [N, N, ..., D]; embedding:
+    ids [N, N, ...]) are ambiguous; for them one backward pass of sample 0's outputs
+    decides: a batch-first layer's output gradient is zero outside row 0.
+    """
+    ambiguous = [(m, z) for m, calls in records.items() for a, z in calls if _features_last_square(m, a, n)]
+    if not ambiguous or not outputs.requires_grad:
+        return set()
+    grads = torch.autograd.grad(
+        outputs[0].sum(), [z for _, z in ambiguous], retain_graph=True, allow_unused=True
+    )
+    return {m for (m, _), g in zip(ambiguous, grads) if g is not None and bool(g[1:].any())}
+
+
+def _features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:
+    least = 2 if layer_kind(module) == "embedding" else 3
+    features_last = layer_kind(module) in ("linear", "embedding") or isinstance(
+        module, (nn.LayerNorm, nn.RMSNorm)
+    )
+    return features_last and a.dim() >= least and a.shape[1] == n
 
 
 def _factor_at(fn: Any, params: Any, x: Any, S: Factor) -> Tensor:
