@@ -757,3 +757,208 @@ def test_model_errors_name_the_argument():
         curvfx.gauss_newton_product(model, nn.MSELoss(), x, y[:3], v)
     with pytest.raises(ValueError, match="targets"):
         curvfx.empirical_fisher_diagonal(model, nn.MSELoss(), x, y[:, :2])
+
+
+# ---------------------------------------------------------------------------------------
+# a tensor listed twice in params
+
+
+@pytest.mark.parametrize("which", ["exact_hvp", "approximate_hvp", "hessian_trace"])
+def test_a_tensor_listed_twice_in_params_is_refused_naming_both_positions(which):
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    u = torch.randn(2, dtype=DT, requires_grad=True)
+    params = [w, u, w]  # e.g. tied weights listed once per layer
+    args = () if which == "hessian_trace" else ([torch.ones_like(p) for p in params],)
+    with pytest.raises(ValueError, match=r"params: params\[0\] and params\[2\] are the same tensor"):
+        getattr(curvfx, which)(lambda: torch.sin(w).pow(2).sum() * u.sum(), params, *args)
+
+
+def test_model_functions_list_tied_weights_once_and_match_the_dense_hessian():
+    """model_hvp / gauss_newton_product take model.parameters(), where a tied weight is one entry."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4)).to(DT)
+    model[2].weight = model[0].weight
+    x, y = batch(6), torch.randn(6, 4, dtype=DT)
+    params = list(model.parameters())
+    assert len(params) == 2  # the tied weight once, and the bias
+    v = [torch.randn_like(p) for p in params]
+    flat = Flat(model)
+    H = flat.hessian(nn.MSELoss(), x, y)
+    assert rel_err(curvfx.model_hvp(model, nn.MSELoss(), x, y, v), H @ _flat(v)) < 1e-10
+    ggn = flat.ggn(nn.MSELoss(), x, y)
+    assert rel_err(curvfx.gauss_newton_product(model, nn.MSELoss(), x, y, v), ggn @ _flat(v)) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------
+# random closures: every evaluation replays the random numbers of the first
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.drop, self.l2 = nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.l2(self.drop(torch.tanh(self.l1(x))))
+
+
+def dropout_problem():
+    torch.manual_seed(11)
+    model = DropoutMLP().to(DT).train()
+    x, y = batch(8), torch.randn(8, 3, dtype=DT)
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    return (lambda: nn.MSELoss()(model(x), y)), params, v
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_approximate_hvp_with_active_dropout_matches_exact_hvp_at_the_same_mask(num_samples):
+    func, params, v = dropout_problem()
+    torch.manual_seed(5)
+    func()
+    after_one_evaluation = torch.get_rng_state()
+    torch.manual_seed(5)  # the same mask for both
+    exact = curvfx.exact_hvp(func, params, v)
+    torch.manual_seed(5)
+    approx = curvfx.approximate_hvp(func, params, v, num_samples=num_samples)
+    assert rel_err(approx, exact) < 1e-6  # without the replay: ~5e4 (a new mask per gradient)
+    assert torch.equal(torch.get_rng_state(), after_one_evaluation)  # the stream moved as by one func()
+
+
+def test_exact_hvp_create_graph_evaluates_func_twice_with_the_same_mask():
+    func, params, v = dropout_problem()
+    torch.manual_seed(5)
+    plain = curvfx.exact_hvp(func, params, v)
+    torch.manual_seed(5)
+    differentiable = curvfx.exact_hvp(func, params, v, create_graph=True)
+    assert rel_err(differentiable, plain) < 1e-12
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_hessian_trace_with_a_random_closure_uses_one_draw_for_every_probe(sparse):
+    """The estimate equals that of the closure with its random mask frozen at the first draw."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 6, generator=g, dtype=DT)
+    w = torch.randn(6, generator=g, dtype=DT, requires_grad=True)
+
+    def random_func():
+        mask = torch.bernoulli(torch.full((6,), 0.5, dtype=DT))
+        return torch.sin(A @ (w * mask)).pow(2).sum()
+
+    torch.manual_seed(7)
+    mask = torch.bernoulli(torch.full((6,), 0.5, dtype=DT))
+
+    def frozen_func():
+        return torch.sin(A @ (w * mask)).pow(2).sum()
+
+    H = hessian(lambda t: torch.sin(A @ (t * mask)).pow(2).sum(), w.detach())
+    frozen = curvfx.hessian_trace(frozen_func, [w], 40, sparse=sparse, generator=gen(1))
+    torch.manual_seed(7)
+    drawn = curvfx.hessian_trace(random_func, [w], 40, sparse=sparse, generator=gen(1))
+    assert drawn == pytest.approx(frozen, rel=1e-12, abs=1e-12)  # without the replay: off by ~10%
+    if sparse:  # the dense truth: (1/m) Σ ω_iᵀ H ω_i with the same probes, H at the first mask
+        omega = sparse_probes(6, 40, gen(1), DT, w.device)
+        assert drawn == pytest.approx(float((omega * (H @ omega)).sum(0).mean()), rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# approximate_hvp's step: scaled to the parameters v moves
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, rows=20000):
+        super().__init__()
+        self.emb, self.l1, self.l2 = nn.Embedding(rows, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, idx):
+        return self.l2(torch.tanh(3 * self.l1(self.emb(idx).mean(1))))
+
+
+def embedding_hessian_truth(model, idx, y):
+    """H [P_u, P_u] over (the embedding rows idx uses, l1, l2) by autograd.functional.hessian.
+
+    The loss reads the table only through those rows, so the Hessian with respect to the
+    whole table is zero elsewhere. Returns H, the used rows and the sizes of the blocks.
+    """
+    rows, inverse = idx.unique(return_inverse=True)
+    rest = [p.detach() for p in list(model.parameters())[1:]]
+    theta = torch.cat([model.emb.weight.detach()[rows].reshape(-1)] + [p.reshape(-1) for p in rest])
+    k = rows.numel() * 32
+
+    def loss(t):
+        E = t[:k].reshape(-1, 32)
+        W1, b1, W2, b2 = curvfx.unravel(t[k:], rest)
+        h = torch.tanh(3 * F.linear(E[inverse].mean(1), W1, b1))
+        return F.cross_entropy(F.linear(h, W2, b2), y)
+
+    return hessian(loss, theta), rows, k
+
+
+def test_approximate_hvp_is_accurate_when_a_large_block_is_untouched_by_v():
+    torch.manual_seed(13)
+    model = EmbeddingModel().to(DT)
+    idx, y = torch.randint(0, 20000, (8, 5)), torch.randint(0, 3, (8,))
+    params = list(model.parameters())
+    assert float(model.emb.weight.detach().norm()) > 500  # ‖θ‖ dominated by the table v does not move
+    v = [torch.zeros_like(params[0])] + [torch.randn_like(p) for p in params[1:]]
+    H, rows, k = embedding_hessian_truth(model, idx, y)
+    hv = H @ torch.cat([torch.zeros(k, dtype=DT)] + [vi.reshape(-1) for vi in v[1:]])
+    table = torch.zeros_like(params[0])
+    table[rows] = hv[:k].reshape(-1, 32)
+    expected = torch.cat([table.reshape(-1), hv[k:]])
+    approx = curvfx.approximate_hvp(lambda: F.cross_entropy(model(idx), y), params, v)
+    assert rel_err(approx, expected) < 1e-9  # the step from ‖θ‖ of all parameters: 5.7e-6
+
+
+@pytest.mark.parametrize("which", ["dense", "one block"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_approximate_hvp_float64_accuracy_on_ordinary_models(which, seed):
+    """The docstring's "about 1e-10 in float64", against the dense Hessian."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5)).to(DT)
+    x, y = batch(16, 10, seed), torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(seed))
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    if which == "one block":
+        v = [vi if i == 2 else torch.zeros_like(vi) for i, vi in enumerate(v)]
+    H = Flat(model).hessian(nn.CrossEntropyLoss(), x, y)
+    approx = curvfx.approximate_hvp(lambda: nn.CrossEntropyLoss()(model(x), y), params, v)
+    assert rel_err(approx, H @ _flat(v)) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+# generalized Fisher: outputs of another model; BatchNorm messages name the function called
+
+
+def test_generalized_fisher_refuses_outputs_of_another_model():
+    import copy
+
+    model, inputs, targets = classification_problem()
+    outputs = copy.deepcopy(model)(inputs)
+    for fn in (curvfx.generalized_fisher_diagonal, curvfx.generalized_fisher_trace):
+        with pytest.raises(ValueError, match=r"outputs: .*reaches none of model's trainable parameters"):
+            fn(model, outputs, targets)
+    # the model's own outputs through a frozen first layer still reach its trainable ones
+    model[0].requires_grad_(False)
+    diag = curvfx.generalized_fisher_diagonal(model, model(inputs), targets)
+    assert torch.equal(diag[0], torch.zeros_like(diag[0]))
+    assert rel_err(diag[2:], fisher_truth(model, inputs).diagonal()) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "which", ["empirical_fisher_diagonal", "empirical_fisher_trace", "gauss_newton_matrix_approximation"]
+)
+def test_batchnorm_in_train_mode_message_names_the_function_and_no_method_argument(which):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(DT).train()
+    x, y = batch(6), torch.randn(6, 3, dtype=DT)
+    with pytest.raises(ValueError, match=rf"model: {which} needs independent samples") as err:
+        getattr(curvfx, which)(model, nn.MSELoss(), x, y)
+    assert "model.eval()" in str(err.value)
+    assert "method=" not in str(err.value).split("curvfx.diagonal(")[0]  # no argument it lacks
+    model.eval()  # the advice works
+    getattr(curvfx, which)(model, nn.MSELoss(), x, y)

@@ -1,7 +1,8 @@
-"""torchzero's least-squares seed (GaussNewton) against dense truths and scipy, in float64."""
+"""torchzero's least-squares seed (GaussNewton, SumOfSquares) against dense truths and scipy, in float64."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 
@@ -361,3 +362,125 @@ def test_errors_name_the_problem():
         GaussNewton([w, torch.ones(2, requires_grad=True)]).step(lambda backward=True: w - 1)
     with pytest.raises(ValueError, match="no parameter requires grad"):
         GaussNewton([torch.ones(2)]).step(lambda backward=True: w - 1)
+
+
+# ---------------------------------------------------------------------------------------
+# SumOfSquares: a residual closure as a loss closure for torch.optim
+
+
+def test_sum_of_squares_has_torchzeros_constructor():
+    """torchzero documents ``SumOfSquares.__init__(self)``: no arguments."""
+    assert "SumOfSquares" in curvfx.optim.__all__
+    assert inspect.signature(curvfx.optim.SumOfSquares).parameters == {}
+    curvfx.optim.SumOfSquares()
+
+
+def regression_problem(seed: int = 0):
+    """An MLP, its data and a closure returning its residuals r = model(X) - y [N, C] (2-D)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(10, 3, dtype=DTYPE), torch.randn(10, 2, dtype=DTYPE)
+
+    def closure(backward=True):
+        return model(X) - y
+
+    return model, X, y, closure
+
+
+def gradient_of_sum_of_squares(model, X, y):
+    """∇(rᵀr) = 2 Jᵀr, J = ∂r/∂θ by autograd.functional.jacobian of the flat map θ -> r."""
+    named = list(model.named_parameters())
+    like = [p.detach() for _, p in named]
+
+    def flat_residuals(x):
+        split = dict(zip([n for n, _ in named], curvfx.unravel(x, like)))
+        return (torch.func.functional_call(model, split, (X,)) - y).reshape(-1)
+
+    x0 = curvfx.ravel(like)
+    J = torch.autograd.functional.jacobian(flat_residuals, x0)
+    r = flat_residuals(x0)
+    return 2 * J.T @ r, float(r @ r)
+
+
+def test_sum_of_squares_sets_grads_to_the_gradient_of_r_dot_r_replacing_stale_ones():
+    model, X, y, closure = regression_problem()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, 1e6)  # stale gradients from an earlier backward pass
+    unused = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    unused.grad = torch.full_like(unused, 3.0)
+    f = curvfx.optim.SumOfSquares()(closure)()
+    expected, f_true = gradient_of_sum_of_squares(model, X, y)
+    assert f.shape == () and not f.requires_grad
+    assert float(f) == pytest.approx(f_true, rel=1e-14)
+    assert torch.allclose(curvfx.ravel([p.grad for p in params]), expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(unused.grad, torch.full_like(unused, 3.0))  # f does not depend on it
+    again = curvfx.optim.SumOfSquares()(closure)(backward=True)  # replaced, not accumulated
+    assert float(again) == float(f)
+    assert torch.allclose(curvfx.ravel([p.grad for p in params]), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_sum_of_squares_without_backward_returns_f_with_its_graph_and_writes_no_grad():
+    model, X, y, closure = regression_problem()
+    calls = []
+
+    def recording(backward=True):
+        calls.append((backward, torch.is_grad_enabled()))
+        return closure(backward)
+
+    with torch.no_grad():  # as an optimizer's step runs the closure (torch.optim enables grad)
+        f = curvfx.optim.SumOfSquares()(recording)(False)
+    assert calls == [(False, True)]  # closure(False), under grad mode
+    assert all(p.grad is None for p in model.parameters())
+    assert f.shape == () and f.requires_grad
+    grads = torch.autograd.grad(f, list(model.parameters()))
+    assert torch.allclose(curvfx.ravel(grads), gradient_of_sum_of_squares(model, X, y)[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "LBFGS"])
+def test_sum_of_squares_drives_torch_optimizers_on_rosenbrock(optimizer):
+    """torchzero's use: an ordinary optimizer on the least-squares closure of GaussNewton.
+
+    The run equals the one with the usual closure (zero_grad, f = rᵀr, f.backward()).
+    """
+
+    def run(make_closure):
+        X = torch.tensor([-1.1, 2.5], dtype=DTYPE, requires_grad=True)
+        if optimizer == "Adam":
+            opt, steps = torch.optim.Adam([X], lr=0.05), 200
+        else:
+            opt, steps = torch.optim.LBFGS([X], line_search_fn="strong_wolfe"), 10
+        closure = make_closure(X, opt)
+        losses = [float(opt.step(closure)) for _ in range(steps)]
+        return X.detach(), [*losses, float(rosenbrock(X.detach(), 10.0).pow(2).sum())]
+
+    def usual(X, opt):
+        def closure():
+            opt.zero_grad()
+            f = rosenbrock(X, 10.0).pow(2).sum()
+            f.backward()
+            return f.detach()
+
+        return closure
+
+    X, losses = run(lambda X, opt: curvfx.optim.SumOfSquares()(lambda backward=True: rosenbrock(X, 10.0)))
+    X_usual, losses_usual = run(usual)
+    assert torch.equal(X, X_usual) and losses == losses_usual
+    assert losses[-1] < 0.05 * losses[0]
+    if optimizer == "LBFGS":
+        assert torch.allclose(X, torch.ones(2, dtype=DTYPE), atol=1e-6, rtol=0)  # LBFGS stops at ‖∇f‖ ≤ 1e-7
+
+
+def test_sum_of_squares_errors_name_the_closure():
+    w = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    sos = curvfx.optim.SumOfSquares()
+    with pytest.raises(ValueError, match="closure"):
+        sos(None)
+    with pytest.raises(TypeError, match="closure: expected a callable"):
+        sos(w)
+    with pytest.raises(TypeError, match="backward"):
+        sos(lambda: w - 1)
+    with pytest.raises(TypeError, match="closure: must return the residuals as a tensor"):
+        sos(lambda backward=True: [w[0], w[1]])()
+    with pytest.raises(ValueError, match="closure: the residuals depend on no tensor that requires grad"):
+        sos(lambda backward=True: (w - 1).detach())()

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from curvfx import _chunking
+from curvfx._graph import leaf_inputs
 
 __all__ = [
     "captured",
@@ -154,22 +155,10 @@ def parameter_uses(outputs: Tensor, params: list[Tensor]) -> list[int]:
     """
     index = {id(t): i for i, t in enumerate(params)}
     counts = [0] * len(params)
-    stack, seen = ([outputs.grad_fn] if outputs.grad_fn is not None else []), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            leaf = getattr(child, "variable", None)  # an AccumulateGrad node
-            if leaf is not None:
-                i = index.get(id(leaf))
-                if i is not None:
-                    counts[i] += 1
-            elif child not in seen:
-                stack.append(child)
+    for leaf in leaf_inputs(outputs):
+        i = index.get(id(leaf))
+        if i is not None:
+            counts[i] += 1
     return counts
 
 

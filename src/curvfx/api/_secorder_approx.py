@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from curvfx._engines import jv_by_transposition
 from curvfx._errors import UnsupportedInputError, describe
 from curvfx._factors import factor_product
+from curvfx._graph import leaf_inputs
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.api._secorder_hvp import check_bool, model_parts, model_result, param_list, pure_function
 from curvfx.estimators import diagonal, trace
@@ -66,12 +67,15 @@ def hessian_trace(
       (Achlioptas 2003; a third of the entries non-zero). Variance per probe
       ``2 Σ_{i≠j} H_ij² + 2 Σ_i H_ii²``: larger, the price of sparsity.
 
-    Cost: m HVPs (:func:`curvfx.hvp`).
+    Cost: m HVPs (:func:`curvfx.hvp`), one evaluation of ``func`` each; every evaluation
+    replays the random numbers of the first (as in :func:`approximate_hvp`), so with active
+    dropout all probes see the Hessian at one mask.
 
     Differs from torch-secorder in: 1. the sparse probes are scaled so that E[ω ωᵀ] = I
     (unbiased); 2. probes come from ``generator`` (keyword-only, an addition); 3.
     ``create_graph`` is accepted for compatibility but has no effect: the result is a
-    Python float.
+    Python float; 4. random operations in ``func`` (dropout) draw the same numbers for
+    every probe.
 
     Args:
         func: Closure returning a scalar tensor, reading the tensors in ``params``.
@@ -151,7 +155,8 @@ def gauss_newton_matrix_approximation(
         A list over ``model.parameters()``, each tensor shaped like its parameter.
 
     Raises:
-        ValueError: If ``loss_fn`` is not MSE-based, or the targets do not fit.
+        ValueError: If ``loss_fn`` is not MSE-based, the targets do not fit, or the model
+            couples samples (BatchNorm in train mode: call ``model.eval()``).
         TypeError: If ``model`` is not an ``nn.Module``.
     """
     check_bool(create_graph, "create_graph")
@@ -163,6 +168,12 @@ def gauss_newton_matrix_approximation(
             "gives the exact GGN diagonal of any supported loss"
         )
     fn, params, index = model_parts(model, create_graph)
+    _check_independent_samples(
+        fn,
+        "gauss_newton_matrix_approximation",
+        "; or estimate the diagonal with curvfx.diagonal(curvfx.ggn(model, loss_fn, (inputs, targets)), "
+        "method='hutchinson')",
+    )
     if create_graph:
         fn = _graph_keeping(fn)
     d = diagonal(ggn(fn, loss, (inputs, targets), params=params), method="exact")
@@ -203,10 +214,10 @@ def empirical_fisher_diagonal(
 
     Raises:
         ValueError: If the batch is empty, the targets do not fit the loss, or the model
-            couples samples (BatchNorm in train mode).
+            couples samples (BatchNorm in train mode: call ``model.eval()``).
         TypeError: If ``model`` is not an ``nn.Module``.
     """
-    op, params, index = _empirical_fisher(model, loss_fn, inputs, targets)
+    op, params, index = _empirical_fisher(model, loss_fn, inputs, targets, "empirical_fisher_diagonal")
     d = diagonal(op, method="exact")  # Z Σ_n (∇_θ L_n)²
     return model_result(unravel(d, params), "list", list(model.parameters()), index)
 
@@ -242,7 +253,7 @@ def empirical_fisher_trace(
             :func:`empirical_fisher_diagonal`.
     """
     check_count(num_samples, "num_samples")
-    op, _, _ = _empirical_fisher(model, loss_fn, inputs, targets)
+    op, _, _ = _empirical_fisher(model, loss_fn, inputs, targets, "empirical_fisher_trace")
     return trace(op, method="exact")
 
 
@@ -287,7 +298,9 @@ def generalized_fisher_diagonal(
     Raises:
         ValueError: If ``loss_type`` is not ``"nll"``, ``outputs`` has fewer than two
             dimensions (these two errors are also ``NotImplementedError``, which
-            torch-secorder raises there) or no autograd graph, or ``targets`` do not fit.
+            torch-secorder raises there) or no autograd graph, a graph that reaches none
+            of ``model``'s trainable parameters (outputs of another model, e.g. a copy), or
+            ``targets`` do not fit.
     """
     op, params, index = _recorded_fisher(model, outputs, targets, loss_type, create_graph)
     d = diagonal(op, method="exact")  # Σ_{n,k} (J_nᵀ s_kn)²
@@ -391,18 +404,40 @@ class _RecordedFisher(LinearOperator):
         return total
 
 
-def _empirical_fisher(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> tuple[Any, dict, dict]:
+def _empirical_fisher(
+    model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, caller: str
+) -> tuple[Any, dict, dict]:
     """The empirical-Fisher operator on the batch, its parameters and their names.
 
     The targets are checked against the outputs of one forward pass without gradients
-    first (the factored diagonal does not check them).
+    first (the factored diagonal does not check them). ``caller`` names the seed function
+    in errors.
     """
     fn, params, index = model_parts(model, False)
+    _check_independent_samples(fn, caller)
     loss = get_loss(loss_fn)
     if isinstance(targets, Tensor):
         with torch.no_grad():
             loss.check(fn(params, inputs), targets)
     return empirical_fisher(fn, loss, (inputs, targets), params=params), params, index
+
+
+def _check_independent_samples(fn: Callable, caller: str, alternative: str = "") -> None:
+    """Raise if the model made pure couples the samples of a batch (BatchNorm on batch statistics).
+
+    The exact diagonals ``Σ_n Σ_k (J_nᵀ s_kn)²`` of the seed functions are sums over
+    per-sample Jacobians J_n (per-sample gradients for the empirical Fisher), which such a
+    model does not have. The message names ``caller`` and gives advice that applies to it
+    (the core's message names ``method=``, an argument the seed functions lack), then
+    ``alternative``.
+    """
+    if getattr(fn, "couples_samples", False):
+        raise ValueError(
+            f"model: {caller} needs independent samples (it sums per-sample terms), but the "
+            "model has a BatchNorm that normalizes with batch statistics, coupling the samples "
+            f"(train mode, or track_running_stats=False); call model.eval() before {caller} (a "
+            f"BatchNorm with track_running_stats=True then uses its running statistics){alternative}"
+        )
 
 
 def _graph_keeping(fn: Callable) -> Callable:
@@ -411,11 +446,6 @@ def _graph_keeping(fn: Callable) -> Callable:
     For a plain function the core takes its generic per-sample ``vmap`` route, which is
     differentiable in the parameters; its layer-aware route for modules detaches them.
     """
-    if getattr(fn, "couples_samples", False):
-        raise ValueError(
-            "model: the exact diagonal needs independent samples, but the model has BatchNorm "
-            "in train mode; call model.eval()"
-        )
     return lambda p, x: fn(p, x)
 
 
@@ -439,6 +469,18 @@ def _recorded_fisher(
     if not isinstance(targets, Tensor):
         raise ValueError(f"targets: expected a tensor of class indices, got {describe(targets)}")
     _, params, index = model_parts(model, True)
+    _check_reaches(outputs, params.values())
     loss = CrossEntropyLoss(reduction="sum")
     loss.check(outputs, targets)
     return _RecordedFisher(outputs, targets, loss, list(params.values()), create_graph), params, index
+
+
+def _check_reaches(outputs: Tensor, params: Iterable[Tensor]) -> None:
+    """Raise if the autograd graph of ``outputs`` reaches none of ``params`` (then J = 0, F = 0)."""
+    ids = {id(p) for p in params}
+    if not any(id(leaf) in ids for leaf in leaf_inputs(outputs)):
+        raise ValueError(
+            "outputs: their autograd graph reaches none of model's trainable parameters, so they "
+            "were not computed by model (a copy of it, or detached parameters?); pass "
+            "outputs = model(inputs)"
+        )

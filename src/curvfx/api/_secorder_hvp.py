@@ -7,7 +7,8 @@ stand-in tensor wherever it would read one of ``params`` (a ``TorchFunctionMode`
 parameters are never written to, so nothing needs restoring, and an HVP is then one
 :func:`curvfx.hvp` call. A closure that reaches a parameter past torch's function dispatch
 (a custom ``torch.autograd.Function``) is detected and refused rather than differentiated
-wrongly.
+wrongly. Every evaluation of one closure made pure replays the random numbers of its first
+(dropout draws one mask), and a tensor listed twice in ``params`` is refused.
 
 Vectors take torch-secorder's forms: one tensor shaped like the only parameter (the result
 is one tensor), a flat tensor [P] (the result is flat [P]), or a list of tensors matching
@@ -28,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from curvfx._engines import _rng_state, _set_rng_state
 from curvfx._errors import describe, inside_transform
+from curvfx._graph import leaf_inputs
 from curvfx._pytree import as_tree, num_params, ravel
 from curvfx.estimators._checks import check_count
 from curvfx.func import ggn_vp, hvp
@@ -63,7 +66,8 @@ def exact_hvp(
         create_graph: If True, the result is differentiable with respect to ``params`` (and
             ``v``): it is computed by ``torch.func`` (``vjp`` of ``grad``) on the parameter
             tensors themselves, so third derivatives such as ``∇_θ (vᵀ H(θ) v)`` follow by
-            autograd. ``func`` is then evaluated twice.
+            autograd. ``func`` is then evaluated twice, with the same random numbers (as
+            :func:`approximate_hvp`).
 
     Returns:
         ``H v`` in the form of ``v`` (one tensor, flat [P], or a list like ``params``).
@@ -71,7 +75,8 @@ def exact_hvp(
     Raises:
         TypeError: If ``func`` is not callable or ``params`` holds non-tensors.
         ValueError: If ``v`` does not match ``params`` (names the entry and shapes),
-            ``func`` is not scalar, reads none of ``params``, reads one through a custom
+            ``params`` lists one tensor twice (names both positions), ``func`` is not
+            scalar, reads none of ``params``, reads one through a custom
             ``torch.autograd.Function``, or (``create_graph=True``) updates a tensor in
             place, as BatchNorm does in train mode.
 
@@ -105,19 +110,30 @@ def approximate_hvp(
         H v ≈ (1/m) Σ_j (∇f(θ + h_j v) - ∇f(θ - h_j v)) / (2 h_j),   h_j = h · 2^(-j/m)
 
     for j = 0 … m-1 (m = ``num_samples`` steps spread over one octave, averaged), with
-    ``h = ε^(1/3) (1 + ‖θ‖) / ‖v‖``, ε the machine epsilon of the parameters' dtype (the
-    step that balances the O(h²) truncation error against the O(ε/h) rounding error of
-    central differences). Exact up to rounding for a quadratic ``func``; relative error of
-    order ε^(2/3) otherwise (about 1e-10 in float64, 1e-4 in float32). Cost: 2m gradients.
+    ``h = ε^(1/3) (1 + ‖θ_v‖) / ‖v‖``: ε the machine epsilon of the
+    parameters' dtype and ``θ_v`` the parameters restricted to the entries where v ≠ 0.
+    This step balances the O(h²) truncation error against the rounding error of central
+    differences, which arises only in the entries the step moves, so a large parameter block
+    that v does not touch (an embedding table) does not enlarge it. Exact up to rounding for
+    a quadratic ``func``; relative error of order ε^(2/3) otherwise (about 1e-10 in float64,
+    1e-4 in float32, for MLPs, CNNs and embedding models, v dense or zero on some
+    parameters), larger where f's third derivatives are large at the scale ``h‖v‖``.
+    Cost: 2m gradients.
 
     The gradients are taken at stand-in tensors θ ± h_j v (see the module docstring): the
     parameters are never written to, so they keep their exact bits, version counters and
-    ``.grad`` even when ``func`` raises.
+    ``.grad`` even when ``func`` raises. Every evaluation of ``func`` replays the random
+    numbers of the first (torch's global RNG state, CPU and CUDA, is restored before each
+    one), so a ``func`` with active dropout is differentiated at one fixed mask, that of
+    :func:`exact_hvp` called from the same RNG state; the global RNG is left as after one
+    evaluation of ``func``.
 
     Differs from torch-secorder in: 1. central instead of forward differences, with the
-    step scaled to ‖θ‖ and ‖v‖ (torch-secorder: a fixed step); 2. ``num_samples`` averages
+    step scaled to ‖θ_v‖ and ‖v‖ (torch-secorder: a fixed step); 2. ``num_samples`` averages
     differences at m distinct steps (deterministic); 3. the parameters are not perturbed
-    in place; 4. errors as in :func:`exact_hvp`.
+    in place; 4. random operations in ``func`` (dropout) draw the same numbers at every
+    point (torch-secorder: new ones per gradient, so the differences measure the change of
+    mask, not H); 5. errors as in :func:`exact_hvp`.
 
     Args:
         func: Closure returning a scalar tensor, reading the tensors in ``params``.
@@ -141,11 +157,10 @@ def approximate_hvp(
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(damping):
         raise ValueError(f"damping: expected a finite number, got {damping!r}")
     theta = [p.detach() for p in params]
-    v_norm = float(torch.sqrt(sum((vi.detach() ** 2).sum() for vi in v_list)))
+    v_list = [vi.detach() for vi in v_list]
     total = [torch.zeros_like(t) for t in theta]
-    if v_norm > 0.0:
-        theta_norm = float(torch.sqrt(sum((t**2).sum() for t in theta)))
-        h = torch.finfo(theta[0].dtype).eps ** (1.0 / 3.0) * (1.0 + theta_norm) / v_norm
+    h = _step_size(theta, v_list)
+    if h > 0.0:
         for j in range(m):
             step = h * 2.0 ** (-j / m)
             plus = _gradient(pure, [t + step * vi for t, vi in zip(theta, v_list)])  # ∇f(θ + h_j v)
@@ -260,7 +275,25 @@ def param_list(params: Iterable[Tensor]) -> list[Tensor]:
     for i, p in enumerate(out):
         if not isinstance(p, Tensor):
             raise TypeError(f"params[{i}]: expected a tensor, got {describe(p)}")
+    check_distinct(out)
     return out
+
+
+def check_distinct(params: list[Tensor]) -> None:
+    """Raise if a tensor is listed twice in ``params``.
+
+    ``func`` reads one tensor however often it is listed, so its derivative cannot be split
+    between the entries: curvfx would give the first entry zeros, plain double backprop
+    (torch-secorder) gives every entry the whole product ``H (v_i + v_j)``.
+    """
+    first: dict[int, int] = {}
+    for j, p in enumerate(params):
+        i = first.setdefault(id(p), j)
+        if i != j:
+            raise ValueError(
+                f"params: params[{i}] and params[{j}] are the same tensor; list each tensor once "
+                "(tied weights are one parameter, as in model.parameters())"
+            )
 
 
 class _Substitute(TorchFunctionMode):
@@ -289,10 +322,22 @@ class _Substitute(TorchFunctionMode):
 
 
 def pure_function(func: Callable[[], Tensor], params: list[Tensor]) -> Callable[[list[Tensor]], Tensor]:
-    """``f(p) = func()`` evaluated with ``p[i]`` in place of ``params[i]`` (see :class:`_Substitute`)."""
+    """``f(p) = func()`` evaluated with ``p[i]`` in place of ``params[i]`` (see :class:`_Substitute`).
+
+    Every evaluation of ``f`` replays the random numbers of the first: torch's global
+    random-number state (CPU, and CUDA when initialized) is saved before the first call and
+    restored before each later one. A ``func`` with active dropout therefore sees one fixed
+    mask at every point (as the ``H`` of one call of ``func`` requires), and the global
+    stream is left as one evaluation of ``func`` leaves it.
+    """
     _check_callable(func, "func")
+    first_state: list[tuple] = []  # the RNG state before the first evaluation
 
     def pure(stand_ins: list[Tensor]) -> Tensor:
+        if first_state:
+            _set_rng_state(first_state[0])  # the same dropout masks as the first evaluation
+        else:
+            first_state.append(_rng_state())
         mode = _Substitute(params, list(stand_ins))
         with mode:
             value = func()
@@ -313,20 +358,14 @@ def pure_function(func: Callable[[], Tensor], params: list[Tensor]) -> Callable[
 def _check_substituted(value: Tensor, params: list[Tensor]) -> None:
     """Raise if ``value``'s autograd graph still reaches one of ``params`` (a read not redirected)."""
     index = {id(p): i for i, p in enumerate(params)}
-    seen, stack = set(), [value.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        i = index.get(id(getattr(node, "variable", None)))
+    for leaf in leaf_inputs(value):
+        i = index.get(id(leaf))
         if i is not None:
             raise ValueError(
                 f"func: reads params[{i}] through an operation that bypasses torch's function "
                 "dispatch (e.g. a custom torch.autograd.Function), so its curvature cannot be "
                 "taken; write the loss with torch operations, or use curvfx.hvp on a pure f(params)"
             )
-        stack.extend(nxt for nxt, _ in node.next_functions)
 
 
 def _differentiable_hvp(pure: Callable, params: list[Tensor], v_list: list[Tensor]) -> list[Tensor]:
@@ -352,6 +391,25 @@ def _gradient(pure: Callable[[list[Tensor]], Tensor], point: list[Tensor]) -> li
             return [torch.zeros_like(t) for t in p]
         grads = torch.autograd.grad(value, p, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(p, grads)]
+
+
+def _step_size(theta: list[Tensor], v: list[Tensor]) -> float:
+    """The central-difference step ``h = ε^(1/3) (1 + ‖θ_v‖) / ‖v‖`` (0 for ``v = 0``).
+
+    ``θ_v`` is θ restricted to the entries where v ≠ 0 (the others are zeroed) and ε the
+    machine epsilon of θ's dtype. Why: the computed points ``θ ± h v`` differ from the exact
+    ones by rounding of order ε|θ_i|, but only in the entries the step moves (``θ_i + h·0 =
+    θ_i`` exactly); divided by the step length ``h‖v‖`` this is a relative error of
+    ε‖θ_v‖ / (h‖v‖) in the direction, against a truncation error of order (h‖v‖)². The step
+    length ε^(1/3) (1 + ‖θ_v‖) balances the two at ε^(2/3) (the 1 covers θ_v ≈ 0, where
+    the gradient's own rounding dominates). A large parameter block that ``v`` does not
+    touch (an embedding table) thus does not enlarge h.
+    """
+    v_norm = float(torch.sqrt(sum((vi**2).sum() for vi in v)))
+    if v_norm == 0.0:
+        return 0.0
+    moved = sum((torch.where(vi != 0, t, 0) ** 2).sum() for t, vi in zip(theta, v))  # ‖θ_v‖²
+    return torch.finfo(theta[0].dtype).eps ** (1.0 / 3.0) * (1.0 + float(torch.sqrt(moved))) / v_norm
 
 
 # -- vector forms ----------------------------------------------------------------------------

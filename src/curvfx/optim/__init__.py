@@ -7,6 +7,7 @@ from curvfx.optim.hessian_free import HessianFree
 from curvfx.optim.kfac import KFAC
 from curvfx.optim.levenberg_marquardt import LevenbergMarquardt
 from curvfx.optim.natural_gradient import DiagonalNaturalGradient
+from curvfx.optim.sum_of_squares import SumOfSquares
 
 __all__: list[str] = [
     "CURVATURES",
@@ -18,4 +19,5 @@ __all__: list[str] = [
     "GaussNewton",
     "HessianFree",
     "LevenbergMarquardt",
+    "SumOfSquares",
 ]

@@ -1,0 +1,41 @@
+"""The one walk over an autograd graph: which leaf tensors its operations take as inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+__all__ = ["leaf_inputs", "leaves_reached"]
+
+
+def leaf_inputs(root: Tensor) -> Iterator[Tensor]:
+    """Each leaf tensor of ``root``'s autograd graph, once per operation input it is.
+
+    Walks the graph of ``root.grad_fn`` (each operation visited once) and yields the leaf
+    behind every edge from an operation to a leaf's ``AccumulateGrad`` node: a leaf that
+    two operations take (or one operation twice, as ``w * w``) is yielded twice. Only
+    leaves that require grad have such nodes; a ``root`` without ``grad_fn`` yields
+    nothing. Cost: one visit per operation of the graph, no tensor work.
+    """
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)  # set on AccumulateGrad nodes only
+            if leaf is not None:
+                yield leaf
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+
+
+def leaves_reached(root: Tensor) -> list[Tensor]:
+    """The distinct leaf tensors requiring grad that ``root`` depends on, in the order first met."""
+    found: dict[int, Tensor] = {}
+    for leaf in leaf_inputs(root):
+        found.setdefault(id(leaf), leaf)
+    return list(found.values())
