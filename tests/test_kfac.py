@@ -4,6 +4,9 @@ The truth GGN is ``Jᵀ (∇²_f L) J`` with J from ``jacrev`` on the flat param
 ``named_parameters()`` order) and ``∇²_f L`` from ``torch.autograd.functional.hessian`` of
 the loss as written. KFAC is compared with it on its blocks: exactly where KFAC is exact
 (deep linear network with MSE; one sample), and through EKFAC's eigenbasis identity.
+Single factors are compared with the documented formulas evaluated on a layer's input
+and ``∂f/∂z`` from plain autograd (:func:`kfac_truth`), with the samples on the axis the
+test names (sequence-first layers, flattened rows, BatchNorm in train mode).
 """
 
 from __future__ import annotations
@@ -69,6 +72,58 @@ def kron_basis(op) -> Tensor:
     return Q
 
 
+def layer_jacobian(model: nn.Module, layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a, f, ∂f/∂z)`` of the one call of ``layer``: its input, the outputs, and [F, *z.shape].
+
+    By plain autograd, one backward pass per output entry, through a zero added to the
+    layer's output (works through BatchNorm in train mode, which couples the samples).
+    """
+    seen = []
+
+    def hook(module, args, out):
+        delta = torch.zeros_like(out, requires_grad=True)
+        seen.append((args[0].detach(), delta))
+        return out + delta
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        f = model(x)
+    finally:
+        handle.remove()
+    ((a, delta),) = seen
+    rows = [
+        torch.autograd.grad(fi, delta, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+        for fi in f.reshape(-1)
+    ]
+    return a, f.detach(), torch.stack(rows)
+
+
+def kfac_truth(model, loss_fn, x, y, layer: nn.Module, approx: str, axis: int = 0) -> tuple[Tensor, Tensor]:
+    """Type-2 factors ``(A, B)`` of one layer with weight and bias, from the documented formulas.
+
+    The layer's input and output hold the samples on ``axis``; positions t are the other
+    dims. ``A = Σ_n Σ_t ã_nt ã_ntᵀ / (N·T)``, ``B = Σ_n Σ_t J_ntᵀ H J_nt`` with
+    ``J_nt = ∂f/∂z_nt`` [F, out] and H the loss Hessian of all outputs f ("reduce":
+    ``ã_n`` averaged and ``J_n`` summed over t first).
+    """
+    a, f, J = layer_jacobian(model, layer, x)
+    H = torch.autograd.functional.hessian(lambda out: loss_fn(out, y), f).reshape(f.numel(), f.numel())
+    a = torch.cat([a, torch.ones_like(a[..., :1])], -1).movedim(axis, 0)  # [N, ..., in+1]
+    J = J.movedim(1 + axis, 1)  # [F, N, ..., out]
+    n = a.shape[0]
+    a, J = a.reshape(n, -1, a.shape[-1]), J.reshape(J.shape[0], n, -1, J.shape[-1])
+    if approx == "reduce":
+        a, J = a.mean(1, keepdim=True), J.sum(2, keepdim=True)
+    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
+    B = torch.einsum("fnto,fg,gntp->op", J, H, J)
+    return A, B
+
+
+def block_of(op, module: str):
+    """The Kronecker block of layer ``module``."""
+    return next(blk for blk in op.factors.blocks if blk.module == module)
+
+
 # -- models -------------------------------------------------------------------------------
 
 
@@ -119,6 +174,54 @@ def mixed():
         Scale(4),
         nn.Linear(4, 3),
     )
+
+
+class Sequence(nn.Module):
+    """x [N, T, 4] -> [N, 3]; ``l1`` sees the batch-first x, or with ``transpose`` the [T, N, 4] x.T."""
+
+    def __init__(self, transpose: bool):
+        super().__init__()
+        self.transpose = transpose
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x.transpose(0, 1) if self.transpose else x))
+        return self.l2(h.mean(0 if self.transpose else 1))
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoderLayer(batch_first=False)``: its linear1/linear2 see [T, N, ...]."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=False)
+        self.o = nn.Linear(4, 3)
+
+    def forward(self, x):  # x [N, T, 4]
+        return self.o(self.enc(x.transpose(0, 1)).mean(0))
+
+
+class BothLayouts(nn.Module):
+    """One Linear called batch-first on x [N, T, 4] and sequence-first on x.T [T, N, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)).mean(1) + torch.tanh(self.l1(x.transpose(0, 1))).mean(0))
+
+
+class Flattened(nn.Module):
+    """``l1`` sees the rows [N·T, 4] of x [N, T, 4]: no sample axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        return self.l2(torch.tanh(self.l1(x.reshape(n * t, -1))).reshape(n, t, -1).mean(1))
 
 
 def rand(*shape, seed=1):
@@ -321,6 +424,81 @@ def test_one_backward_pass_per_column_gives_the_same_factors(name, monkeypatch):
     assert_close_rel(looped, batched, tol=1e-12)
 
 
+# -- layer input layouts: "reduce" and EKFAC read per sample ----------------------------------
+
+
+LAYOUT_CASES = {  # model, x [N, T, 4] (T = N: settled by a backward pass)
+    "transposed": (lambda: Sequence(transpose=True), rand(6, 5, 4)),
+    "transposed-T=N": (lambda: Sequence(transpose=True), rand(5, 5, 4)),
+    "batch-first-T=N": (lambda: Sequence(transpose=False), rand(5, 5, 4)),
+    "encoder": (Encoder, rand(6, 5, 4)),
+    "encoder-T=N": (Encoder, rand(5, 5, 4)),
+    "both-layouts-T=N": (BothLayouts, rand(5, 5, 4)),
+}
+SEQUENCE_FIRST = {  # the layers called sequence-first, in the cases with one call per layer
+    "transposed": ["l1"],
+    "transposed-T=N": ["l1"],
+    "batch-first-T=N": [],
+    "encoder": ["enc.linear1", "enc.linear2"],
+    "encoder-T=N": ["enc.linear1", "enc.linear2"],
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention's backward
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_ekfac_reads_sequence_first_inputs_per_sample(name, approx):
+    """[T, N, d] layer inputs (TransformerEncoderLayer(batch_first=False), x.transpose(0, 1)):
+    EKFAC's eigenvalues == diag(Qᵀ G Q) of the exact GGN's blocks in KFAC's eigenbasis Q."""
+    factory, x = LAYOUT_CASES[name]
+    model, loss, y = seeded(factory).eval(), nn.CrossEntropyLoss(), classes(x.shape[0])
+    E = ekfac(model, loss, (x, y), kfac_approx=approx)
+    Q = kron_basis(E.kfac)
+    G = dense_ggn(model, loss, x, y) * block_mask(E.kfac)
+    assert_close_rel((Q.T @ E.to_dense() @ Q).diagonal(), (Q.T @ G @ Q).diagonal(), tol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(SEQUENCE_FIRST))
+def test_reduce_reads_sequence_first_inputs_per_sample(name):
+    """KFAC "reduce" on [T, N, d] inputs: A == Σ_n ā_n ā_nᵀ/N, B == Σ_n J̄_nᵀ H J̄_n over samples n."""
+    factory, x = LAYOUT_CASES[name]
+    model, loss, y = seeded(factory).eval(), nn.CrossEntropyLoss(), classes(x.shape[0])
+    K = kfac(model, loss, (x, y), kfac_approx="reduce")
+    modules = dict(model.named_modules())
+    for blk in K.factors.blocks:
+        axis = 1 if blk.module in SEQUENCE_FIRST[name] else 0
+        A, B = kfac_truth(model, loss, x, y, modules[blk.module], "reduce", axis)
+        assert_close_rel(blk.A, A)
+        assert_close_rel(blk.B, B)
+
+
+def test_inputs_without_a_sample_axis_are_refused_by_reduce_and_ekfac():
+    """Flattened rows [N·T, d]: "reduce" and EKFAC raise naming the layer; "expand" reads all rows."""
+    model, loss = seeded(Flattened), nn.CrossEntropyLoss()
+    x, y = rand(6, 5, 4), classes(6)
+    with pytest.raises(ValueError, match=r"layer 'l1' has an input of shape \(30, 4\).*kfac_approx='expand'"):
+        kfac(model, loss, (x, y), kfac_approx="reduce").to_dense()
+    for approx in ("expand", "reduce"):
+        with pytest.raises(ValueError, match=r"layer 'l1' .*EKFAC"):
+            ekfac(model, loss, (x, y), kfac_approx=approx).to_dense()
+    K = kfac(model, loss, (x, y))  # expand: every row alike, N·T = 30 of them
+    A, B = kfac_truth(model, loss, x, y, model.l1, "expand")
+    assert_close_rel(block_of(K, "l1").A, A)
+    assert_close_rel(block_of(K, "l1").B, B)
+
+
+def test_reduce_with_sequence_outputs_follows_the_formula():
+    """Outputs [N, T, C]: "reduce" type-2 is Σ_n J̄_nᵀ H J̄_n with the loss Hessian H (no
+    cross-position terms; curvlinops differs here, see test_matches_curvlinops)."""
+    model = seeded(lambda: mlp(nn.Tanh, (4, 5, 3)))
+    x, y = rand(5, 6, 4), rand(5, 6, 3, seed=5)
+    K = kfac(model, nn.MSELoss(), (x, y), kfac_approx="reduce")
+    for blk in K.factors.blocks:
+        A, B = kfac_truth(model, nn.MSELoss(), x, y, model[int(blk.module)], "reduce")
+        assert_close_rel(blk.A, A)
+        assert_close_rel(blk.B, B)
+
+
 # -- structured queries ------------------------------------------------------------------------
 
 
@@ -467,6 +645,53 @@ def test_no_side_effects():
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def coupled():
+    """Linear, BatchNorm (train mode: couples the samples), Tanh, Linear; BN parameters frozen."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    model[1].requires_grad_(False)
+    return model
+
+
+def test_type2_refuses_coupled_samples():
+    """BatchNorm in train mode: type-2 raises, since its B would depend on how the loss Hessian's
+    per-sample factor columns pair up across samples; model.eval() lifts it."""
+    model, loss, data = seeded(coupled), nn.CrossEntropyLoss(), (rand(6, 4), classes(6))
+    message = r"fisher_type: 'type-2'.*batch statistics.*model\.eval\(\).*fisher_type='mc'"
+    with pytest.raises(ValueError, match=message):
+        kfac(model, loss, data).to_dense()
+    with pytest.raises(ValueError, match=message):
+        ekfac(model, loss, data, kfac_approx="reduce").to_dense()
+    assert kfac(model.eval(), loss, data).to_dense().isfinite().all()
+
+
+def test_empirical_with_coupled_samples_back_propagates_the_batch_gradient():
+    """BatchNorm in train mode, "empirical": B = Z Σ_n (∂L/∂z_n)(∂L/∂z_n)ᵀ, the batch loss's
+    gradient at each sample's layer output (Z = N for a mean cross-entropy); EKFAC runs."""
+    model, loss = seeded(coupled), nn.CrossEntropyLoss()
+    x, y = rand(6, 4), classes(6)
+    K = kfac(model, loss, (x, y), fisher_type="empirical")
+    for blk in K.factors.blocks:
+        _, f, J = layer_jacobian(model, model[int(blk.module)], x)  # [F, N, out]
+        grad_f = torch.autograd.grad(loss(f.requires_grad_(), y), f)[0].reshape(-1)
+        grad_z = torch.einsum("f,fno->no", grad_f, J)
+        assert_close_rel(blk.B, 6 * grad_z.T @ grad_z)
+    E = ekfac(model, loss, (x, y), fisher_type="empirical").to_dense()
+    assert E.isfinite().all() and E.abs().sum() > 0
+
+
+def test_mc_with_coupled_samples_is_unbiased():
+    """BatchNorm in train mode, "mc": B → Σ_n J_nᵀ H J_n (H block-diagonal over samples) as the
+    draws grow: the sampled gradients' cross-sample terms vanish in expectation."""
+    model, loss = seeded(coupled), nn.CrossEntropyLoss()
+    x, y = rand(6, 4), classes(6)
+    g = torch.Generator().manual_seed(0)
+    K = kfac(model, loss, (x, y), fisher_type="mc", num_samples=8192, generator=g)
+    for blk in K.factors.blocks:
+        _, B = kfac_truth(model, loss, x, y, model[int(blk.module)], "expand")
+        assert rel_err(blk.B, B) < 0.01, rel_err(blk.B, B)  # 0.0025 here; 0.05–0.1 with 64 draws
+    assert ekfac(model, loss, (x, y), fisher_type="mc", generator=g).to_dense().isfinite().all()
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
@@ -528,6 +753,7 @@ CURVLINOPS_CASES = {
     ),
     "cnn-ce-expand": (cnn, nn.CrossEntropyLoss(), rand(5, 2, 6, 6), classes(5), "expand"),
     "cnn-ce-reduce": (cnn, nn.CrossEntropyLoss(), rand(5, 2, 6, 6), classes(5), "reduce"),
+    "cnn-ce-reduce-nonsingular": (cnn, nn.CrossEntropyLoss(), rand(32, 2, 6, 6), classes(32), "reduce"),
 }
 
 
@@ -544,8 +770,20 @@ def test_matches_curvlinops(name, fisher_type):
     (``separate_weight_and_bias=False`` == curvfx's [W | b] block) and both use column-
     vs row-major vec consistently (curvlinops ``A ⊗ B`` on vec = curvfx ``kron(B, A)`` on
     vec_r: the same matrix in the parameters' own flattening). Two batches check the
-    weights. EKFAC is compared with "expand" only: with "reduce" the factors here are
-    rank-deficient and EKFAC depends on the basis chosen in their null spaces.
+    weights.
+
+    Covered: 2-D outputs (one output position per sample) of MLPs with cross-entropy (mean,
+    sum), MSE and BCE, and of a CNN (2 convolutions + linear) with cross-entropy, for
+    "expand" and "reduce", type-2 and empirical; EKFAC for "expand", and for "reduce" with
+    nonsingular factors (32 samples). Not covered, because the libraries differ there:
+    1. type-2 with outputs of more than 2 dims ([N, T, C], cross-entropy's [N, C, d]):
+    curvlinops back-propagates the Hessian factor's column c of all output positions
+    together, adding cross-position terms to B ("reduce"; "expand" when positions mix
+    after the layer); curvfx follows the formula (test_reduce_with_sequence_outputs_...).
+    2. EKFAC "reduce" with singular factors (cnn-ce-reduce: 5 samples, in' = 19): the
+    per-sample gradients ``Σ_t g_t ã_tᵀ`` reach the factors' null spaces, so EKFAC depends
+    on the eigenvectors ``eigh`` picks there (7–11 % apart here; both are valid EKFACs).
+    With "expand" they lie in the factors' ranges and EKFAC is unique.
     """
     curvlinops = pytest.importorskip("curvlinops")
     factory, loss, x, y, approx = CURVLINOPS_CASES[name]
@@ -562,7 +800,7 @@ def test_matches_curvlinops(name, fisher_type):
         assert_close_rel(
             kfac(model, loss, data, fisher_type=fisher_type, kfac_approx=approx).to_dense(), theirs
         )
-        if approx == "expand":
+        if approx == "expand" or name.endswith("nonsingular"):
             theirs = curvlinops.EKFACLinearOperator(model, loss, params, data, **options) @ eye
             ours = ekfac(model, loss, data, fisher_type=fisher_type, kfac_approx=approx).to_dense()
             assert_close_rel(ours, theirs, tol=1e-9)

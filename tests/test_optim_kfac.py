@@ -190,6 +190,36 @@ def test_options_train(options):
     assert full_loss(model, X, y) < start / 3
 
 
+def test_batchnorm_in_train_mode():
+    """A CNN with BatchNorm in train mode: the default Fisher ("mc") trains the parameters given
+    (BatchNorm's own left out: their exact diagonal needs independent samples); "type-2" raises
+    at the step, naming BatchNorm (its B would depend on how the Hessian factor's columns pair
+    up across samples)."""
+    _, X, y = cnn_problem()
+
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 3)
+        ).to(DTYPE)
+
+    model = make()
+    params = [p for name, p in model.named_parameters() if not name.startswith("1.")]
+    start = full_loss(model, X, y)
+    opt = KFAC(params, model=model, loss_fn=nn.CrossEntropyLoss(), lr=0.1, damping=1e-2)
+    assert opt.param_groups[0]["fisher_type"] == "mc"
+    for _, batch in zip(range(30), batches(X, y)):
+        opt.step(batch)
+    assert model.training and full_loss(model, X, y) < start / 3
+    model = make()
+    params = [p for name, p in model.named_parameters() if not name.startswith("1.")]
+    opt = KFAC(params, model=model, loss_fn=nn.CrossEntropyLoss(), fisher_type="type-2")
+    before = [p.clone() for p in params]
+    with pytest.raises(ValueError, match=r"'type-2'.*batch statistics.*fisher_type='mc'"):
+        opt.step((X[:32], y[:32]))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # no step taken
+
+
 def test_frozen_parameters_groups_and_no_side_effects():
     """Frozen parameters stay put; per-group lr; a parameter frozen later restarts the factors."""
     make, X, y = mlp_problem()

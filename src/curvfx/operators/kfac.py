@@ -23,7 +23,14 @@ Conventions (formulas of the factors in :mod:`curvfx.operators._kfac_factors`):
   ``G_n = Σ_k g_kn g_knᵀ``: it equals the exact GGN block ``Σ_n ã_n ã_nᵀ ⊗ G_n`` when
   N = 1, and when G_n does not depend on n (a deep linear network with MSE).
   "expand" averages A over the N·T positions and sums B over them; "reduce" averages the
-  inputs and sums the output gradients over the T positions of each sample first.
+  inputs and sums the output gradients over the T positions of each sample first, so it
+  (like EKFAC's per-sample gradients) needs each layer input's sample axis: dim 0, or
+  dim 1 of a linear layer's sequence-first input ``[T, N, ..., in]`` (read swapped);
+  other layouts (flattened rows ``[N·T, in]``) raise ``ValueError`` naming the layer.
+* **Coupled samples.** ``fisher_type="type-2"`` raises ``ValueError`` for a model with
+  BatchNorm in train mode: B would depend on how the loss Hessian's per-sample factor
+  columns pair up across samples. "mc" (cross-sample terms zero in expectation) and
+  "empirical" (the batch gradient back-propagated) stay defined.
 * **Other parameters** (of layers without Kronecker structure, tied weights, layers
   carrying forward hooks, ...) get their exact curvature diagonal (from the same output
   factor): ``op.representation`` names which is which.
@@ -35,7 +42,14 @@ Differs from curvlinops' ``KFACLinearOperator`` in: 1. type-2 is the default Fis
 type. 2. Weight and bias form one block (curvlinops' ``separate_weight_and_bias=False``).
 3. Parameters outside supported layers get an exact diagonal instead of an error.
 4. A layer called several times has its calls concatenated as positions (curvlinops adds
-one expand-factor per call). With 2. and the same Fisher type, the numbers agree.
+one expand-factor per call). 5. For "type-2" with outputs of more than 2 dims ([N, T, C],
+cross-entropy's [N, C, d]) the loss Hessian's factor has one column per output entry;
+curvlinops back-propagates column c of all output positions together, which adds
+cross-position terms to B ("reduce"; "expand" when the layer's output at one position
+reaches outputs at several). 6. "type-2" raises for BatchNorm in train mode. With 2. and
+the same Fisher type, the numbers agree otherwise, EKFAC's for "expand" and for "reduce"
+with nonsingular factors (with singular ones, "reduce"'s per-sample gradients reach the
+null spaces, where the eigenbasis, and so EKFAC, is a free choice of ``eigh``).
 """
 
 from __future__ import annotations
@@ -291,12 +305,24 @@ def kfac(
         data: One ``(X, y)`` batch or a re-iterable of batches.
         fisher_type: ``"type-2"`` (the loss's Hessian factor: KFAC of the GGN), ``"mc"``
             (``num_samples`` targets drawn from the predictive per sample) or
-            ``"empirical"`` (observed targets).
+            ``"empirical"`` (observed targets). With BatchNorm in train mode (coupled
+            samples) "type-2" raises; "mc" is unbiased there (the sampled gradients are
+            zero-mean and independent across samples) and "empirical" back-propagates the
+            batch loss's gradient through the coupling.
         kfac_approx: ``"expand"`` or ``"reduce"`` (Eschenhagen et al., 2023), for layers
-            with several positions per sample; the same for one position.
+            with several positions per sample; the same for one position. "reduce" reads
+            each layer input per sample: batch-first, or a linear layer's sequence-first
+            ``[T, N, ..., in]`` (T = N is settled by one backward pass).
         num_samples: MC draws per sample ("mc" only).
         generator: Seeds the MC draws (one draw at construction; else torch's global RNG).
         params: A dict of some of the model's trainable parameters (default: all).
+
+    Raises:
+        ValueError: At construction for an invalid option; when the factors are computed
+            (first product or query) for "type-2" on a model with BatchNorm in train mode,
+            for "reduce" (and EKFAC) when a layer's input does not hold the samples on
+            dim 0 or (sequence-first) dim 1, naming the layer, and for a layer parameter
+            also used outside the layer.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -345,6 +371,10 @@ def ekfac(
     params: dict[str, Tensor] | None = None,
 ) -> EKFACOperator:
     """EKFAC operator (:class:`EKFACOperator`); arguments as :func:`kfac`.
+
+    The eigenvalue corrections use per-sample layer gradients, so every Kronecker layer's
+    input must hold the samples on dim 0 or (a linear layer's sequence-first input) dim 1,
+    for both ``kfac_approx``; otherwise computing them raises ``ValueError`` naming the layer.
 
     References:
         George et al. (2018), Fast approximate natural gradient descent in a Kronecker

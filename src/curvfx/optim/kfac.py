@@ -87,7 +87,10 @@ class KFAC(CurvatureOptimizer):
         factor_decay: ρ in [0, 1) of the running averages.
         factor_update_steps: Steps between factor updates.
         inverse_update_steps: Steps between inversions.
-        fisher_type: ``"mc"``, ``"type-2"`` or ``"empirical"`` (:func:`curvfx.kfac`).
+        fisher_type: ``"mc"``, ``"type-2"`` or ``"empirical"`` (:func:`curvfx.kfac`). With
+            BatchNorm in train mode (coupled samples) "type-2" raises ``ValueError`` at the
+            step while the default "mc" stays unbiased (leave BatchNorm's own parameters
+            out of ``params``: their exact diagonal needs independent samples).
         kfac_approx: ``"expand"`` or ``"reduce"``.
         num_samples: MC draws per sample for ``"mc"``.
         damping_method: ``"heuristic"`` or ``"exact"``.
