@@ -121,6 +121,18 @@ class TwoInputNet(nn.Module):
         return self.out(torch.tanh(self.a(a) + self.b(b)))
 
 
+class PaddedBagNet(nn.Module):
+    """Embedding with a padding row (ids [N, 3], some 0 = padding), summed over positions, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 3, padding_idx=0)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.emb(ids)).sum(1))
+
+
 def sequence_net() -> nn.Module:
     """Pointwise Conv1d net: [N, 2, 5] -> [N, 3, 5] (logits with a sequence dimension)."""
     return nn.Sequential(nn.Conv1d(2, 4, 1), nn.Tanh(), nn.Conv1d(4, 3, 2, padding=1))
@@ -398,6 +410,13 @@ CASES: list[Case] = [
         seed=23,
     ),
     Case(
+        "mlp_tanh-bce_weight_mean",
+        _module_case(
+            lambda: mlp(nn.Tanh), lambda: nn.BCEWithLogitsLoss(weight=_CLASS_WEIGHT.clone()), _x_vec, _y_bin
+        ),
+        seed=32,
+    ),
+    Case(
         "mlp_tanh-bce_soft_sum",
         _module_case(
             lambda: mlp(nn.Tanh),
@@ -416,6 +435,11 @@ CASES: list[Case] = [
         "log_softmax-nll_sum",
         _module_case(log_softmax_mlp, lambda: nn.NLLLoss(reduction="sum"), _x_vec, _y_cls),
         seed=26,
+    ),
+    Case(
+        "embedding_padded-ce_mean",
+        _module_case(PaddedBagNet, nn.CrossEntropyLoss, lambda g: classes(g, 7, N, 3), _y_cls),
+        seed=31,
     ),
     Case(
         "linear-mse_mean",

@@ -211,6 +211,46 @@ def test_make_functional_rejects_non_module():
         curvfx.make_functional(lambda x: x)
 
 
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+def test_make_functional_rejects_embeddings_that_scale_gradients_by_frequency(bag):
+    layer = (nn.EmbeddingBag if bag else nn.Embedding)(5, 2, scale_grad_by_freq=True)
+    with pytest.raises(ValueError, match=r"model: embedding '1' has scale_grad_by_freq=True"):
+        curvfx.make_functional(nn.Sequential(nn.Identity(), layer))
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        curvfx.ggn(nn.Sequential(layer), nn.MSELoss(), (torch.tensor([[1, 2]]), torch.zeros(1, 2)))
+
+
+def test_batchnorm_without_running_statistics_couples_samples_in_eval_mode():
+    """BatchNorm(track_running_stats=False) normalizes with batch statistics even in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    model = model.double().eval()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss = nn.CrossEntropyLoss()
+    fn, params = curvfx.make_functional(model)
+    assert fn.couples_samples
+    with pytest.raises(ValueError, match=r"batch statistics.*track_running_stats=False"):
+        curvfx.diagonal(curvfx.ggn(model, loss, (x, y)), method="exact")
+    with pytest.raises(ValueError, match=r"batch statistics.*track_running_stats=False"):
+        curvfx.per_sample_grad(fn, loss, params, x, y)
+    model[1] = nn.BatchNorm1d(4).double().eval()  # running statistics: samples independent
+    assert not curvfx.make_functional(model)[0].couples_samples
+
+
+def test_per_sample_gradients_refuse_a_bce_weight_with_a_batch_dimension():
+    """One sample alone has no loss under a [N, C] weight (torch cannot evaluate it either)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    loss = nn.BCEWithLogitsLoss(weight=torch.rand(6, 3, dtype=torch.float64))
+    fn, params = curvfx.make_functional(model)
+    for transform in (curvfx.per_sample_grad, curvfx.per_sample_grad_norms):
+        with pytest.raises(ValueError, match=r"weight of shape \[6, 3\] does not broadcast to the outputs"):
+            transform(fn, loss, params, x, y)
+    G = curvfx.ggn(model, loss, (x, y)).to_dense()  # the batch loss itself is fine
+    assert torch.allclose(G, G.T)
+
+
 def test_get_loss_rejects_non_callable():
     with pytest.raises(TypeError, match="loss"):
         get_loss(3)

@@ -26,6 +26,7 @@ from helpers import (
     unchanged,
 )
 from torch import nn
+from torch.nn import functional as F
 
 import curvfx
 
@@ -207,6 +208,24 @@ def test_hvp_with_a_single_tensor_as_params(shape, strategy):
     assert_close_rel(Hv, (H @ v.reshape(-1)).reshape(shape))
     Hv_flat = curvfx.hvp(f, w, v.reshape(-1), strategy=strategy)
     assert_close_rel(Hv_flat, H @ v.reshape(-1))
+
+
+@pytest.mark.parametrize("strategy", HVP_STRATEGIES)
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+def test_hvp_of_embedding_with_padding_row_matches_backward(strategy, keywords):
+    """The padding row is a constant (torch's backward): forward-mode tangents must agree."""
+    g = torch.Generator().manual_seed(13)
+    W0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[4, 1, 4], [2, 4, 0]])  # padding_idx=-1 is row 4
+
+    def f(W):
+        e = F.embedding(input=ids, weight=W, padding_idx=-1) if keywords else F.embedding(ids, W, -1)
+        return (torch.tanh(e).sum((1, 2)) ** 2).sum()
+
+    H = torch.autograd.functional.hessian(f, W0).reshape(15, 15)
+    assert H[12:].abs().max() == 0 and H[:12].abs().max() > 0  # truth: row 4 carries no curvature
+    v = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    assert_close_rel(curvfx.hvp(f, W0, v, strategy=strategy), (H @ v.reshape(-1)).reshape(5, 3))
 
 
 # ---------------------------------------------------------------------------------------

@@ -84,9 +84,12 @@ def _square(dense: DenseTruth, M: Tensor) -> Tensor:
 
 
 def _is_canonical(loss_fn) -> bool:
-    """MSE, cross-entropy (no class weight) and BCE with logits: exact Fisher == GGN."""
-    canonical = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
-    return isinstance(loss_fn, canonical) and getattr(loss_fn, "weight", None) is None
+    """MSE, cross-entropy (no class weight) and BCE with logits (no pos_weight): exact Fisher == GGN."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn.weight is None
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return loss_fn.pos_weight is None
+    return isinstance(loss_fn, nn.MSELoss)
 
 
 def _summed(loss_fn):
@@ -182,6 +185,54 @@ def test_generic_loss_hessian_and_ggn_match_dense(generic):
         G._exact_diagonal()
     batches = _split(problem, [0, 1, 4, 6])  # mean over samples, unequal batches
     assert_close_rel(_op(curvfx.ggn, problem, batches).to_dense(), _square(dense, dense.ggn))
+
+
+def _callable_loss_problem():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randn(6, 3, dtype=torch.float64).softmax(1)  # soft targets
+    return model, x, y
+
+
+def _ef_from_one_sample_gradients(model, loss_fn, x, y, z):
+    """``(1/z) Σ_n g_n g_nᵀ`` with g_n the gradient of ``loss_fn`` on sample n alone (a loop)."""
+    params = list(model.parameters())
+    rows = []
+    for n in range(x.shape[0]):
+        g = torch.autograd.grad(loss_fn(model(x[n : n + 1]), y[n : n + 1]), params)
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    G = torch.stack(rows)
+    return G.T @ G / z
+
+
+def test_empirical_fisher_of_plain_callables_takes_the_mean_over_samples():
+    model, x, y = _callable_loss_problem()
+
+    def soft_ce(o, t):  # a mean over the N samples of per-sample sums over classes
+        return -(t * o.log_softmax(1)).sum(1).mean()
+
+    EF = curvfx.empirical_fisher(model, soft_ce, (x, y)).to_dense()
+    assert_close_rel(EF, _ef_from_one_sample_gradients(model, soft_ce, x, y, 6), tol=1e-10)
+
+
+def test_empirical_fisher_refuses_a_plain_callable_whose_reduction_it_would_get_wrong():
+    model, x, y = _callable_loss_problem()
+
+    def squares(o, t):
+        return ((o - t) ** 2).sum()
+
+    with pytest.raises(ValueError, match=r"loss_fn: squares is not a 'batchmean' reduction.*reduction='sum'"):
+        curvfx.empirical_fisher(model, squares, (x, y)).to_dense()
+    summed = curvfx.losses.AutogradLoss(squares, reduction="sum")  # declared: exact
+    EF = curvfx.empirical_fisher(model, summed, (x, y)).to_dense()
+    assert_close_rel(EF, _ef_from_one_sample_gradients(model, squares, x, y, 1), tol=1e-10)
+
+    def coupled(o, t):  # no per-sample terms: the samples' errors cancel in a batch sum
+        return ((o - t).sum(0) ** 2).sum()
+
+    with pytest.raises(ValueError, match="per-sample terms"):
+        curvfx.diagonal(curvfx.empirical_fisher(model, curvfx.losses.AutogradLoss(coupled, "sum"), (x, y)))
 
 
 def test_empirical_fisher_matches_per_sample_gradients(case, problem, dense):
@@ -370,7 +421,16 @@ def test_mc_fisher_diagonal_is_diagonal_of_its_matrix(name):
     assert_close_rel(op._exact_diagonal(), torch.diagonal(op.to_dense()), tol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["mlp_relu-ce_mean", "mlp_tanh-mse_mean", "mlp_tanh-bce_mean"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp_relu-ce_mean",
+        "mlp_tanh-mse_mean",
+        "mlp_tanh-bce_mean",
+        "mlp_tanh-ce_label_smoothing_mean",  # MC without the smoothing: the predictive's Fisher
+        "mlp_tanh-bce_weight_mean",  # MC with weights √w: w σ(1 - σ) once, as the GGN
+    ],
+)
 def test_mc_fisher_converges_to_exact_fisher(name):
     dense = dense_truth(CASES_BY_NAME[name])
     exact = _square(dense, dense.ggn)

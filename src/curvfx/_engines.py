@@ -26,6 +26,7 @@ from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
 
 __all__ = [
+    "func_jvp",
     "gauss_newton_vp",
     "gauss_newton_vps",
     "hessian_vp",
@@ -83,7 +84,7 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
     if engine == "rev-rev":  # vjp of grad: Hᵀv = Hv
         return vjp(grad(_scalar(f)), params)[1](v)[0]
     try:
-        return jvp(grad(_scalar(f)), (params,), (v,))[1]
+        return jvp(grad(_scalar(_in_forward_rules(f))), (params,), (v,))[1]
     except RuntimeError as err:
         if "ZeroTensors are immutable" not in str(err):
             raise
@@ -206,7 +207,7 @@ def gauss_newton_vp(
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine == "func":
         rng = _rng_state()
-        outputs, jv = jvp(model_at, (params,), (v,))  # f, Jv
+        outputs, jv = func_jvp(model_at, params, v)  # f, Jv
         check(outputs)
         _set_rng_state(rng)  # the second pass draws the same dropout masks as the first
         _, vjp_fn = vjp(model_at, params)
@@ -252,10 +253,19 @@ def jv_by_transposition(outputs: Tensor, p: list[Tensor]) -> Callable[[list[Tens
 def model_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> Tensor:
     """``(f, J v)``: outputs and Jacobian-vector product, forward mode (torch.func in transforms)."""
     if inside_transform():
-        return jvp(model_at, (params,), (v,))
+        return func_jvp(model_at, params, v)
     p_leaves, spec = flatten(params)
     with torch.no_grad():
         return _forward_ad(model_at, spec, [p.detach() for p in p_leaves], spec.flatten_up_to(v))
+
+
+def func_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> tuple[Tensor, Tensor]:
+    """``(f, J v)`` by ``torch.func.jvp``, with the padding rows of embeddings constant.
+
+    Under :class:`ForwardRules`, whose padding rule makes torch's forward-mode formula of
+    ``F.embedding`` agree with its backward; every other operation runs unchanged.
+    """
+    return jvp(_in_forward_rules(model_at), (params,), (v,))
 
 
 def model_vjp(model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor) -> PyTree:
@@ -298,6 +308,14 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _in_forward_rules(f):
+    def wrapped(p):
+        with ForwardRules():
+            return f(p)
+
+    return wrapped
 
 
 def _in_derivable_kernels(f):

@@ -10,7 +10,9 @@ factors ``S`` [K, N, ...] (``S[k, n]`` shaped like one sample's outputs):
   and Z its normalizer (``L = (1/Z) Σ ℓ``; Z = 1 for the sum). For the mean this is
   ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with ℓ_n the sample's unnormalized loss (curvlinops' convention);
 * Monte-Carlo Fisher: the empirical one at targets ỹ_m drawn from the model's predictive,
-  averaged over M draws: ``S[m, n] = √(Z/M) ∇_{f_n} L(f, ỹ_m)``.
+  averaged over M draws: ``S[m, n] = √(Z/M) ∇_{f_n} L̃(f, ỹ_m)`` with L̃ the loss's
+  negative log-likelihood (:meth:`~curvfx.losses.Loss.likelihood_loss`: L itself, without
+  label smoothing, with √w for BCE entry weights w), so that it estimates the exact one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.func import grad, vjp, vmap
 
 from curvfx._errors import inside_transform
 from curvfx._pytree import leaves, tree_map
-from curvfx.losses import Loss
+from curvfx.losses import AutogradLoss, Loss
 
 __all__ = ["FISHER_KINDS", "factor_diagonal", "factor_product", "output_factor"]
 
@@ -51,7 +53,7 @@ def output_factor(
     if kind == "empirical":
         return _gradient_factor(loss, outputs, [y])
     draws = [loss.sample_targets(outputs, generator, observed=y) for _ in range(num_samples)]
-    return _gradient_factor(loss, outputs, draws)
+    return _gradient_factor(loss.likelihood_loss(), outputs, draws)
 
 
 def factor_product(S: Tensor, u: Tensor) -> Tensor:
@@ -138,5 +140,7 @@ def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tens
     rows = []
     for t in targets:
         r = _loss_gradient(loss, outputs, t)  # ∇_f L(f, t): sample n's row is ∇ L_n
+        if isinstance(loss, AutogradLoss):  # Z is declared, not known: check it
+            loss.check_reduction(outputs, t, r)
         rows.append(r * torch.sqrt(torch.as_tensor(loss.normalizer(t), dtype=r.dtype) / len(targets)))
     return torch.stack(rows)

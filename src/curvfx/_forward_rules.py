@@ -25,8 +25,15 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   inside the function raises :class:`UntrustedTangents`, and the caller uses double
   backprop instead.
 
-Every call without tangent inputs runs unchanged; so does every call under a ``torch.func``
-transform when ``differentiable=False``.
+* **Padding rows.** Torch's backward gives the row ``padding_idx`` of an embedding table no
+  gradient (the row is a constant of the model), but its forward formula ``ẏ = Ẇ[ids]``
+  reads that row's tangent too, so forward-mode products would disagree with the
+  reverse-mode ones (a GGN ``J_revᵀ H J_fwd``, not symmetric). ``F.embedding`` with a
+  ``padding_idx`` returns the padding positions' outputs detached (same values, no
+  tangent, no gradient), also under ``torch.func`` transforms.
+
+Every other call without tangent inputs runs unchanged; so does every other call under a
+``torch.func`` transform when ``differentiable=False``.
 """
 
 from __future__ import annotations
@@ -100,6 +107,8 @@ class ForwardRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.embedding:
+            return _embedding(args, kwargs)
         if inside_transform():
             if self.differentiable:
                 raise UntrustedTangents("a torch.func transform inside the function")
@@ -123,6 +132,18 @@ class ForwardRules(TorchFunctionMode):
             return decomposed(*args, **kwargs)  # checked operations only (the mode is off in here)
         except NotImplementedError as err:
             raise UntrustedTangents(f"{getattr(func, '__name__', func)}: {err}") from err
+
+
+def _embedding(args, kwargs) -> Tensor:
+    """``F.embedding`` whose outputs at ``padding_idx`` are constants, as torch's backward has them."""
+    out = F.embedding(*args, **kwargs)
+    pad = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+    if pad is None:
+        return out
+    ids = args[0] if args else kwargs["input"]
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    pad = pad if pad >= 0 else weight.shape[0] + pad
+    return torch.where((ids == pad).unsqueeze(-1), out.detach(), out)
 
 
 def _constant_input(func, args, kwargs) -> Tensor | None:

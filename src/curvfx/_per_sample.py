@@ -209,6 +209,7 @@ def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
 def _check_independent_samples(fn, transform: str) -> None:
     if getattr(fn, "couples_samples", False):
         raise ValueError(
-            f"fn: {transform} needs independent samples, but the model has BatchNorm in "
-            "train mode (its batch statistics couple the samples); call model.eval()"
+            f"fn: {transform} needs independent samples, but the model has a BatchNorm that "
+            "normalizes with batch statistics, coupling the samples (train mode, or "
+            "track_running_stats=False); call model.eval() with running statistics"
         )

@@ -32,6 +32,8 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
       statistics) leaves the model's buffers unchanged;
     * the module's mode (``train()``/``eval()``) at call time decides its behaviour,
       as in ``model(x)``;
+    * embeddings with ``scale_grad_by_freq=True`` are refused (``ValueError``): their
+      backward is not the derivative of the forward pass;
     * attention runs with the math ``scaled_dot_product_attention`` kernel and recurrent
       layers without cuDNN during the call (:mod:`curvfx._kernels`): fused kernels have no
       second derivatives. Your global settings are restored afterwards.
@@ -52,6 +54,13 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq:
+            raise ValueError(
+                f"model: embedding {name!r} has scale_grad_by_freq=True, whose backward divides "
+                "gradients by id counts in the batch: not a derivative, so its curvature is not "
+                "defined; set scale_grad_by_freq=False for curvature computations"
+            )
     fn = FunctionalModel(model)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return fn, params
@@ -82,9 +91,13 @@ class FunctionalModel:
 
     @property
     def couples_samples(self) -> bool:
-        """Whether a forward pass mixes samples of the batch (BatchNorm in train mode)."""
+        """Whether a forward pass mixes samples: a BatchNorm normalizing with batch statistics.
+
+        That is BatchNorm in train mode, or in eval mode with ``track_running_stats=False``.
+        """
         return any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules()
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+            for m in self.module.modules()
         )
 
     def __repr__(self) -> str:

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vjp
+from torch.func import grad, vjp, vmap
 
 from curvfx._memory import check_fits
 
@@ -122,6 +122,16 @@ class Loss:
         if observed is not None:
             self.check(outputs, observed)
         return self._sample_targets(outputs, generator, observed=observed)
+
+    def likelihood_loss(self) -> Loss:
+        """The loss whose gradients at targets drawn by :meth:`sample_targets` estimate the Fisher.
+
+        ``Z E_ỹ[∇_f L(f, ỹ) ∇_f L(f, ỹ)ᵀ]`` with it equals the factor product of
+        :meth:`fisher_factor` (what a Monte-Carlo Fisher relies on): the loss itself, unless
+        an option (label smoothing, entry weights) makes it differ from the negative
+        log-likelihood of the predictive.
+        """
+        return self
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} is abstract")
@@ -269,6 +279,17 @@ class CrossEntropyLoss(Loss):
             raise ValueError(f"{self.name}: the Fisher with a class weight= is not defined")
         return _softmax_factor(outputs, self._fisher_coefficients(outputs, targets))
 
+    def likelihood_loss(self) -> CrossEntropyLoss:
+        """The loss without label smoothing: the negative log-likelihood of Categorical(softmax(f)).
+
+        Smoothing changes the targets the loss compares with, not the model's predictive,
+        whose Fisher (``diag p - p pᵀ`` per position, the exact Fisher) the gradients of
+        this loss at drawn targets estimate.
+        """
+        if not self.label_smoothing:
+            return self
+        return CrossEntropyLoss(self.reduction, self.weight, self.ignore_index)
+
     def _fisher_coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor:
         counted = (
             torch.ones_like(outputs[:, 0])
@@ -371,6 +392,14 @@ class BCEWithLogitsLoss(Loss):
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Value, equal to ``F.binary_cross_entropy_with_logits``."""
+        for option in ("weight", "pos_weight"):
+            w = getattr(self, option)
+            if w is not None and torch.broadcast_shapes(w.shape, outputs.shape) != outputs.shape:
+                raise ValueError(
+                    f"{self.name}: {option} of shape {list(w.shape)} does not broadcast to the "
+                    f"outputs {list(outputs.shape)} (a {option} with a batch dimension gives one "
+                    "sample alone no loss, so per-sample quantities are not defined for it)"
+                )
         return F.binary_cross_entropy_with_logits(
             outputs,
             targets,
@@ -396,6 +425,16 @@ class BCEWithLogitsLoss(Loss):
         if self.weight is not None:
             h = h * self.weight
         return h.expand_as(outputs) / self.normalizer(outputs)
+
+    def likelihood_loss(self) -> BCEWithLogitsLoss:
+        """The loss whose gradients at drawn targets estimate the Fisher ``c w σ (1 - σ)``.
+
+        The entries' weights w enter the Fisher once (as in the GGN), so the gradients are
+        taken with weights √w: ``E[(√w (σ - ỹ))²] = w σ (1 - σ)`` for ỹ ~ Bernoulli(σ).
+        """
+        if self.weight is None:
+            return self
+        return BCEWithLogitsLoss(self.reduction, self.weight.sqrt(), self.pos_weight)
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Entrywise ``c w (π y + 1 - y) σ (1 - σ) · v``."""
@@ -428,7 +467,8 @@ class AutogradLoss(Loss):
     says how it combines its terms, which weights batches against each other and scales the
     empirical Fisher: ``"mean"`` over all target entries (Z = ``targets.numel()``, as
     torch's elementwise losses), ``"batchmean"`` over samples (Z = N), or ``"sum"`` (Z = 1).
-    :func:`get_loss` reads it from a loss module's ``reduction`` attribute.
+    :func:`get_loss` reads it from a loss module's ``reduction`` attribute and takes a
+    plain callable as ``"batchmean"``; :meth:`check_reduction` catches a wrong guess.
     """
 
     def __init__(self, loss_fn, reduction: str = "mean"):
@@ -450,6 +490,28 @@ class AutogradLoss(Loss):
         if self.reduction == "sum":
             return 1.0
         return float(targets.numel() if self.reduction == "mean" else targets.shape[0])
+
+    def check_reduction(self, outputs: Tensor, targets: Tensor, gradient: Tensor) -> None:
+        """Raise ``ValueError`` unless ``gradient = ∇_f L`` [N, ...] fits the declared reduction.
+
+        For a loss with per-sample terms and that reduction, sample n's row is
+        ``(Z_1 / Z) ∇_{f_n} loss_fn(f_n, y_n)`` with the callable applied to sample n alone
+        (a batch of one, normalizer Z_1): 1/N of it for the means, all of it for the sum. A
+        summing callable taken for a mean (or the reverse) is off by N, and a loss that
+        couples samples has no per-sample terms at all.
+        """
+        n = outputs.shape[0]
+        if n < 2 or not gradient.any():
+            return
+        alone = _one_sample_gradients(self.loss_fn, outputs.detach(), targets)
+        ratio = self.normalizer(targets[:1]) / self.normalizer(targets)
+        if (gradient - ratio * alone).norm() > 1e-4 * gradient.norm():
+            raise ValueError(
+                f"loss_fn: {self.name} is not a {self.reduction!r} reduction of per-sample terms: "
+                "its gradient differs from that of the loss applied to each sample alone "
+                f"(scaled by {ratio:g}); declare how it reduces with curvfx.losses.AutogradLoss("
+                "loss_fn, reduction='sum' | 'batchmean' | 'mean')"
+            )
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``∇²_f L · v`` as the vjp of ``∇_f L`` (the Hessian is symmetric)."""
@@ -497,10 +559,22 @@ def get_loss(loss_fn) -> Loss:
         return cls(**keywords)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a loss module or callable, got {type(loss_fn).__name__}")
-    reduction = getattr(loss_fn, "reduction", "mean")
+    reduction = getattr(loss_fn, "reduction", "batchmean")
     if reduction not in ("mean", "batchmean", "sum"):
         raise ValueError(f"loss_fn: reduction={reduction!r} does not give a scalar loss; use 'mean' or 'sum'")
     return AutogradLoss(loss_fn, reduction)
+
+
+def _one_sample_gradients(loss_fn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``[∇_{f_n} loss_fn(f_n, y_n)]_n``, each sample as a batch of one (vmapped, or a loop)."""
+
+    def alone(f, t):
+        return loss_fn(f.unsqueeze(0), t.unsqueeze(0))
+
+    try:
+        return vmap(grad(alone))(outputs, targets)
+    except RuntimeError:  # a callable vmap cannot batch (data-dependent control flow, .item())
+        return torch.stack([grad(alone)(f, t) for f, t in zip(outputs, targets)])
 
 
 _FUNCTIONAL = {

@@ -385,8 +385,9 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     check_diagonal_masks(op.model_fn, op.params, op.randomness, backend)
     if getattr(op.model_fn, "couples_samples", False):
         raise ValueError(
-            "the exact diagonal needs independent samples, but the model has BatchNorm in train "
-            "mode; use method='hutchinson' or call model.eval()"
+            "the exact diagonal needs independent samples, but the model has a BatchNorm that "
+            "normalizes with batch statistics (train mode, or track_running_stats=False); use "
+            "method='hutchinson' or call model.eval() with running statistics"
         )
 
     def per_batch(b, x, y):

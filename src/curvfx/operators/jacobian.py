@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._engines import func_jvp
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.func import model_jvp, model_vjp
 from curvfx.functional import as_function
@@ -77,7 +78,7 @@ class JacobianOperator(LinearOperator):
         """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``)."""
         tree = unravel(v, self.params)
         if strategy == "func":
-            return torch.func.jvp(lambda p: self.model_fn(p, x), (self.params,), (tree,))[1].reshape(-1)
+            return func_jvp(lambda p: self.model_fn(p, x), self.params, tree)[1].reshape(-1)
         return model_jvp(self.model_fn, self.params, x, tree).reshape(-1)
 
     def _jtu(self, x: Any, u: Tensor, strategy: str = "auto") -> Tensor:
