@@ -487,6 +487,35 @@ def test_inputs_without_a_sample_axis_are_refused_by_reduce_and_ekfac():
     assert_close_rel(block_of(K, "l1").B, B)
 
 
+class ClassFeatures(nn.Module):
+    """Logits against a buffer of 6 class features (as many rows as the batch's 6 samples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img, self.txt = nn.Linear(4, 3), nn.Linear(5, 3)
+        self.register_buffer("features", torch.randn(6, 5))
+
+    def forward(self, x):
+        return torch.tanh(self.img(x)) @ self.txt(self.features).T
+
+
+def test_inputs_not_computed_from_the_batch_are_refused_by_reduce_ekfac_and_type2():
+    """``txt(features)`` has N rows that are not samples: read per sample it would be wrong,
+    and its output, shared by the samples, would pair type-2's factor columns across them."""
+    model, loss = seeded(ClassFeatures), nn.CrossEntropyLoss()
+    x, y = rand(6, 4), classes(6)
+    message = "layer 'txt' has an input that is not computed from the batch"
+    with pytest.raises(ValueError, match=rf"{message}.*kfac_approx='reduce'"):
+        kfac(model, loss, (x, y), kfac_approx="reduce", fisher_type="empirical").to_dense()
+    with pytest.raises(ValueError, match=rf"{message}.*EKFAC"):
+        ekfac(model, loss, (x, y), fisher_type="empirical").to_dense()
+    with pytest.raises(ValueError, match=rf"{message}.*fisher_type='mc' or 'empirical'"):
+        kfac(model, loss, (x, y)).to_dense()
+    K = kfac(model, loss, (x, y), fisher_type="empirical")  # expand: every row alike
+    A, _ = kfac_truth(model, loss, x, y, model.txt, "expand")
+    assert_close_rel(block_of(K, "txt").A, A)
+
+
 def test_reduce_with_sequence_outputs_follows_the_formula():
     """Outputs [N, T, C]: "reduce" type-2 is Σ_n J̄_nᵀ H J̄_n with the loss Hessian H (no
     cross-position terms; curvlinops differs here, see test_matches_curvlinops)."""

@@ -993,6 +993,18 @@ class LearnedQuery(nn.Module):
         return self.lin(x) * self.proj(self.query)
 
 
+class ClassFeatures(nn.Module):
+    """Logits against a buffer of N class features (N rows, as many as the batch): not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.img, self.txt = nn.Linear(4, 3), nn.Linear(5, 3)
+        self.register_buffer("features", torch.randn(N, 5))
+
+    def forward(self, x):
+        return torch.tanh(self.img(x)) @ self.txt(self.features).T  # [N, N]
+
+
 class SequenceFirstNorm(nn.Module):
     """A sequence-first layer norm and linear layer, and a batch-first linear layer after them."""
 
@@ -1029,7 +1041,7 @@ def test_sequence_first_layers_with_as_many_positions_as_samples(model_type, gen
     )  # "head" stays structured
 
 
-@pytest.mark.parametrize("model_type", [FlatRows, SequenceFirst, LearnedQuery, ScaledByHook])
+@pytest.mark.parametrize("model_type", [FlatRows, SequenceFirst, LearnedQuery, ScaledByHook, ClassFeatures])
 def test_layer_inputs_the_structured_path_misreads(model_type):
     # the structured path takes dim 0 of the recorded layer input as the sample and the
     # recorded output as W a + b; each model breaks one of these. Generic route and dense agree.
@@ -1047,6 +1059,8 @@ def test_layer_inputs_the_structured_path_misreads(model_type):
     assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y, backend="generic"), truth)
     assert_close_rel(curvfx.per_sample_grad_norms(model, loss_fn, None, x, y), truth)
     assert_close_rel(op._exact_diagonal(backend="structured"), dense)
+    grads = curvfx.per_sample_grad(model, loss_fn, None, x, y, backend="structured")
+    assert_close_rel(grads, loop_grads(model, loss_fn, x, y))
 
 
 # -- which layers are factored ----------------------------------------------------------------

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-__all__ = ["leaf_inputs", "leaves_reached"]
+__all__ = ["depend_on", "leaf_inputs", "leaves_reached"]
 
 
 def leaf_inputs(root: Tensor) -> Iterator[Tensor]:
@@ -39,3 +39,36 @@ def leaves_reached(root: Tensor) -> list[Tensor]:
     for leaf in leaf_inputs(root):
         found.setdefault(id(leaf), leaf)
     return list(found.values())
+
+
+def depend_on(tensors: list[Tensor], sources: list[Tensor]) -> list[bool]:
+    """Whether each of ``tensors`` is computed from one of ``sources`` (or is one), by its graph.
+
+    A source that is a leaf requiring grad is found by its ``AccumulateGrad`` node, any other
+    by its ``grad_fn``. One memoized visit per operation over all ``tensors`` together.
+    """
+    leaves = {id(s) for s in sources if s.grad_fn is None}
+    nodes = {s.grad_fn for s in sources if s.grad_fn is not None}
+    memo: dict = {}
+
+    def edge(child) -> bool:
+        leaf = getattr(child, "variable", None)  # set on AccumulateGrad nodes only
+        return id(leaf) in leaves if leaf is not None else memo[child]
+
+    def reaches(start) -> bool:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo:
+                continue
+            children = [c for c, _ in node.next_functions if c is not None]
+            if node in nodes:
+                memo[node] = True
+            elif expanded:
+                memo[node] = any(edge(c) for c in children)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in memo and not hasattr(c, "variable"))
+        return memo[start]
+
+    return [id(t) in leaves or (t.grad_fn is not None and reaches(t.grad_fn)) for t in tensors]

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from curvfx._capture import captured, layer_kind, output_grads, parameter_uses, supported_layers
 from curvfx._errors import inside_transform
 from curvfx._factors import factor_diagonal
+from curvfx._graph import depend_on
 from curvfx._layers import layer_grads, layer_squares, reads_per_sample
-from curvfx._pytree import leaves, num_params, ravel, unravel, unsqueeze_leaves
+from curvfx._pytree import leaves, num_params, ravel, tree_map, unravel, unsqueeze_leaves
 from curvfx.functional import FunctionalModel
 
 __all__ = [
@@ -218,16 +219,18 @@ def _layer_pass(
     """One forward pass recording the calls of ``layers``, then the gradients at their outputs.
 
     Returns ``S`` (evaluated at the detached outputs when it is a function) and, for each
-    layer whose calls read per sample, are batch-first (:func:`_sequence_first`) and whose
-    parameters are used by those calls only (:func:`curvfx._capture.parameter_uses`), its
+    layer whose calls read per sample, are batch-first (:func:`_sequence_first`), take
+    inputs computed from the batch (:func:`_not_from_batch`) and whose parameters are used
+    by those calls only (:func:`curvfx._capture.parameter_uses`), its
     calls as ``(input, blocks)`` with the column blocks of ``∂⟨f, s_k⟩/∂z`` from
     :func:`curvfx._capture.output_grads` (none when ``S`` has no columns).
     """
     candidates = {name for names in layers.values() for name in names.values()}
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+    inputs = tree_map(_tracked, x)  # the batch's float tensors, followed through the graph
     with torch.enable_grad(), captured(records):
         p = {k: v.detach().requires_grad_(k in candidates) for k, v in params.items()}
-        outputs = fn(p, x)
+        outputs = fn(p, inputs)
     if callable(S):
         S = S(outputs.detach())
     if S.shape[0] == 0:
@@ -237,7 +240,7 @@ def _layer_pass(
     names = [(m, name) for m in records for name in layers[m].values()]
     uses = parameter_uses(outputs, [p[name] for _, name in names])
     misread = {m for (m, _), count in zip(names, uses) if count != len(records[m])}
-    misread |= _sequence_first(outputs, records, n)
+    misread |= _sequence_first(outputs, records, n) | _not_from_batch(inputs, records)
     records = {m: calls for m, calls in records.items() if m not in misread}  # those: generic
     zs = [z for calls in records.values() for _, z in calls]
     grads = iter(output_grads(outputs, zs, S) if zs else ())  # in the order of zs
@@ -260,6 +263,29 @@ def _sequence_first(
         outputs[0].sum(), [z for _, z in ambiguous], retain_graph=True, allow_unused=True
     )
     return {m for (m, _), g in zip(ambiguous, grads) if g is not None and bool(g[1:].any())}
+
+
+def _tracked(t: Any) -> Any:
+    return t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t
+
+
+def _not_from_batch(inputs: Any, records: dict[nn.Module, list[tuple[Tensor, Tensor]]]) -> set[nn.Module]:
+    """Layers with a call whose input is not computed from the batch, though it has N rows.
+
+    E.g. ``txt(class_features)`` with a buffer [M, D] of M = N class features: its rows are
+    not the samples. The batch's float tensors were made to require grad, so a call's
+    output is computed from them exactly when its input is (the parameters are not), which
+    its autograd graph shows (:func:`curvfx._graph.depend_on`; the recorded inputs are
+    detached); the outputs of embedding calls count as computed from the batch (their ids
+    cannot require grad). Without a float tensor in the batch, nothing is checked.
+    """
+    sources = [t for t in leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    if not sources:
+        return set()
+    sources += [z for m, calls in records.items() if layer_kind(m) == "embedding" for _, z in calls]
+    checked = [(m, z) for m, calls in records.items() if layer_kind(m) != "embedding" for _, z in calls]
+    found = depend_on([z for _, z in checked], sources)
+    return {m for (m, _), ok in zip(checked, found) if not ok}
 
 
 def _features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:

@@ -54,8 +54,8 @@ from torch import Tensor, nn
 from curvfx._capture import captured, output_grads, parameter_uses, positions, supported_layers
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._layers import reads_per_sample
-from curvfx._pytree import unsqueeze_leaves
-from curvfx._structured import _features_last_square, _sequence_first
+from curvfx._pytree import tree_map, unsqueeze_leaves
+from curvfx._structured import _features_last_square, _not_from_batch, _sequence_first, _tracked
 from curvfx.functional import FunctionalModel
 from curvfx.losses import Loss
 from curvfx.operators._data import Batches
@@ -82,6 +82,10 @@ _PER_SAMPLE = {  # who reads layer inputs per sample -> (what needs it, what to 
     "ekfac": (
         "EKFAC's eigenvalue corrections (per-sample layer gradients)",
         "use kfac(..., kfac_approx='expand'), or give the layer a [N, T, ...] input",
+    ),
+    "type-2": (  # an output shared by the samples gets the Hessian factor's columns of all of them
+        "fisher_type='type-2' (its B would pair the loss Hessian's factor columns across samples)",
+        "use fisher_type='mc' or 'empirical'",
     ),
 }
 
@@ -320,15 +324,19 @@ def _layer_batches(
     device = next(iter(params.values())).device
     for b, (x, y) in enumerate(data):
         records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+        checked = reader or ("type-2" if fisher_type == "type-2" else None)  # inputs from the batch
+        inputs = x if checked is None else tree_map(_tracked, x)  # followed through the graph
         with torch.enable_grad(), captured(records):
             p = {k: v.detach().requires_grad_(k in structured) for k, v in params.items()}
-            outputs = model_fn(p, x)
+            outputs = model_fn(p, inputs)
         _check_used_in_calls(outputs, p, layers, records, names)
         generator = torch.Generator(device).manual_seed(seed + b) if fisher_type == "mc" else None
         S = output_factor(loss, outputs.detach(), y, _KIND[fisher_type], num_samples, generator)
+        if checked is not None:  # before output_grads, which may free the graph
+            _check_from_batch(inputs, records, names, checked)
         if reader is None:
             axes = {m: [0] * len(calls) for m, calls in records.items()}
-        else:  # before output_grads, which may free the graph
+        else:
             axes = _sample_axes(outputs, records, S.shape[1], names, reader)
         zs = [z for calls in records.values() for _, z in calls]
         if S.shape[0] == 0:  # an empty factor (a loss linear in the outputs)
@@ -442,6 +450,25 @@ def _sample_axis(module: nn.Module, a: Tensor, z: Tensor, n: int, name: str, rea
             "sequence-first [T, N, ..., in], on dim 1): e.g. the rows [N·T, in] of a flattened batch"
         )
     raise ValueError(f"layer {name!r} {problem}, but {needs} reads it per sample; {instead}")
+
+
+def _check_from_batch(
+    inputs: Any,
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    names: dict[nn.Module, str],
+    reader: str,
+) -> None:
+    """Raise ``ValueError`` naming a layer whose input has N rows but is not computed from the batch.
+
+    E.g. ``txt(class_features)`` with a buffer of as many class features as samples
+    (:func:`curvfx._structured._not_from_batch`): its rows are not the samples.
+    """
+    for module in _not_from_batch(inputs, records):
+        needs, instead = _PER_SAMPLE[reader]
+        raise ValueError(
+            f"layer {names[module]!r} has an input that is not computed from the batch (e.g. a "
+            f"buffer with as many rows as samples), but {needs} reads it per sample; {instead}"
+        )
 
 
 def _batch_first(a: Tensor, blocks: list[Tensor], axis: int) -> tuple[Tensor, list[Tensor]]:
