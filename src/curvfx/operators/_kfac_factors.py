@@ -19,12 +19,9 @@ Factors (``N_tot`` samples over all batches, ``T_n`` positions of sample n)::
              ā_n = mean_t ã_nt,  ḡ_kn = Σ_t g_knt
 
 A layer called several times in one forward pass has its calls' positions concatenated.
-"expand" reads every row of a call's input alike; "reduce" and EKFAC read them per sample:
-a call whose input holds the N samples on dim 0 (:func:`curvfx._layers.reads_per_sample`)
-is batch-first, a linear layer's input ``[T, N, ..., in]`` is sequence-first and read with
-its first two axes swapped (T = N: one backward pass of sample 0's outputs decides,
-:func:`curvfx._structured._sequence_first`), and any other input (flattened rows
-``[N·T, in]``, a tensor shared by all samples) raises ``ValueError`` naming the layer.
+"expand" reads every row of a call's input alike; "reduce" and EKFAC read them per sample
+(:mod:`curvfx.operators._kfac_samples`: batch-first or sequence-first calls; any other
+input, or one not computed from the batch, raises ``ValueError`` naming the layer).
 The eigenvalue corrections of EKFAC are the exact curvature's diagonal in the eigenbasis
 ``Q_B ⊗ Q_A`` of the factors: ``E = Σ_b w_b Σ_n Σ_k (Q_Bᵀ G_kn Q_A)²`` with the per-sample
 layer gradient ``G_kn = Σ_t g_knt ã_ntᵀ`` [out, in'] (for both approximations).
@@ -51,14 +48,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._capture import captured, output_grads, parameter_uses, positions, supported_layers
+from curvfx._capture import captured, output_grads, positions, supported_layers
 from curvfx._factors import factor_diagonal, output_factor
-from curvfx._layers import reads_per_sample
 from curvfx._pytree import tree_map, unsqueeze_leaves
-from curvfx._structured import _features_last_square, _not_from_batch, _sequence_first, _tracked
+from curvfx._structured import _tracked
 from curvfx.functional import FunctionalModel
 from curvfx.losses import Loss
 from curvfx.operators._data import Batches
+from curvfx.operators._kfac_samples import (
+    batch_first,
+    check_from_batch,
+    check_independent_samples,
+    check_used_in_calls,
+    sample_axes,
+)
 
 __all__ = [
     "FISHER_TYPES",
@@ -74,20 +77,6 @@ __all__ = [
 FISHER_TYPES = ("type-2", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 _KIND = {"type-2": "ggn", "mc": "mc", "empirical": "empirical"}
-_PER_SAMPLE = {  # who reads layer inputs per sample -> (what needs it, what to do instead)
-    "reduce": (
-        "kfac_approx='reduce'",
-        "use kfac_approx='expand' (KFAC only: EKFAC needs per-sample gradients)",
-    ),
-    "ekfac": (
-        "EKFAC's eigenvalue corrections (per-sample layer gradients)",
-        "use kfac(..., kfac_approx='expand'), or give the layer a [N, T, ...] input",
-    ),
-    "type-2": (  # an output shared by the samples gets the Hessian factor's columns of all of them
-        "fisher_type='type-2' (its B would pair the loss Hessian's factor columns across samples)",
-        "use fisher_type='mc' or 'empirical'",
-    ),
-}
 
 
 @dataclass
@@ -313,10 +302,11 @@ def _layer_batches(
     ``a`` is the layers' input (None when the weight is not a parameter: ``ã = 1``), the
     calls of a layer concatenated along the positions T; the output gradients come in the
     column blocks of :func:`curvfx._capture.output_grads` (K columns in all). ``reader``
-    (a key of ``_PER_SAMPLE``) asks for N to be the samples (:func:`_sample_axes`);
-    without it, dim 0 of each call is taken as it is (all rows count alike for "expand").
+    (a key of :data:`~curvfx.operators._kfac_samples.PER_SAMPLE`) asks for N to be the
+    samples (:func:`~curvfx.operators._kfac_samples.sample_axes`); without it, dim 0 of
+    each call is taken as it is (all rows count alike for "expand").
     """
-    _check_independent_samples(model_fn, fisher_type)
+    check_independent_samples(model_fn, fisher_type)
     layers = supported_layers(model_fn.module, params)
     names = {m: _module_name(model_fn.module, m) for m in layers}
     structured = {name for ns in layers.values() for name in ns.values()}
@@ -329,15 +319,15 @@ def _layer_batches(
         with torch.enable_grad(), captured(records):
             p = {k: v.detach().requires_grad_(k in structured) for k, v in params.items()}
             outputs = model_fn(p, inputs)
-        _check_used_in_calls(outputs, p, layers, records, names)
+        check_used_in_calls(outputs, p, layers, records, names)
         generator = torch.Generator(device).manual_seed(seed + b) if fisher_type == "mc" else None
         S = output_factor(loss, outputs.detach(), y, _KIND[fisher_type], num_samples, generator)
         if checked is not None:  # before output_grads, which may free the graph
-            _check_from_batch(inputs, records, names, checked)
+            check_from_batch(inputs, records, names, checked)
         if reader is None:
             axes = {m: [0] * len(calls) for m, calls in records.items()}
         else:
-            axes = _sample_axes(outputs, records, S.shape[1], names, reader)
+            axes = sample_axes(outputs, records, S.shape[1], names, reader)
         zs = [z for calls in records.values() for _, z in calls]
         if S.shape[0] == 0:  # an empty factor (a loss linear in the outputs)
             grads = iter([[z.new_zeros(0, *z.shape)] for z in zs])
@@ -346,7 +336,7 @@ def _layer_batches(
         per_layer = {}
         for module, calls in records.items():
             flat = [
-                positions(module, *_batch_first(a, next(grads), axis))
+                positions(module, *batch_first(a, next(grads), axis))
                 for (a, _), axis in zip(calls, axes[module])
             ]
             if flat:  # several calls: their positions concatenated, column block by block
@@ -355,130 +345,6 @@ def _layer_batches(
                 per_layer[names[module]] = (a if "weight" in layers[module] else None, gs)
         z = float(loss.normalizer(y)) if mean else 1.0
         yield z, x, S, per_layer
-
-
-def _check_used_in_calls(
-    outputs: Tensor,
-    p: dict[str, Tensor],
-    layers: dict[nn.Module, dict[str, str]],
-    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
-    names: dict[nn.Module, str],
-) -> None:
-    """Raise ``ValueError`` if a Kronecker layer's parameter is also used outside the layer's calls.
-
-    Its block, built from the calls' inputs and output gradients, would leave that use out.
-    """
-    if not outputs.requires_grad:
-        return
-    pairs = [(m, name) for m in layers for name in layers[m].values()]
-    for (module, name), uses in zip(pairs, parameter_uses(outputs, [p[name] for _, name in pairs])):
-        if uses > len(records[module]):
-            raise ValueError(
-                f"params: {name!r} is used outside the calls of layer {names[module]!r}, so its "
-                "Kronecker block would leave that use out; leave it out of params= or untie it"
-            )
-
-
-def _check_independent_samples(model_fn: FunctionalModel, fisher_type: str) -> None:
-    """Raise ``ValueError`` for "type-2" on a model that couples the samples (BatchNorm in train mode).
-
-    Its B would hold the cross-sample products ``Σ_k s_kn s_kn'ᵀ`` of the loss Hessian's
-    factor, which depend on how its per-sample columns are paired (module docstring).
-    """
-    if fisher_type == "type-2" and getattr(model_fn, "couples_samples", False):
-        raise ValueError(
-            "fisher_type: 'type-2' needs independent samples, but the model has a BatchNorm that "
-            "normalizes with batch statistics (train mode, or track_running_stats=False), which "
-            "couples them: the factor B would depend on how the loss Hessian's per-sample "
-            "factor columns are paired across samples; call model.eval(), or use fisher_type='mc' "
-            "(unbiased: the sampled gradients have mean zero and are independent across samples) or "
-            "'empirical' (the batch loss's gradient, coupling included)"
-        )
-
-
-def _sample_axes(
-    outputs: Tensor,
-    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
-    n: int,
-    names: dict[nn.Module, str],
-    reader: str,
-) -> dict[nn.Module, list[int]]:
-    """Per layer and call, the axis of the input holding the N samples: 0, or 1 (sequence-first).
-
-    By shape (:func:`_sample_axis`); a linear layer's input ``[N, N, ...]`` (T = N) by one
-    backward pass of sample 0's outputs over all such calls
-    (:func:`curvfx._structured._sequence_first`: a batch-first call's output gradient is
-    zero outside row 0), and one more per call only for a layer with several such calls
-    of which some are not batch-first.
-    """
-    axes = {m: [_sample_axis(m, a, z, n, names[m], reader) for a, z in calls] for m, calls in records.items()}
-    square = {m: [c for c, ax in zip(calls, axes[m]) if ax is None] for m, calls in records.items()}
-    square = {m: calls for m, calls in square.items() if calls}
-    if not square:
-        return axes
-    flagged = _sequence_first(outputs, square, n)
-    for m, calls in square.items():
-        if m not in flagged:
-            decided = [0] * len(calls)
-        elif len(calls) == 1:
-            decided = [1]
-        else:  # which of the calls is sequence-first
-            decided = [1 if _sequence_first(outputs, {m: [call]}, n) else 0 for call in calls]
-        found = iter(decided)
-        axes[m] = [next(found) if ax is None else ax for ax in axes[m]]
-    return axes
-
-
-def _sample_axis(module: nn.Module, a: Tensor, z: Tensor, n: int, name: str, reader: str) -> int | None:
-    """0 (batch-first), 1 (sequence-first ``[T, N, ..., in]``), or None (``[N, N, ..., in]``: ambiguous).
-
-    Raises:
-        ValueError: Naming the layer, when neither axis holds the N samples (or the call
-            has no gradient).
-    """
-    square = _features_last_square(module, a, n)  # a linear layer's input [·, N, ..., in]
-    if reads_per_sample(module, [(a, z)], n):
-        return None if square else 0
-    if square and reads_per_sample(module, [(a.transpose(0, 1), z)], n):
-        return 1
-    needs, instead = _PER_SAMPLE[reader]
-    if not z.requires_grad:
-        problem = "is called without gradient"
-    else:
-        problem = (
-            f"has an input of shape {tuple(a.shape)} without the N = {n} samples on dim 0 (or, "
-            "sequence-first [T, N, ..., in], on dim 1): e.g. the rows [N·T, in] of a flattened batch"
-        )
-    raise ValueError(f"layer {name!r} {problem}, but {needs} reads it per sample; {instead}")
-
-
-def _check_from_batch(
-    inputs: Any,
-    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
-    names: dict[nn.Module, str],
-    reader: str,
-) -> None:
-    """Raise ``ValueError`` naming a layer whose input has N rows but is not computed from the batch.
-
-    E.g. ``txt(class_features)`` with a buffer of as many class features as samples
-    (:func:`curvfx._structured._not_from_batch`): its rows are not the samples.
-    """
-    for module in _not_from_batch(inputs, records):
-        needs, instead = _PER_SAMPLE[reader]
-        raise ValueError(
-            f"layer {names[module]!r} has an input that is not computed from the batch (e.g. a "
-            f"buffer with as many rows as samples), but {needs} reads it per sample; {instead}"
-        )
-
-
-def _batch_first(a: Tensor, blocks: list[Tensor], axis: int) -> tuple[Tensor, list[Tensor]]:
-    """A call with the samples on ``axis`` of its input as ``(a [N, T, ...], [g [k_b, N, T, ...]])``.
-
-    Views: a sequence-first call's rows are copied later (by :func:`curvfx._capture.positions`).
-    """
-    if axis == 0:
-        return a, blocks
-    return a.transpose(0, 1), [g.transpose(1, 2) for g in blocks]
 
 
 def _normalizer(loss: Loss, z_total: float) -> float:

@@ -1,0 +1,168 @@
+"""Which rows of a Kronecker layer's calls are the samples, and the inputs KFAC refuses.
+
+"expand" counts every row of a layer's input alike; "reduce" and EKFAC's corrections read
+the calls per sample, and "type-2" must not pair its factor columns across samples. Here:
+the sample axis of each call (batch-first, or sequence-first ``[T, N, ...]``, decided by
+one backward pass when T = N), and the refusals (``ValueError`` naming the layer) for
+inputs without a sample axis, inputs not computed from the batch, coupled samples, and
+parameters used outside their layer's calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvfx._capture import parameter_uses
+from curvfx._layers import reads_per_sample
+from curvfx._structured import _features_last_square, _not_from_batch, _sequence_first
+from curvfx.functional import FunctionalModel
+
+__all__ = [
+    "PER_SAMPLE",
+    "batch_first",
+    "check_from_batch",
+    "check_independent_samples",
+    "check_used_in_calls",
+    "sample_axes",
+]
+
+PER_SAMPLE = {  # who reads layer inputs per sample -> (what needs it, what to do instead)
+    "reduce": (
+        "kfac_approx='reduce'",
+        "use kfac_approx='expand' (KFAC only: EKFAC needs per-sample gradients)",
+    ),
+    "ekfac": (
+        "EKFAC's eigenvalue corrections (per-sample layer gradients)",
+        "use kfac(..., kfac_approx='expand'), or give the layer a [N, T, ...] input",
+    ),
+    "type-2": (  # an output shared by the samples gets the Hessian factor's columns of all of them
+        "fisher_type='type-2' (its B would pair the loss Hessian's factor columns across samples)",
+        "use fisher_type='mc' or 'empirical'",
+    ),
+}
+
+
+def check_used_in_calls(
+    outputs: Tensor,
+    p: dict[str, Tensor],
+    layers: dict[nn.Module, dict[str, str]],
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    names: dict[nn.Module, str],
+) -> None:
+    """Raise ``ValueError`` if a Kronecker layer's parameter is also used outside the layer's calls.
+
+    Its block, built from the calls' inputs and output gradients, would leave that use out.
+    """
+    if not outputs.requires_grad:
+        return
+    pairs = [(m, name) for m in layers for name in layers[m].values()]
+    for (module, name), uses in zip(pairs, parameter_uses(outputs, [p[name] for _, name in pairs])):
+        if uses > len(records[module]):
+            raise ValueError(
+                f"params: {name!r} is used outside the calls of layer {names[module]!r}, so its "
+                "Kronecker block would leave that use out; leave it out of params= or untie it"
+            )
+
+
+def check_independent_samples(model_fn: FunctionalModel, fisher_type: str) -> None:
+    """Raise ``ValueError`` for "type-2" on a model that couples the samples (BatchNorm in train mode).
+
+    Its B would hold the cross-sample products ``Σ_k s_kn s_kn'ᵀ`` of the loss Hessian's
+    factor, which depend on how its per-sample columns are paired (module docstring).
+    """
+    if fisher_type == "type-2" and getattr(model_fn, "couples_samples", False):
+        raise ValueError(
+            "fisher_type: 'type-2' needs independent samples, but the model has a BatchNorm that "
+            "normalizes with batch statistics (train mode, or track_running_stats=False), which "
+            "couples them: the factor B would depend on how the loss Hessian's per-sample "
+            "factor columns are paired across samples; call model.eval(), or use fisher_type='mc' "
+            "(unbiased: the sampled gradients have mean zero and are independent across samples) or "
+            "'empirical' (the batch loss's gradient, coupling included)"
+        )
+
+
+def sample_axes(
+    outputs: Tensor,
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    n: int,
+    names: dict[nn.Module, str],
+    reader: str,
+) -> dict[nn.Module, list[int]]:
+    """Per layer and call, the axis of the input holding the N samples: 0, or 1 (sequence-first).
+
+    By shape (:func:`_sample_axis`); a linear layer's input ``[N, N, ...]`` (T = N) by one
+    backward pass of sample 0's outputs over all such calls
+    (:func:`curvfx._structured._sequence_first`: a batch-first call's output gradient is
+    zero outside row 0), and one more per call only for a layer with several such calls
+    of which some are not batch-first.
+    """
+    axes = {m: [_sample_axis(m, a, z, n, names[m], reader) for a, z in calls] for m, calls in records.items()}
+    square = {m: [c for c, ax in zip(calls, axes[m]) if ax is None] for m, calls in records.items()}
+    square = {m: calls for m, calls in square.items() if calls}
+    if not square:
+        return axes
+    flagged = _sequence_first(outputs, square, n)
+    for m, calls in square.items():
+        if m not in flagged:
+            decided = [0] * len(calls)
+        elif len(calls) == 1:
+            decided = [1]
+        else:  # which of the calls is sequence-first
+            decided = [1 if _sequence_first(outputs, {m: [call]}, n) else 0 for call in calls]
+        found = iter(decided)
+        axes[m] = [next(found) if ax is None else ax for ax in axes[m]]
+    return axes
+
+
+def _sample_axis(module: nn.Module, a: Tensor, z: Tensor, n: int, name: str, reader: str) -> int | None:
+    """0 (batch-first), 1 (sequence-first ``[T, N, ..., in]``), or None (``[N, N, ..., in]``: ambiguous).
+
+    Raises:
+        ValueError: Naming the layer, when neither axis holds the N samples (or the call
+            has no gradient).
+    """
+    square = _features_last_square(module, a, n)  # a linear layer's input [·, N, ..., in]
+    if reads_per_sample(module, [(a, z)], n):
+        return None if square else 0
+    if square and reads_per_sample(module, [(a.transpose(0, 1), z)], n):
+        return 1
+    needs, instead = PER_SAMPLE[reader]
+    if not z.requires_grad:
+        problem = "is called without gradient"
+    else:
+        problem = (
+            f"has an input of shape {tuple(a.shape)} without the N = {n} samples on dim 0 (or, "
+            "sequence-first [T, N, ..., in], on dim 1): e.g. the rows [N·T, in] of a flattened batch"
+        )
+    raise ValueError(f"layer {name!r} {problem}, but {needs} reads it per sample; {instead}")
+
+
+def check_from_batch(
+    inputs: Any,
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    names: dict[nn.Module, str],
+    reader: str,
+) -> None:
+    """Raise ``ValueError`` naming a layer whose input has N rows but is not computed from the batch.
+
+    E.g. ``txt(class_features)`` with a buffer of as many class features as samples
+    (:func:`curvfx._structured._not_from_batch`): its rows are not the samples.
+    """
+    for module in _not_from_batch(inputs, records):
+        needs, instead = PER_SAMPLE[reader]
+        raise ValueError(
+            f"layer {names[module]!r} has an input that is not computed from the batch (e.g. a "
+            f"buffer with as many rows as samples), but {needs} reads it per sample; {instead}"
+        )
+
+
+def batch_first(a: Tensor, blocks: list[Tensor], axis: int) -> tuple[Tensor, list[Tensor]]:
+    """A call with the samples on ``axis`` of its input as ``(a [N, T, ...], [g [k_b, N, T, ...]])``.
+
+    Views: a sequence-first call's rows are copied later (by :func:`curvfx._capture.positions`).
+    """
+    if axis == 0:
+        return a, blocks
+    return a.transpose(0, 1), [g.transpose(1, 2) for g in blocks]
