@@ -360,6 +360,26 @@ def test_eigsh_finds_repeated_eigenvalues():
     )
 
 
+@pytest.mark.parametrize("copies", [2, 3, 4])
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_eigsh_finds_every_copy_of_a_repeated_eigenvalue_among_many_others(copies, which):
+    """One start vector's Krylov space holds one direction per eigenspace: the other copies
+    come from the runs on the complement of the pairs found (many distinct eigenvalues, so
+    the first run does not exhaust its Krylov space before it converges)."""
+    spectrum = torch.linspace(0.1, 4.9, 100, dtype=DTYPE)
+    extreme = 5.0 if which == "largest" else 0.0
+    spectrum[:copies] = extreme
+    M = with_spectrum(spectrum)
+    for seed in range(5):  # the copies' accuracy: about k · tol · ‖A‖ (tol = √ε)
+        values, vectors = eigsh(M, k=copies, which=which, num_iters=100, generator=gen(seed))
+        torch.testing.assert_close(values, torch.full((copies,), extreme, dtype=DTYPE), atol=2e-6, rtol=0)
+        torch.testing.assert_close(M @ vectors, vectors * values, atol=2e-6, rtol=0)
+        torch.testing.assert_close(vectors.T @ vectors, torch.eye(copies, dtype=DTYPE), atol=1e-8, rtol=0)
+    ordered = spectrum.sort(descending=which == "largest").values  # k one past the copies
+    values = eigsh(M, k=copies + 1, which=which, num_iters=100, generator=gen(0), return_eigenvectors=False)
+    torch.testing.assert_close(values, ordered[: copies + 1], atol=2e-6, rtol=0)
+
+
 def test_eigsh_warns_when_not_converged_and_is_reproducible():
     M = symmetric(200)
     with pytest.warns(RuntimeWarning, match="increase num_iters"):
@@ -473,6 +493,11 @@ def test_cg_stops_on_negative_curvature():
     assert not info.converged and info.num_iters < 3 and bool(x.isfinite().all())
     _, info = cg(M, torch.ones(3, dtype=DTYPE), damping=4.0, tol=1e-12)  # damped: PD
     assert info.converged
+
+
+def test_cg_with_a_zero_right_hand_side_returns_zero_whatever_x0():
+    x, info = cg(2 * torch.eye(3, dtype=DTYPE), torch.zeros(3, dtype=DTYPE), x0=torch.ones(3, dtype=DTYPE))
+    assert torch.equal(x, torch.zeros(3, dtype=DTYPE)) and info.converged and info.num_iters == 0
 
 
 def test_cg_maxiter():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, square_operator
+from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
+from curvfx.operators._base import LinearOperator
 from curvfx.operators._distributed import process_group_of
 
 __all__ = ["WHICH", "eigsh"]
@@ -41,15 +43,23 @@ def eigsh(
 
     and the run stops once the k wanted pairs have residual ≤ tol · max_j |θ_j|
     (checked at steps t ≥ k, every ⌈t/10⌉ steps). If they have not after ``num_iters``
-    steps, a ``RuntimeWarning`` says so and the current Ritz pairs are returned. Exact
-    (to rounding) when ``num_iters = P``. Cost: t products with A (one per step),
-    memory P·t, plus O(t³) per convergence check.
+    steps, a ``RuntimeWarning`` says so and the current Ritz pairs are returned.
+    Eigenvalues are accurate to about tol · ‖A‖ (absolute): for ``"smallest"``, those
+    below that scale (a curvature matrix's near-null directions) are not resolved unless
+    ``tol`` is lowered.
+
+    Repeated eigenvalues: the Krylov space of one start vector holds one direction of each
+    eigenspace, so for k ≥ 2 a further run on the complement of the k pairs found,
+    ``(I - U Uᵀ) A (I - U Uᵀ)`` from a start vector orthogonal to U, looks for a wanted
+    eigenvalue they missed (another copy of a repeated one); each one it finds replaces
+    the last pair, and the search repeats. Cost: t products with A for the main run, plus
+    one shorter run per check (k ≥ 2 only); memory P·t, plus O(t³) per convergence check.
 
     Differs from Lanczos (1950) / ARPACK in: no implicit restarts (the basis grows to
     ``num_iters``); two passes of classical Gram-Schmidt against the whole basis at every
     step; a Krylov space exhausted to the tolerance (β_t ≤ tol · max(|α|, β)) is continued
-    from a fresh random vector orthogonal to it instead of being declared converged, so
-    repeated eigenvalues are found with their multiplicity.
+    from a fresh random vector orthogonal to it instead of being declared converged; the
+    deflated runs above.
 
     Args:
         A: A symmetric :class:`~curvfx.operators.LinearOperator`, a dense symmetric tensor
@@ -103,7 +113,32 @@ def eigsh(
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
 
     g = make_generator(generator, op.device, process_group_of(op))
+    with progress_bar(progress, num_iters, f"eigsh ({which} {k})") as bar:
+        theta, U = _extreme_pairs(op, k, which, num_iters, tol, g, bar)
+        if k > 1:
+            theta, U = _missing_copies(op, theta, U, which, num_iters, tol, g, bar)
+    return (theta, U) if return_eigenvectors else theta
+
+
+def _extreme_pairs(
+    op: LinearOperator,
+    k: int,
+    which: str,
+    num_iters: int,
+    tol: float,
+    g: torch.Generator,
+    bar: Any,
+    avoid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The k wanted Ritz pairs ``(θ [k], U [P, k])`` of one Lanczos run from a random start.
+
+    The start is orthogonal to the columns of ``avoid`` (if given). Warns
+    (``RuntimeWarning``) when the pairs do not reach the tolerance in ``num_iters`` steps.
+    """
+    P = op.shape[0]
     v0 = probes(P, 1, "normal", g, op.dtype, op.device)
+    if avoid is not None:
+        v0 = v0 - avoid @ (avoid.T @ v0)
     checked = [0]
 
     def stop_fn(alphas: Tensor, betas: Tensor) -> bool:
@@ -113,8 +148,7 @@ def eigsh(
         checked[0] = t
         return bool(_ritz(alphas, betas, k, which, tol)[3].all())
 
-    with progress_bar(progress, num_iters, f"eigsh ({which} {k})") as bar:
-        alphas, betas, basis = lanczos(op, v0, num_iters, g, bar, "eigsh", stop_fn, tol)
+    alphas, betas, basis = lanczos(op, v0, num_iters, g, bar, "eigsh", stop_fn, tol)
     theta, Y, residual, converged = _ritz(alphas, betas, k, which, tol)
     if not bool(converged.all()):
         warnings.warn(
@@ -122,11 +156,66 @@ def eigsh(
             f"residual tol = {tol:.1e} in {alphas.shape[1]} Lanczos steps (largest residual "
             f"{float(residual.max()):.1e}); increase num_iters (at most P = {P})",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if not return_eigenvectors:
-        return theta
     return theta, basis[:, :, 0].T @ Y  # u_i = Q_t y_i
+
+
+def _missing_copies(
+    op: LinearOperator,
+    theta: Tensor,
+    U: Tensor,
+    which: str,
+    num_iters: int,
+    tol: float,
+    g: torch.Generator,
+    bar: Any,
+) -> tuple[Tensor, Tensor]:
+    """Replace pairs by wanted eigenpairs the first run missed, found on the complement of U.
+
+    The extreme eigenvalue μ of A on U's complement (:class:`_Complement`, U's directions
+    set to the last of θ, so that they never win) is the best eigenvalue U lacks; while it
+    beats the last of θ by more than tol · max|θ|, it takes that pair's place (θ kept
+    sorted) and the search repeats.
+    """
+    sign = 1.0 if which == "largest" else -1.0
+    for _ in range(theta.shape[0]):
+        if U.shape[1] >= U.shape[0]:
+            break
+        steps = min(num_iters, U.shape[0])  # restarts may bring in U's directions (eigenvalue σ)
+        complement = _Complement(op, U, float(theta[-1]))
+        mu, u = _extreme_pairs(complement, 1, which, steps, tol, g, bar, avoid=U)
+        u = u - U @ (U.T @ u)  # rounding (or a restart) may have brought in U's directions
+        u = u / torch.linalg.vector_norm(u)
+        scale = max(float(theta.abs().max()), float(mu.abs().max()))
+        if not sign * float(mu[0] - theta[-1]) > tol * scale:
+            break
+        at = int((sign * theta >= sign * mu[0]).sum())  # keeps θ sorted
+        theta = torch.cat([theta[:at], mu, theta[at:-1]])
+        U = torch.cat([U[:, :at], u, U[:, at:-1]], dim=1)
+    return theta, U
+
+
+class _Complement(LinearOperator):
+    """``(I - U Uᵀ) A (I - U Uᵀ) + σ U Uᵀ``: A on the complement of U's orthonormal columns.
+
+    U's directions get the eigenvalue σ (not 0, which a run for the smallest eigenvalues
+    of a semi-definite A would take for a missed one).
+    """
+
+    symmetric = True
+
+    def __init__(self, op: LinearOperator, U: Tensor, sigma: float):
+        self.op, self.U, self.sigma = op, U, sigma
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._matmat(v.unsqueeze(1))[:, 0]
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        coefficients = self.U.T @ V
+        out = products(self.op, V - self.U @ coefficients, "eigsh")
+        return out - self.U @ (self.U.T @ out - self.sigma * coefficients)
 
 
 def _ritz(

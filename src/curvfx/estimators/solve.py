@@ -134,6 +134,8 @@ def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress):
         x = flat_vector(op, x0, "x0")[0].clone()
         r = b - B(x)
     b_norm = float(torch.linalg.vector_norm(b))
+    if b_norm == 0:  # B x = 0: x = 0 (B ≻ 0 on the iterates' space), whatever x0
+        return torch.zeros_like(b), 0, True, 0.0
     threshold = tol * b_norm
     z = apply_inverse(r)
     p, rz = z.clone(), torch.dot(r, z)
