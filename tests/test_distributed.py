@@ -171,6 +171,13 @@ def _scenarios(rank: int, world: int, results: dict) -> None:
     results["ddp"] = {"ggn-vp": G_ddp @ v, "hvp": H_ddp @ v, "diag": curvfx.diagonal(G_ddp)}
     results["ddp comm hook calls"] = len(calls)
     results["ddp grads"] = [p.grad for p in model.parameters()]
+    results["ddp optimizer"] = _outcome(
+        lambda: (
+            type(
+                curvfx.optim.HessianFree(ddp.parameters(), model=ddp, loss_fn=nn.CrossEntropyLoss())
+            ).__name__
+        )
+    )
 
     # a rank whose share raises: every rank raises, and the group stays usable
     last = world - 1
@@ -290,6 +297,8 @@ def test_ddp_model_uses_its_module_without_gradient_allreduce(runs, reference):
             assert relerr(res["ddp"][name], ref) < TOL, name
         assert res["ddp comm hook calls"] == 0
         assert all(g is None for g in res["ddp grads"])
+        outcome, error, message = res["ddp optimizer"]  # single-process optimizers refuse DDP
+        assert outcome == "raised" and error == "ValueError" and "single-process" in message, message
     model = make_problem()[0]
     assert unwrap_ddp(model) is model
 

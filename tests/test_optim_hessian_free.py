@@ -217,6 +217,41 @@ def test_warm_start_and_checkpoint_options():
     assert len(set(results.values())) == 3
 
 
+def test_no_descent_direction_raises_damping_until_there_is_one():
+    """Near a maximum of L = mean((cos(x·w) + 1)²) the damped Hessian is negative along g, so
+    CG stops at once with d = 0 (ρ undefined): λ jumps to -2κ (κ = gᵀHg/‖g‖²), and the
+    next step descends (before: d = 0 and the same λ at every step, for ever)."""
+
+    class Cos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1, bias=False)
+
+        def forward(self, x):
+            return torch.cos(self.lin(x))
+
+    net = Cos().to(DTYPE)
+    model = net.lin
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.1, 0.2]], dtype=DTYPE))
+    X, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=DTYPE), -torch.ones(3, 1, dtype=DTYPE)
+    opt = HessianFree(net.parameters(), model=net, loss_fn=nn.MSELoss(), curvature="hessian", damping=1e-3)
+    H = torch.autograd.functional.hessian(
+        lambda w: ((torch.cos(X @ w) + 1) ** 2).mean(), model.weight[0].detach()
+    )
+    g = torch.autograd.functional.jacobian(
+        lambda w: ((torch.cos(X @ w) + 1) ** 2).mean(), model.weight[0].detach()
+    )
+    kappa = float(g @ H @ g / (g @ g))
+    assert kappa + 1e-3 < 0  # the damped curvature along g is negative
+    first = float(opt.step((X, y)))
+    state = opt.global_state()
+    assert state["cg_iters"] == 0 and math.isnan(state["rho"])
+    assert state["damping"] == pytest.approx(-2 * kappa, rel=1e-12)
+    opt.step((X, y))
+    assert opt.loss_at((X, y)) < first and opt.global_state()["rho"] > 0
+
+
 def test_zero_gradient_leaves_parameters_and_damping():
     """At an exact minimum (g = 0) the step is d = 0: parameters unchanged, λ unchanged (ρ undefined)."""
     X = torch.eye(3, dtype=DTYPE)

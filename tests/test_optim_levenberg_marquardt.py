@@ -64,8 +64,10 @@ def test_curve_fit_matches_scipy_least_squares(start):
 
     theta = torch.tensor(start, dtype=DTYPE, requires_grad=True)
     opt = LevenbergMarquardt([theta], marquardt_scaling=True)
-    for _ in range(100):
+    for _ in range(100):  # well past convergence, at a minimum with f > 0
         opt.step(lambda backward=True: residuals(theta))
+    state = opt.state[theta]  # stationary: no trial, λ kept (it ran away to 1e307 before)
+    assert state["trials"] == 0 and not state["accepted"] and state["damping"] < 1.0
     ref = scipy_optimize.least_squares(
         lambda x: residuals(torch.from_numpy(x)).numpy(), start, method="lm", xtol=1e-15, ftol=1e-15
     )
@@ -77,6 +79,10 @@ def test_curve_fit_matches_scipy_least_squares(start):
         for _ in range(5):
             gn.step(lambda backward=True: residuals(gn_theta))
         assert not float(residuals(gn_theta.detach()).pow(2).sum()) < 2 * float(2 * ref.cost)
+    y += 0.1  # new data: the next step moves again
+    before = theta.detach().clone()
+    opt.step(lambda backward=True: residuals(theta))
+    assert opt.state[theta]["accepted"] and not torch.equal(theta.detach(), before)
 
 
 def test_accepted_step_is_the_gauss_newton_step_with_reg_lambda():

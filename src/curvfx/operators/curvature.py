@@ -386,8 +386,9 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     if getattr(op.model_fn, "couples_samples", False):
         raise ValueError(
             "the exact diagonal needs independent samples, but the model has a BatchNorm that "
-            "normalizes with batch statistics (train mode, or track_running_stats=False); use "
-            "method='hutchinson' or call model.eval() with running statistics"
+            "normalizes with batch statistics (train mode, or track_running_stats=False); call "
+            "model.eval() with running statistics, or estimate it with curvfx.diagonal(op, "
+            "method='hutchinson')"
         )
 
     def per_batch(b, x, y):

@@ -133,6 +133,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected the nn.Module that owns the parameters, got {describe(model)}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "model: curvfx.optim optimizers are single-process (gradient and curvature of this "
+                "rank's batch only), so the ranks of a DistributedDataParallel model would drift "
+                "apart; pass model.module in a single process"
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
         self.model, self.loss_fn, self.generator = model, loss_fn, generator

@@ -62,7 +62,11 @@ class HessianFree(CurvatureOptimizer):
        forward pass each).
     3. Reduction ratio ρ = (L(θ + d) - L(θ)) / q(d), q(d) = gᵀd + ½ dᵀCd the undamped
        quadratic model (one product with C); λ ← λ·2/3 if ρ > 3/4, λ ← λ·3/2 if ρ < 1/4
-       (if ``adapt_damping``; λ ≥ ``min_damping``).
+       or ρ is undefined at g ≠ 0 (q(d) ≥ 0: CG found no descent direction; at g = 0, a
+       stationary point, λ stays). When CG stops at
+       once (d = 0: the damped curvature along the gradient, κ + λ with κ = gᵀCg/‖g‖², is
+       not positive), λ ← max(λ·3/2, -2κ), so that the next step has one (one more
+       product with C) (if ``adapt_damping``; λ ≥ ``min_damping``).
     4. θ ← θ + t d: t = 1 without line search (Martens 2010), or with
        ``line_search="backtracking"`` the first t in 1, 0.8, 0.8², … with
        L(θ + t d) ≤ L(θ) + 10⁻²·t·gᵀd (Martens & Sutskever 2012); none: t = 0 (the step
@@ -211,8 +215,8 @@ class HessianFree(CurvatureOptimizer):
         if options["adapt_damping"]:
             if rho > 0.75:
                 lam = max(lam * DAMPING_DECREASE, options["min_damping"])
-            elif rho < 0.25 or not math.isfinite(loss_d):
-                lam = lam * DAMPING_INCREASE
+            elif rho < 0.25 or not math.isfinite(loss_d) or (math.isnan(rho) and bool(g.any())):
+                lam = max(lam * DAMPING_INCREASE, _positive_damping(c.operator, g, d))
         t = 1.0 if math.isfinite(loss_d) else 0.0
         if options["line_search"] == "backtracking":
             t = self._backtrack(batch, d, loss0, slope, loss_d)
@@ -286,6 +290,16 @@ def _check(group: dict[str, Any]) -> None:
         isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 1 < ratio < math.inf
     ):
         raise ValueError(f"checkpoint_ratio: expected a finite float > 1 or None, got {ratio!r}")
+
+
+def _positive_damping(C: Any, g: Tensor, d: Tensor) -> float:
+    """-2κ, κ = gᵀCg/‖g‖², when CG returned d = 0 at a nonzero g (else 0).
+
+    The λ that makes the damped curvature along g, κ + λ = -κ, positive.
+    """
+    if bool(d.any()) or not bool(g.any()):
+        return 0.0
+    return -2 * float(torch.dot(g, C @ g)) / float(torch.dot(g, g))
 
 
 def _checkpoints(maxiter: int, ratio: float | None) -> list[int]:

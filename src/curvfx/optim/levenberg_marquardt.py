@@ -51,8 +51,10 @@ class LevenbergMarquardt(torch.optim.Optimizer):
     trial sets λ ← ν λ, ν ← 2ν and solves again with the same J (Nielsen 1999), up to
     ``max_trials`` trials; if none is accepted the parameters stay put. λ carries over to
     the next step. Small λ gives Gauss-Newton steps, large λ short gradient steps. The
-    predicted decrease is dᵀJᵀJd + 2λ dᵀSd > 0 for d ≠ 0; where it is not positive (a
-    stationary point, up to rounding) the step ends without a trial and λ is kept.
+    predicted decrease is dᵀJᵀJd + 2λ dᵀSd > 0 for d ≠ 0; where it is at most the rounding
+    level of f, 16 ε f(θ) (a stationary point: f(θ + d) could not show the decrease, and
+    every trial would be rejected while λ grows without bound), the step ends without a
+    trial and λ is kept.
 
     Closure protocol (torchzero's, as :class:`GaussNewton`): ``closure(backward=True)``
     returns the residual vector r [m] as a 1-D tensor; the optimizer calls
@@ -158,18 +160,19 @@ class LevenbergMarquardt(torch.optim.Optimizer):
         scale = self._scale(params, J) if options["marquardt_scaling"] else None
         cg_tol = options["cg_tol"] or max(1e-10, 100 * torch.finfo(J.dtype).eps)
         x0 = flat_params(params)
+        resolution = 16 * torch.finfo(J.dtype).eps * f0  # the rounding level of f(θ + d) - f(θ)
         accepted, rho, trials = False, math.nan, 0
         try:
             while trials < options["max_trials"]:
-                trials += 1
                 damping = lam if scale is None else lam * scale  # λ S
                 d, _ = solve_normal_equations(
                     J, r, damping, solver=options["solver"], cg_tol=cg_tol, cg_maxiter=options["cg_maxiter"]
                 )
                 Jd = J @ d
                 predicted = -float(2 * torch.dot(r, Jd) + torch.dot(Jd, Jd))  # ‖r‖² - ‖r + J d‖²
-                if not predicted > 0:  # = dᵀJᵀJd + 2λ dᵀSd > 0 unless d = 0: stationary (to rounding)
+                if not predicted > resolution:  # f cannot show a decrease this small: stationary
                     break
+                trials += 1
                 set_flat(params, x0 + d)
                 f1 = sum_of_squares(closure, x0)
                 rho = (f0 - f1) / predicted
