@@ -202,9 +202,10 @@ def _xdiag(op, m, distribution, generator, bar) -> Tensor:
     Q, R = torch.linalg.qr(Y)
     Z = products(op, Q, "diagonal", transpose=True)  # Aᵀ Q, so QᵀA = Zᵀ
     bar.update(s)
-    S = leave_one_out_vectors(R)  # Q_i Q_iᵀ = Q (I - s_i s_iᵀ) Qᵀ
-    # diag(Q_iQ_iᵀA) = diag(QQᵀA) - (Q s_i) ⊙ (Z s_i)
-    in_range = (Q * Z).sum(1, keepdim=True) - (Q @ S) * (Z @ S)
-    # (I - Q_iQ_iᵀ) A ω_i = y_i - Q c_i,  c_i = r_i - s_i (s_iᵀ r_i),  r_i = Qᵀ A ω_i = R e_i
-    C = R - S * (S * R).sum(0)
+    V = leave_one_out_vectors(R)  # Q_i Q_iᵀ = Q (I - V_i V_iᵀ) Qᵀ, V [s, s, d]
+    # diag(Q_iQ_iᵀA) = diag(QQᵀA) - Σ_j (Q v_ij) ⊙ (Z v_ij)
+    QV, ZV = torch.einsum("pa,aid->pid", Q, V), torch.einsum("pa,aid->pid", Z, V)
+    in_range = (Q * Z).sum(1, keepdim=True) - (QV * ZV).sum(-1)
+    # (I - Q_iQ_iᵀ) A ω_i = y_i - Q c_i,  c_i = r_i - V_i (V_iᵀ r_i),  r_i = Qᵀ A ω_i = R e_i
+    C = R - torch.einsum("aid,bid,bi->ai", V, V, R)
     return in_range + Om * (Y - Q @ C)

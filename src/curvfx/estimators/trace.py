@@ -174,12 +174,12 @@ def _xtrace(op, m, distribution, generator, bar) -> tuple[Tensor, Tensor]:
     Z = products(op, Q, "trace")  # A Q
     bar.update(s)
     H = Q.T @ Z  # QᵀAQ
-    S = leave_one_out_vectors(R)  # Q_i Q_iᵀ = Q (I - s_i s_iᵀ) Qᵀ
+    V = leave_one_out_vectors(R)  # Q_i Q_iᵀ = Q (I - V_i V_iᵀ) Qᵀ, V [s, s, d]
     W, T = Q.T @ Om, Z.T @ Om  # QᵀΩ, QᵀAᵀΩ
-    # tr(Q_iᵀAQ_i) = tr(H) - s_iᵀ H s_i
-    in_range = torch.trace(H) - (S * (H @ S)).sum(0)
-    # (I - Q_iQ_iᵀ) ω_i = ω_i - Q c_i,  c_i = w_i - s_i (s_iᵀ w_i)
-    C = W - S * (S * W).sum(0)
+    # tr(Q_iᵀAQ_i) = tr(H) - tr(V_iᵀ H V_i)
+    in_range = torch.trace(H) - torch.einsum("aid,ab,bid->i", V, H, V)
+    # (I - Q_iQ_iᵀ) ω_i = ω_i - Q c_i,  c_i = w_i - V_i (V_iᵀ w_i)
+    C = W - torch.einsum("aid,bid,bi->ai", V, V, W)
     # (ω_i - Q c_i)ᵀ (A ω_i - A Q c_i), with Qᵀ A ω_i = R e_i
     residual = (Om * Y).sum(0) - (T * C).sum(0) - (R * C).sum(0) + (C * (H @ C)).sum(0)
     estimates = in_range + residual

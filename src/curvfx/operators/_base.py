@@ -70,7 +70,11 @@ class LinearOperator:
         """Aᵀ v for a flat vector v [M] -> [N]."""
         if self.symmetric:
             return self._matvec(v)
-        raise ValueError(f"{type(self).__name__} has no transpose product")
+        raise ValueError(
+            f"{type(self).__name__} has no transpose product Aᵀ v, which this computation needs "
+            "(e.g. diagonal(A, 'xdiag')); give A as a dense matrix or as an operator with a "
+            "transpose, or use a method that needs A only (diagonal 'hutchinson')"
+        )
 
     # -- products ---------------------------------------------------------------------------
     def matvec(self, v: PyTree | Tensor) -> PyTree | Tensor:
