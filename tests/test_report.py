@@ -192,6 +192,13 @@ def test_bad_input_exits_2_with_a_message(factories, capsys, argv, message):
     assert captured.err.startswith("curvfx report: error: ") and message in captured.err
 
 
+def test_model_and_data_that_disagree_exit_1_with_a_message(factories, capsys):
+    argv = ["--model", "my_factories:model", "--data", "my_factories:one_batch", "--loss", "cross_entropy"]
+    assert cli.main(["report", *argv, "--no-progress"]) == 1  # real-valued targets for cross-entropy
+    err = capsys.readouterr().err
+    assert err.startswith("curvfx report: error: ") and "Traceback" not in err
+
+
 def test_bad_model_path_from_the_shell(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(

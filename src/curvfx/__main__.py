@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"curvfx report: error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, RuntimeError) as err:  # the model, data and loss disagree
+        print(f"curvfx report: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 def builtin_problem(num_samples: int = 2048, batch_size: int = 512, seed: int = 0):
