@@ -488,15 +488,47 @@ def test_inputs_without_a_sample_axis_are_refused_by_reduce_and_ekfac():
 
 
 class ClassFeatures(nn.Module):
-    """Logits against a buffer of 6 class features (as many rows as the batch's 6 samples)."""
+    """Logits against a learned table of 6 class embeddings (as many rows as the batch's 6 samples)."""
 
     def __init__(self):
         super().__init__()
         self.img, self.txt = nn.Linear(4, 3), nn.Linear(5, 3)
-        self.register_buffer("features", torch.randn(6, 5))
+        self.classes = nn.Parameter(torch.randn(6, 5))
 
     def forward(self, x):
-        return torch.tanh(self.img(x)) @ self.txt(self.features).T
+        return torch.tanh(self.img(x)) @ self.txt(torch.tanh(self.classes)).T
+
+
+class LinearProbe(nn.Module):
+    """A head on features computed under no_grad, from an input the forward writes in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        x.clamp_(-1.0, 1.0)
+        with torch.no_grad():
+            h = torch.tanh(self.backbone(x))
+        return self.head(h)
+
+
+def test_inputs_without_a_graph_are_taken_per_sample():
+    """No graph reaches the head's input (a linear probe): "reduce", EKFAC and type-2 take it
+    per sample; a forward that writes its input in place runs (the batch is tracked via a copy)."""
+    model, loss = seeded(LinearProbe), nn.CrossEntropyLoss()
+    x, y = 3 * rand(6, 4), classes(6)
+    x_in = x.clone()
+    head = {n: p for n, p in model.named_parameters() if n.startswith("head.")}
+    for approx in ("expand", "reduce"):
+        K = kfac(model, loss, (x_in, y), kfac_approx=approx, params=head)
+        A, B = kfac_truth(model, loss, x.clamp(-1.0, 1.0), y, model.head, approx)
+        assert_close_rel(block_of(K, "head").A, A)
+        assert_close_rel(block_of(K, "head").B, B)
+        ekfac(model, loss, (x_in, y), kfac_approx=approx, params=head).spectrum  # noqa: B018  (runs)
+    assert torch.equal(x_in, x)  # the caller's batch is not written
+    with pytest.raises(ValueError, match=r"layer 'backbone' is called without gradient"):
+        kfac(model, loss, (x_in, y)).to_dense()  # the backbone's own block: no output gradient
 
 
 def test_inputs_not_computed_from_the_batch_are_refused_by_reduce_ekfac_and_type2():

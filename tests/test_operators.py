@@ -216,6 +216,20 @@ def test_empirical_fisher_of_plain_callables_takes_the_mean_over_samples():
     assert_close_rel(EF, _ef_from_one_sample_gradients(model, soft_ce, x, y, 6), tol=1e-10)
 
 
+def test_functional_losses_reduce_as_their_modules():
+    """F.huber_loss averages over entries as nn.HuberLoss() does: the same empirical Fisher."""
+    model, x, y = _callable_loss_problem()
+    by_module = curvfx.empirical_fisher(model, nn.HuberLoss(), (x, y)).to_dense()
+    by_function = curvfx.empirical_fisher(model, torch.nn.functional.huber_loss, (x, y)).to_dense()
+    assert_close_rel(by_function, by_module, tol=1e-12)
+    summed = functools.partial(torch.nn.functional.huber_loss, reduction="sum")
+    assert_close_rel(
+        curvfx.empirical_fisher(model, summed, (x, y)).to_dense(),
+        curvfx.empirical_fisher(model, nn.HuberLoss(reduction="sum"), (x, y)).to_dense(),
+        tol=1e-12,
+    )
+
+
 def test_empirical_fisher_refuses_a_plain_callable_whose_reduction_it_would_get_wrong():
     model, x, y = _callable_loss_problem()
 

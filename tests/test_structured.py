@@ -994,15 +994,41 @@ class LearnedQuery(nn.Module):
 
 
 class ClassFeatures(nn.Module):
-    """Logits against a buffer of N class features (N rows, as many as the batch): not samples."""
+    """Logits against a learned table of N class embeddings (N rows, as many as the batch)."""
 
     def __init__(self):
         super().__init__()
         self.img, self.txt = nn.Linear(4, 3), nn.Linear(5, 3)
-        self.register_buffer("features", torch.randn(N, 5))
+        self.classes = nn.Parameter(torch.randn(N, 5))
 
     def forward(self, x):
-        return torch.tanh(self.img(x)) @ self.txt(self.features).T  # [N, N]
+        return torch.tanh(self.img(x)) @ self.txt(torch.tanh(self.classes)).T  # [N, N]
+
+
+class LinearProbe(nn.Module):
+    """A head on features computed under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.tanh(self.backbone(x))
+        return self.head(h)
+
+
+class ClampsInPlace(nn.Module):
+    """Writes its input in place before its layers (``clamp``: or clamps out of place)."""
+
+    def __init__(self, clamp_in_place: bool = True):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.clamp_in_place = clamp_in_place
+
+    def forward(self, x):
+        x = x.clamp_(-1.0, 1.0) if self.clamp_in_place else x.clamp(-1.0, 1.0)
+        return self.head(torch.tanh(self.lin(x)))
 
 
 class SequenceFirstNorm(nn.Module):
@@ -1039,6 +1065,31 @@ def test_sequence_first_layers_with_as_many_positions_as_samples(model_type, gen
     assert generic_calls and all(
         calls == sequence_first for calls in generic_calls
     )  # "head" stays structured
+
+
+def test_inputs_without_a_graph_are_read_per_sample(generic_calls):
+    """A head on features computed under no_grad (a linear probe): no graph reaches its
+    input, so it is taken per sample (structured), exactly; a forward that writes its input
+    in place runs too (the batch is tracked through a copy)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LinearProbe().to(DTYPE)
+    x, y = 3 * torch.randn(N, 4, dtype=DTYPE), torch.randint(0, 3, (N,))
+    loss_fn = nn.CrossEntropyLoss()
+    op = curvfx.ggn(model, loss_fn, (x, y))
+    assert_close_rel(op._exact_diagonal(backend="structured"), op.to_dense().diagonal())
+    assert generic_calls == [{"backbone.weight", "backbone.bias"}]  # the head stays structured
+    generic_calls.clear()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ClampsInPlace().to(DTYPE)
+    x_in = x.clone()
+    norms = curvfx.per_sample_grad_norms(model, loss_fn, None, x_in, y)
+    diag = curvfx.diagonal(curvfx.ggn(model, loss_fn, (x_in, y)), "exact")
+    assert torch.equal(x_in, x) and not generic_calls  # the caller's batch is not written
+    model.clamp_in_place = False  # the same numbers without the in-place write
+    assert_close_rel(norms, loop_norms(model, loss_fn, x, y))
+    assert_close_rel(diag, curvfx.ggn(model, loss_fn, (x, y)).to_dense().diagonal())
 
 
 @pytest.mark.parametrize("model_type", [FlatRows, SequenceFirst, LearnedQuery, ScaledByHook, ClassFeatures])

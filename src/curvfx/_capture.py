@@ -21,6 +21,7 @@ output-space cotangents to every recorded z (in column blocks).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,16 +101,19 @@ def _kronecker(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]]):
+def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]], inputs: dict[int, Any] | None = None):
     """Record ``(input, output)`` of every call of the modules in ``records``; hooks removed on exit.
 
     The input of a normalization layer is recorded normalized (``x̂``, without the affine
-    map). The hook hands a copy of the output downstream, so later in-place operations
-    cannot change the recorded output's gradient.
+    map), any input detached. The hook hands a copy of the output downstream, so later
+    in-place operations cannot change the recorded output's gradient. ``inputs``
+    (optional): also keep each call's input as given, with its graph, under ``id(output)``.
     """
 
     def hook(module, args, output):
         records[module].append((_layer_input(module, args[0]), output))
+        if inputs is not None:
+            inputs[id(output)] = args[0]
         return output.clone()
 
     handles = [m.register_forward_hook(hook) for m in records]

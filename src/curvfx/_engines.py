@@ -35,6 +35,8 @@ __all__ = [
     "model_jvp",
     "model_vjp",
     "pick",
+    "rng_state",
+    "set_rng_state",
 ]
 
 PyTree = Any
@@ -63,13 +65,13 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
     attention) 3.8–4.0 against 3.3–3.4.
     """
     if engine == "auto-eager":
-        rng = _rng_state()
+        rng = rng_state()
         try:
             return _reverse_over_forward(f, params, v, decompose=AUTO_DECOMPOSED)
         except (NotImplementedError, RuntimeError) as err:  # UntrustedTangents is a RuntimeError
             if not (isinstance(err, UntrustedTangents) or _no_forward_mode(err)):
                 raise
-            _set_rng_state(rng)  # the fallback draws the same dropout masks
+            set_rng_state(rng)  # the fallback draws the same dropout masks
             return hessian_vps(f, params, [v])[0]
     if engine == "rev-fwd":
         try:
@@ -206,10 +208,10 @@ def gauss_newton_vp(
         jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine == "func":
-        rng = _rng_state()
+        rng = rng_state()
         outputs, jv = func_jvp(model_at, params, v)  # f, Jv
         check(outputs)
-        _set_rng_state(rng)  # the second pass draws the same dropout masks as the first
+        set_rng_state(rng)  # the second pass draws the same dropout masks as the first
         _, vjp_fn = vjp(model_at, params)
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine == "auto-eager":
@@ -298,32 +300,36 @@ def _no_forward_mode(err: Exception) -> bool:
     return "forward AD" in str(err) or "forward-mode" in str(err)
 
 
-def _rng_state() -> tuple:
+def rng_state() -> tuple:
+    """Torch's CPU random-number state, and CUDA's when initialized (for :func:`set_rng_state`)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple) -> None:
+def set_rng_state(state: tuple) -> None:
+    """Restore a state from :func:`rng_state`: the next draws repeat those after it."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _in_forward_rules(f):
+def _within(context, f):
+    """``f`` run inside a fresh ``context()`` at every call."""
+
     def wrapped(p):
-        with ForwardRules():
+        with context():
             return f(p)
 
     return wrapped
+
+
+def _in_forward_rules(f):
+    return _within(ForwardRules, f)
 
 
 def _in_derivable_kernels(f):
-    def wrapped(p):
-        with derivable_kernels():
-            return f(p)
-
-    return wrapped
+    return _within(derivable_kernels, f)
 
 
 def _fill_zeros(spec, p: list[Tensor], grads) -> PyTree:

@@ -135,12 +135,21 @@ def _loss_gradient(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.autograd.grad(loss(f, targets), f)[0]
 
 
+def _check_reduction(loss: AutogradLoss, outputs: Tensor, targets: Tensor, gradient: Tensor) -> None:
+    """:meth:`AutogradLoss.check_reduction`, skipped where vmap batches the values (over batches)."""
+    try:
+        loss.check_reduction(outputs, targets, gradient)
+    except RuntimeError as err:  # vmap: the check's branches would depend on batched values
+        if "data-dependent" not in str(err):
+            raise
+
+
 def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:
     """``S[m] = √(Z_m / M) ∇_f L(f, ỹ_m)`` stacked over the M target sets."""
     rows = []
     for t in targets:
         r = _loss_gradient(loss, outputs, t)  # ∇_f L(f, t): sample n's row is ∇ L_n
         if isinstance(loss, AutogradLoss):  # Z is declared, not known: check it
-            loss.check_reduction(outputs, t, r)
+            _check_reduction(loss, outputs, t, r)
         rows.append(r * torch.sqrt(torch.as_tensor(loss.normalizer(t), dtype=r.dtype) / len(targets)))
     return torch.stack(rows)

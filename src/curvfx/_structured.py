@@ -40,11 +40,15 @@ from curvfx.functional import FunctionalModel
 
 __all__ = [
     "check_backend",
+    "features_last_square",
+    "not_from_batch",
     "raveled_squares",
     "sample_grads_route",
     "sample_squares",
+    "sequence_first",
     "structured_diagonal",
     "structured_sample_grads",
+    "tracked_batch",
 ]
 
 BACKENDS = ("auto", "structured", "generic")
@@ -219,17 +223,17 @@ def _layer_pass(
     """One forward pass recording the calls of ``layers``, then the gradients at their outputs.
 
     Returns ``S`` (evaluated at the detached outputs when it is a function) and, for each
-    layer whose calls read per sample, are batch-first (:func:`_sequence_first`), take
-    inputs computed from the batch (:func:`_not_from_batch`) and whose parameters are used
+    layer whose calls read per sample, are batch-first (:func:`sequence_first`), take
+    inputs computed from the batch (:func:`not_from_batch`) and whose parameters are used
     by those calls only (:func:`curvfx._capture.parameter_uses`), its
     calls as ``(input, blocks)`` with the column blocks of ``∂⟨f, s_k⟩/∂z`` from
     :func:`curvfx._capture.output_grads` (none when ``S`` has no columns).
     """
-    candidates = {name for names in layers.values() for name in names.values()}
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
-    inputs = tree_map(_tracked, x)  # the batch's float tensors, followed through the graph
-    with torch.enable_grad(), captured(records):
-        p = {k: v.detach().requires_grad_(k in candidates) for k, v in params.items()}
+    inputs, batch = tracked_batch(x)  # the batch's float tensors, followed through the graph
+    raw: dict[int, Any] = {}  # id(z) -> the call's input, with its graph
+    with torch.enable_grad(), captured(records, raw):
+        p = {k: v.detach().requires_grad_() for k, v in params.items()}
         outputs = fn(p, inputs)
     if callable(S):
         S = S(outputs.detach())
@@ -240,14 +244,14 @@ def _layer_pass(
     names = [(m, name) for m in records for name in layers[m].values()]
     uses = parameter_uses(outputs, [p[name] for _, name in names])
     misread = {m for (m, _), count in zip(names, uses) if count != len(records[m])}
-    misread |= _sequence_first(outputs, records, n) | _not_from_batch(inputs, records)
+    misread |= sequence_first(outputs, records, n) | not_from_batch(batch, records, raw)
     records = {m: calls for m, calls in records.items() if m not in misread}  # those: generic
     zs = [z for calls in records.values() for _, z in calls]
     grads = iter(output_grads(outputs, zs, S) if zs else ())  # in the order of zs
     return S, {m: [(a, next(grads)) for a, _ in calls] for m, calls in records.items()}
 
 
-def _sequence_first(
+def sequence_first(
     outputs: Tensor, records: dict[nn.Module, list[tuple[Tensor, Tensor]]], n: int
 ) -> set[nn.Module]:
     """Layers called on a sequence-first input [T, N, ...] with T = N, which shapes cannot tell apart.
@@ -256,7 +260,7 @@ def _sequence_first(
     ids [N, N, ...]) are ambiguous; for them one backward pass of sample 0's outputs
     decides: a batch-first layer's output gradient is zero outside row 0.
     """
-    ambiguous = [(m, z) for m, calls in records.items() for a, z in calls if _features_last_square(m, a, n)]
+    ambiguous = [(m, z) for m, calls in records.items() for a, z in calls if features_last_square(m, a, n)]
     if not ambiguous or not outputs.requires_grad:
         return set()
     grads = torch.autograd.grad(
@@ -265,30 +269,53 @@ def _sequence_first(
     return {m for (m, _), g in zip(ambiguous, grads) if g is not None and bool(g[1:].any())}
 
 
-def _tracked(t: Any) -> Any:
-    return t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t
+def tracked_batch(x: Any) -> tuple[Any, list[Tensor]]:
+    """``x`` with each float tensor replaced by a copy of a new leaf requiring grad, and the leaves.
 
-
-def _not_from_batch(inputs: Any, records: dict[nn.Module, list[tuple[Tensor, Tensor]]]) -> set[nn.Module]:
-    """Layers with a call whose input is not computed from the batch, though it has N rows.
-
-    E.g. ``txt(class_features)`` with a buffer [M, D] of M = N class features: its rows are
-    not the samples. The batch's float tensors were made to require grad, so a call's
-    output is computed from them exactly when its input is (the parameters are not), which
-    its autograd graph shows (:func:`curvfx._graph.depend_on`; the recorded inputs are
-    detached); the outputs of embedding calls count as computed from the batch (their ids
-    cannot require grad). Without a float tensor in the batch, nothing is checked.
+    The copies are what the model reads (it may write them in place); the leaves are what
+    :func:`not_from_batch` looks for in the graph.
     """
-    sources = [t for t in leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
-    if not sources:
+    found: list[Tensor] = []
+
+    def track(t: Any) -> Any:
+        if not (isinstance(t, Tensor) and t.is_floating_point()):
+            return t
+        found.append(t.detach().requires_grad_())
+        return found[-1].clone()
+
+    with torch.enable_grad():  # the copies' graph (callers may run under no_grad)
+        return tree_map(track, x), found
+
+
+def not_from_batch(
+    batch: list[Tensor], records: dict[nn.Module, list[tuple[Tensor, Tensor]]], raw: dict[int, Any]
+) -> set[nn.Module]:
+    """Layers with a call whose input has N rows but an autograd graph that misses the batch.
+
+    E.g. ``txt(class_embeddings)`` with a learned [M, D] table of M = N classes, or a
+    projection of a learned query: their rows are not the samples. ``batch``: the leaves of
+    :func:`tracked_batch`, made to require grad; the outputs of embedding calls count as
+    computed from the batch too (their ids cannot require grad). ``raw``: each call's input
+    with its graph, by ``id`` of its output (:func:`curvfx._capture.captured`). An input
+    without a graph (computed under ``torch.no_grad``, detached, or a constant such as a
+    buffer) cannot be told apart and is taken as read per sample. One memoized walk over
+    the graph (:func:`curvfx._graph.depend_on`).
+    """
+    sources = batch + [z for m, calls in records.items() if layer_kind(m) == "embedding" for _, z in calls]
+    checked = [
+        (m, raw[id(z)])
+        for m, calls in records.items()
+        if layer_kind(m) != "embedding"
+        for _, z in calls
+        if isinstance(raw.get(id(z)), Tensor) and raw[id(z)].requires_grad
+    ]
+    if not sources or not checked:
         return set()
-    sources += [z for m, calls in records.items() if layer_kind(m) == "embedding" for _, z in calls]
-    checked = [(m, z) for m, calls in records.items() if layer_kind(m) != "embedding" for _, z in calls]
-    found = depend_on([z for _, z in checked], sources)
+    found = depend_on([a for _, a in checked], sources)
     return {m for (m, _), ok in zip(checked, found) if not ok}
 
 
-def _features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:
+def features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:
     least = 2 if layer_kind(module) == "embedding" else 3
     features_last = layer_kind(module) in ("linear", "embedding") or isinstance(
         module, (nn.LayerNorm, nn.RMSNorm)

@@ -467,8 +467,10 @@ class AutogradLoss(Loss):
     says how it combines its terms, which weights batches against each other and scales the
     empirical Fisher: ``"mean"`` over all target entries (Z = ``targets.numel()``, as
     torch's elementwise losses), ``"batchmean"`` over samples (Z = N), or ``"sum"`` (Z = 1).
-    :func:`get_loss` reads it from a loss module's ``reduction`` attribute and takes a
-    plain callable as ``"batchmean"``; :meth:`check_reduction` catches a wrong guess.
+    :func:`get_loss` reads it from a loss module's ``reduction`` attribute (a function of
+    ``torch.nn.functional``: its ``reduction`` keyword, default ``"mean"``, as its module)
+    and takes any other callable as ``"batchmean"``; :meth:`check_reduction` catches a
+    wrong guess of sum against mean.
     """
 
     def __init__(self, loss_fn, reduction: str = "mean"):
@@ -559,7 +561,10 @@ def get_loss(loss_fn) -> Loss:
         return cls(**keywords)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a loss module or callable, got {type(loss_fn).__name__}")
-    reduction = getattr(loss_fn, "reduction", "batchmean")
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction is None:  # torch's functional losses reduce as their modules: mean over entries
+        torch_functional = getattr(func, "__module__", None) == F.__name__
+        reduction = keywords.get("reduction", "mean") if torch_functional else "batchmean"
     if reduction not in ("mean", "batchmean", "sum"):
         raise ValueError(f"loss_fn: reduction={reduction!r} does not give a scalar loss; use 'mean' or 'sum'")
     return AutogradLoss(loss_fn, reduction)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvfx._engines import _rng_state, _set_rng_state
+from curvfx._engines import rng_state, set_rng_state
 from curvfx._errors import describe, inside_transform
 from curvfx._graph import leaf_inputs
 from curvfx._pytree import as_tree, num_params, ravel
@@ -335,9 +335,9 @@ def pure_function(func: Callable[[], Tensor], params: list[Tensor]) -> Callable[
 
     def pure(stand_ins: list[Tensor]) -> Tensor:
         if first_state:
-            _set_rng_state(first_state[0])  # the same dropout masks as the first evaluation
+            set_rng_state(first_state[0])  # the same dropout masks as the first evaluation
         else:
-            first_state.append(_rng_state())
+            first_state.append(rng_state())
         mode = _Substitute(params, list(stand_ins))
         with mode:
             value = func()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -114,10 +115,24 @@ def eigsh(
 
     g = make_generator(generator, op.device, process_group_of(op))
     with progress_bar(progress, num_iters, f"eigsh ({which} {k})") as bar:
-        theta, U = _extreme_pairs(op, k, which, num_iters, tol, g, bar)
+        theta, U, residual, steps = _extreme_pairs(op, k, which, num_iters, tol, g, bar)
+        _warn_unconverged(residual, tol, steps, P, "Ritz pairs")
         if k > 1:
             theta, U = _missing_copies(op, theta, U, which, num_iters, tol, g, bar)
     return (theta, U) if return_eigenvectors else theta
+
+
+def _warn_unconverged(residual: Tensor, tol: float, steps: int, P: int, what: str) -> None:
+    """``RuntimeWarning`` for the pairs whose ``residual`` (NaN where converged) is left after ``steps``."""
+    late = ~residual.isnan()
+    if bool(late.any()):
+        warnings.warn(
+            f"eigsh: {int(late.sum())} of {late.numel()} {what} did not reach the relative "
+            f"residual tol = {tol:.1e} in {steps} Lanczos steps (largest residual "
+            f"{float(residual[late].max()):.1e}); increase num_iters (at most P = {P})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _extreme_pairs(
@@ -129,11 +144,12 @@ def _extreme_pairs(
     g: torch.Generator,
     bar: Any,
     avoid: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The k wanted Ritz pairs ``(θ [k], U [P, k])`` of one Lanczos run from a random start.
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The k wanted Ritz pairs of one Lanczos run from a random start, and their residuals.
 
-    The start is orthogonal to the columns of ``avoid`` (if given). Warns
-    (``RuntimeWarning``) when the pairs do not reach the tolerance in ``num_iters`` steps.
+    Returns ``(θ [k], U [P, k], residuals [k], steps)`` with NaN residuals for the pairs
+    that reached the tolerance; the start is orthogonal to the columns of ``avoid`` (if
+    given).
     """
     P = op.shape[0]
     v0 = probes(P, 1, "normal", g, op.dtype, op.device)
@@ -150,15 +166,8 @@ def _extreme_pairs(
 
     alphas, betas, basis = lanczos(op, v0, num_iters, g, bar, "eigsh", stop_fn, tol)
     theta, Y, residual, converged = _ritz(alphas, betas, k, which, tol)
-    if not bool(converged.all()):
-        warnings.warn(
-            f"eigsh: {int((~converged).sum())} of {k} Ritz pairs did not reach the relative "
-            f"residual tol = {tol:.1e} in {alphas.shape[1]} Lanczos steps (largest residual "
-            f"{float(residual.max()):.1e}); increase num_iters (at most P = {P})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return theta, basis[:, :, 0].T @ Y  # u_i = Q_t y_i
+    late = residual.masked_fill(converged, math.nan)
+    return theta, basis[:, :, 0].T @ Y, late, alphas.shape[1]  # u_i = Q_t y_i
 
 
 def _missing_copies(
@@ -184,7 +193,8 @@ def _missing_copies(
             break
         steps = min(num_iters, U.shape[0])  # restarts may bring in U's directions (eigenvalue σ)
         complement = _Complement(op, U, float(theta[-1]))
-        mu, u = _extreme_pairs(complement, 1, which, steps, tol, g, bar, avoid=U)
+        mu, u, residual, used = _extreme_pairs(complement, 1, which, steps, tol, g, bar, avoid=U)
+        _warn_unconverged(residual, tol, used, U.shape[0], "searches for a missed repeated eigenvalue")
         u = u - U @ (U.T @ u)  # rounding (or a restart) may have brought in U's directions
         u = u / torch.linalg.vector_norm(u)
         scale = max(float(theta.abs().max()), float(mu.abs().max()))

@@ -128,14 +128,14 @@ def cg(
 
 def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress):
     """The CG recurrence; returns (x, iterations, converged, ‖r‖)."""
-    if x0 is None:
-        x, r = torch.zeros_like(b), b.clone()
-    else:
-        x = flat_vector(op, x0, "x0")[0].clone()
-        r = b - B(x)
+    x = None if x0 is None else flat_vector(op, x0, "x0")[0].clone()
     b_norm = float(torch.linalg.vector_norm(b))
     if b_norm == 0:  # B x = 0: x = 0 (B ≻ 0 on the iterates' space), whatever x0
         return torch.zeros_like(b), 0, True, 0.0
+    if x is None:
+        x, r = torch.zeros_like(b), b.clone()
+    else:
+        r = b - B(x)
     threshold = tol * b_norm
     z = apply_inverse(r)
     p, rz = z.clone(), torch.dot(r, z)

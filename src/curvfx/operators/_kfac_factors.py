@@ -50,13 +50,14 @@ from torch import Tensor, nn
 
 from curvfx._capture import captured, output_grads, positions, supported_layers
 from curvfx._factors import factor_diagonal, output_factor
-from curvfx._pytree import tree_map, unsqueeze_leaves
-from curvfx._structured import _tracked
+from curvfx._pytree import unsqueeze_leaves
+from curvfx._structured import tracked_batch
 from curvfx.functional import FunctionalModel
 from curvfx.losses import Loss
 from curvfx.operators._data import Batches
 from curvfx.operators._kfac_samples import (
     batch_first,
+    check_called_with_gradient,
     check_from_batch,
     check_independent_samples,
     check_used_in_calls,
@@ -309,21 +310,22 @@ def _layer_batches(
     check_independent_samples(model_fn, fisher_type)
     layers = supported_layers(model_fn.module, params)
     names = {m: _module_name(model_fn.module, m) for m in layers}
-    structured = {name for ns in layers.values() for name in ns.values()}
     mean = loss.reduction != "sum"
     device = next(iter(params.values())).device
     for b, (x, y) in enumerate(data):
         records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
         checked = reader or ("type-2" if fisher_type == "type-2" else None)  # inputs from the batch
-        inputs = x if checked is None else tree_map(_tracked, x)  # followed through the graph
-        with torch.enable_grad(), captured(records):
-            p = {k: v.detach().requires_grad_(k in structured) for k, v in params.items()}
+        inputs, batch = (x, []) if checked is None else tracked_batch(x)  # followed through the graph
+        raw: dict[int, Any] = {}  # id(z) -> the call's input, with its graph
+        with torch.enable_grad(), captured(records, raw):
+            p = {k: v.detach().requires_grad_() for k, v in params.items()}
             outputs = model_fn(p, inputs)
+        check_called_with_gradient(records, names)
         check_used_in_calls(outputs, p, layers, records, names)
         generator = torch.Generator(device).manual_seed(seed + b) if fisher_type == "mc" else None
         S = output_factor(loss, outputs.detach(), y, _KIND[fisher_type], num_samples, generator)
         if checked is not None:  # before output_grads, which may free the graph
-            check_from_batch(inputs, records, names, checked)
+            check_from_batch(batch, records, raw, names, checked)
         if reader is None:
             axes = {m: [0] * len(calls) for m, calls in records.items()}
         else:

@@ -16,12 +16,13 @@ from torch import Tensor, nn
 
 from curvfx._capture import parameter_uses
 from curvfx._layers import reads_per_sample
-from curvfx._structured import _features_last_square, _not_from_batch, _sequence_first
+from curvfx._structured import features_last_square, not_from_batch, sequence_first
 from curvfx.functional import FunctionalModel
 
 __all__ = [
     "PER_SAMPLE",
     "batch_first",
+    "check_called_with_gradient",
     "check_from_batch",
     "check_independent_samples",
     "check_used_in_calls",
@@ -42,6 +43,22 @@ PER_SAMPLE = {  # who reads layer inputs per sample -> (what needs it, what to d
         "use fisher_type='mc' or 'empirical'",
     ),
 }
+
+
+def check_called_with_gradient(
+    records: dict[nn.Module, list[tuple[Tensor, Tensor]]], names: dict[nn.Module, str]
+) -> None:
+    """Raise ``ValueError`` naming a Kronecker layer called without gradient (under ``torch.no_grad``).
+
+    Its output has no gradient to give B (and its parameters none at all).
+    """
+    for module, calls in records.items():
+        if any(not z.requires_grad for _, z in calls):
+            raise ValueError(
+                f"layer {names[module]!r} is called without gradient (torch.no_grad or a detached "
+                "input and weight inside forward), so it has no Kronecker factor B; leave its "
+                "parameters out of params="
+            )
 
 
 def check_used_in_calls(
@@ -94,7 +111,7 @@ def sample_axes(
 
     By shape (:func:`_sample_axis`); a linear layer's input ``[N, N, ...]`` (T = N) by one
     backward pass of sample 0's outputs over all such calls
-    (:func:`curvfx._structured._sequence_first`: a batch-first call's output gradient is
+    (:func:`curvfx._structured.sequence_first`: a batch-first call's output gradient is
     zero outside row 0), and one more per call only for a layer with several such calls
     of which some are not batch-first.
     """
@@ -103,14 +120,14 @@ def sample_axes(
     square = {m: calls for m, calls in square.items() if calls}
     if not square:
         return axes
-    flagged = _sequence_first(outputs, square, n)
+    flagged = sequence_first(outputs, square, n)
     for m, calls in square.items():
         if m not in flagged:
             decided = [0] * len(calls)
         elif len(calls) == 1:
             decided = [1]
         else:  # which of the calls is sequence-first
-            decided = [1 if _sequence_first(outputs, {m: [call]}, n) else 0 for call in calls]
+            decided = [1 if sequence_first(outputs, {m: [call]}, n) else 0 for call in calls]
         found = iter(decided)
         axes[m] = [next(found) if ax is None else ax for ax in axes[m]]
     return axes
@@ -123,7 +140,7 @@ def _sample_axis(module: nn.Module, a: Tensor, z: Tensor, n: int, name: str, rea
         ValueError: Naming the layer, when neither axis holds the N samples (or the call
             has no gradient).
     """
-    square = _features_last_square(module, a, n)  # a linear layer's input [·, N, ..., in]
+    square = features_last_square(module, a, n)  # a linear layer's input [·, N, ..., in]
     if reads_per_sample(module, [(a, z)], n):
         return None if square else 0
     if square and reads_per_sample(module, [(a.transpose(0, 1), z)], n):
@@ -140,21 +157,22 @@ def _sample_axis(module: nn.Module, a: Tensor, z: Tensor, n: int, name: str, rea
 
 
 def check_from_batch(
-    inputs: Any,
+    batch: list[Tensor],
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+    raw: dict[int, Any],
     names: dict[nn.Module, str],
     reader: str,
 ) -> None:
     """Raise ``ValueError`` naming a layer whose input has N rows but is not computed from the batch.
 
-    E.g. ``txt(class_features)`` with a buffer of as many class features as samples
-    (:func:`curvfx._structured._not_from_batch`): its rows are not the samples.
+    E.g. ``txt(class_embeddings)`` with a learned table of as many classes as samples
+    (:func:`curvfx._structured.not_from_batch`): its rows are not the samples.
     """
-    for module in _not_from_batch(inputs, records):
+    for module in not_from_batch(batch, records, raw):
         needs, instead = PER_SAMPLE[reader]
         raise ValueError(
             f"layer {names[module]!r} has an input that is not computed from the batch (e.g. a "
-            f"buffer with as many rows as samples), but {needs} reads it per sample; {instead}"
+            f"learned table with as many rows as samples), but {needs} reads it per sample; {instead}"
         )
 
 

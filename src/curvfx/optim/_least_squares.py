@@ -36,6 +36,7 @@ __all__ = [
     "flat_params",
     "linearize",
     "residual_jacobian",
+    "residuals_at",
     "set_flat",
     "solve_normal_equations",
     "sum_of_squares",
@@ -224,11 +225,17 @@ def flat_params(params: list[Tensor]) -> Tensor:
     return ravel([p.detach() for p in params]).clone()
 
 
-def sum_of_squares(closure: Closure, like: Tensor) -> float:
-    """The sum of squares f = rᵀr at the current parameters, without autograd (``inf`` if non-finite)."""
+def residuals_at(closure: Closure, like: Tensor) -> Tensor:
+    """The residuals r at the current parameters, without autograd (checked, possibly non-finite)."""
     with torch.no_grad():
         r = closure(False)
     _check_residuals(r, like, finite=False)
+    return r
+
+
+def sum_of_squares(closure: Closure, like: Tensor) -> float:
+    """The sum of squares f = rᵀr at the current parameters, without autograd (``inf`` if non-finite)."""
+    r = residuals_at(closure, like)
     f = float(torch.dot(r, r))
     return f if math.isfinite(f) else math.inf
 

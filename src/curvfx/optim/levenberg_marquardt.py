@@ -15,9 +15,9 @@ from curvfx.optim._least_squares import (
     check_closure,
     flat_params,
     linearize,
+    residuals_at,
     set_flat,
     solve_normal_equations,
-    sum_of_squares,
     trainable,
 )
 from curvfx.optim.curvature_optimizer import check_options, shared_options
@@ -51,10 +51,12 @@ class LevenbergMarquardt(torch.optim.Optimizer):
     trial sets λ ← ν λ, ν ← 2ν and solves again with the same J (Nielsen 1999), up to
     ``max_trials`` trials; if none is accepted the parameters stay put. λ carries over to
     the next step. Small λ gives Gauss-Newton steps, large λ short gradient steps. The
-    predicted decrease is dᵀJᵀJd + 2λ dᵀSd > 0 for d ≠ 0; where it is at most the rounding
-    level of f, 16 ε f(θ) (a stationary point: f(θ + d) could not show the decrease, and
-    every trial would be rejected while λ grows without bound), the step ends without a
-    trial and λ is kept.
+    actual decrease is computed as (r - r₁)ᵀ(r + r₁) with r₁ = r(θ + d), without the
+    cancellation of f(θ) - f(θ + d) (an irreducible part of f would hide small decreases).
+    The predicted decrease is dᵀJᵀJd + 2λ dᵀSd > 0 for d ≠ 0; where it is not positive, or
+    where the step changes no residual at all (a stationary point, to rounding: every trial
+    would be rejected while λ grows without bound), the step ends without a counted trial
+    and λ is kept.
 
     Closure protocol (torchzero's, as :class:`GaussNewton`): ``closure(backward=True)``
     returns the residual vector r [m] as a 1-D tensor; the optimizer calls
@@ -160,7 +162,6 @@ class LevenbergMarquardt(torch.optim.Optimizer):
         scale = self._scale(params, J) if options["marquardt_scaling"] else None
         cg_tol = options["cg_tol"] or max(1e-10, 100 * torch.finfo(J.dtype).eps)
         x0 = flat_params(params)
-        resolution = 16 * torch.finfo(J.dtype).eps * f0  # the rounding level of f(θ + d) - f(θ)
         accepted, rho, trials = False, math.nan, 0
         try:
             while trials < options["max_trials"]:
@@ -170,12 +171,15 @@ class LevenbergMarquardt(torch.optim.Optimizer):
                 )
                 Jd = J @ d
                 predicted = -float(2 * torch.dot(r, Jd) + torch.dot(Jd, Jd))  # ‖r‖² - ‖r + J d‖²
-                if not predicted > resolution:  # f cannot show a decrease this small: stationary
+                if not predicted > 0:  # = dᵀJᵀJd + 2λ dᵀSd > 0 unless d = 0: stationary
+                    break
+                set_flat(params, x0 + d)
+                r1 = residuals_at(closure, x0)
+                actual = float(torch.dot(r - r1, r + r1))  # f(θ) - f(θ + d), without cancellation
+                if actual == 0:  # the step changes no residual: stationary (to rounding)
                     break
                 trials += 1
-                set_flat(params, x0 + d)
-                f1 = sum_of_squares(closure, x0)
-                rho = (f0 - f1) / predicted
+                rho = actual / predicted if math.isfinite(actual) else -math.inf
                 if rho > 0:
                     accepted = True
                     lam, nu = lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), 2.0
