@@ -558,3 +558,37 @@ def test_other_options_are_exact_or_refused(loss_obj, data):
     except ValueError:
         return
     _check_factor(S, outputs, H)
+
+
+def test_a_subclass_with_its_own_forward_is_not_taken_for_its_parent():
+    """``2 · cross-entropy`` written as a subclass: autograd on its forward, not the parent's formula."""
+
+    class ScaledCE(nn.CrossEntropyLoss):
+        def forward(self, input, target):
+            return 2 * super().forward(input, target)
+
+    class SameCE(nn.CrossEntropyLoss):  # no forward of its own: the closed form stays
+        pass
+
+    loss = get_loss(ScaledCE())
+    assert type(loss).__name__ == "AutogradLoss" and loss.reduction == "mean"
+    assert type(get_loss(SameCE())).__name__ == "CrossEntropyLoss"
+    g = torch.Generator().manual_seed(3)
+    f, t = torch.randn(4, 3, generator=g, dtype=DTYPE), torch.tensor([0, 2, 1, 2])
+    v = torch.randn(4, 3, generator=g, dtype=DTYPE)
+    H = torch.autograd.functional.hessian(lambda o: ScaledCE()(o, t), f).reshape(12, 12)
+    assert torch.allclose(loss.hessian_vp(f, t, v).reshape(-1), H @ v.reshape(-1), rtol=1e-12, atol=0)
+    assert float(loss(f, t)) == float(ScaledCE()(f, t))
+
+
+@pytest.mark.parametrize("loss_obj", [nn.CrossEntropyLoss(), nn.NLLLoss(ignore_index=7)], ids=["ce", "nll"])
+def test_class_indices_outside_the_classes_are_refused(loss_obj):
+    """Torch raises for them in the loss value; the curvature (which need not index by them) must too."""
+    loss = get_loss(loss_obj)
+    f = torch.zeros(4, 3, dtype=DTYPE).log_softmax(1)
+    with pytest.raises(ValueError, match=r"targets: .* needs class indices in \[0, C = 3\)"):
+        loss.hessian_factor(f, torch.tensor([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match=r"got values in \[-2, 1\]"):
+        loss.hessian_vp(f, torch.tensor([0, -2, 1, 1]), f)
+    if isinstance(loss_obj, nn.NLLLoss):  # ignore_index is not a class, and may lie outside
+        loss.hessian_vp(f, torch.tensor([0, 7, 1, 2]), f)

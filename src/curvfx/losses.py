@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from curvfx._errors import inside_transform
 from curvfx._memory import check_fits
 
 __all__ = [
@@ -236,8 +237,10 @@ class CrossEntropyLoss(Loss):
         )
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
-        """Logits [N, C, ...]; targets class indices [N, ...] or probabilities [N, C, ...]."""
-        _check_class_targets(outputs, targets, self.name, allow_probabilities=True)
+        """Logits [N, C, ...]; targets class indices [N, ...] in [0, C) or probabilities [N, C, ...]."""
+        _check_class_targets(
+            outputs, targets, self.name, allow_probabilities=True, ignore_index=self.ignore_index
+        )
 
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z: counted positions weighted by ``w_{y_i}`` (class indices) or all positions."""
@@ -335,8 +338,10 @@ class NLLLoss(Loss):
         )
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
-        """Log-probabilities [N, C, ...]; targets class indices [N, ...]."""
-        _check_class_targets(outputs, targets, self.name, allow_probabilities=False)
+        """Log-probabilities [N, C, ...]; targets class indices [N, ...] in [0, C)."""
+        _check_class_targets(
+            outputs, targets, self.name, allow_probabilities=False, ignore_index=self.ignore_index
+        )
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Zero: the loss is linear in the outputs."""
@@ -537,6 +542,10 @@ def get_loss(loss_fn) -> Loss:
     """
     if isinstance(loss_fn, Loss):
         return loss_fn
+    if isinstance(loss_fn, nn.Module) and _overrides_forward(loss_fn):  # its own formula: by autograd
+        return AutogradLoss(
+            loss_fn, _check_reduction(getattr(loss_fn, "reduction", "mean"), type(loss_fn).__name__)
+        )
     if isinstance(loss_fn, nn.MSELoss):
         return MSELoss(loss_fn.reduction)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -568,6 +577,13 @@ def get_loss(loss_fn) -> Loss:
     if reduction not in ("mean", "batchmean", "sum"):
         raise ValueError(f"loss_fn: reduction={reduction!r} does not give a scalar loss; use 'mean' or 'sum'")
     return AutogradLoss(loss_fn, reduction)
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """Whether a subclass of a known torch loss computes something else (its own ``forward``)."""
+    known = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
+    base = next((k for k in known if isinstance(module, k)), None)
+    return base is not None and type(module).forward is not base.forward
 
 
 def _one_sample_gradients(loss_fn, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -613,7 +629,9 @@ def _check_same_shape(outputs: Tensor, targets: Tensor, loss: str) -> None:
         raise ValueError(f"targets: dtype {targets.dtype} does not match outputs dtype {outputs.dtype}")
 
 
-def _check_class_targets(outputs: Tensor, targets: Tensor, loss: str, allow_probabilities: bool) -> None:
+def _check_class_targets(
+    outputs: Tensor, targets: Tensor, loss: str, allow_probabilities: bool, ignore_index: int
+) -> None:
     _check_batch(outputs)
     if outputs.dim() < 2:
         raise ValueError(f"outputs: {loss} needs outputs [N, C, ...], got {list(outputs.shape)}")
@@ -625,6 +643,14 @@ def _check_class_targets(outputs: Tensor, targets: Tensor, loss: str, allow_prob
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
             )
+        if not inside_transform():  # the values are concrete (not batched by vmap)
+            counted = targets[targets != ignore_index]
+            low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+            if not 0 <= low <= high < outputs.shape[1]:
+                raise ValueError(
+                    f"targets: {loss} needs class indices in [0, C = {outputs.shape[1]}) (or "
+                    f"ignore_index = {ignore_index}), got values in [{low}, {high}]"
+                )
     else:
         kinds = "class indices (int64) or probabilities" if allow_probabilities else "class indices (int64)"
         raise ValueError(f"targets: {loss} needs {kinds}, got dtype {targets.dtype}")
