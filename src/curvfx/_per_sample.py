@@ -19,8 +19,8 @@ from curvfx._errors import check_batch
 from curvfx._memory import check_fits
 from curvfx._pytree import leaves, num_params, tree_map, unsqueeze_leaves
 from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
-from curvfx.functional import as_function
-from curvfx.losses import get_loss
+from curvfx.functional import as_function, check_independent_samples
+from curvfx.losses import get_loss, one_sample_gradient
 
 __all__ = ["per_sample_grad", "per_sample_grad_norms", "per_sample_jacobian"]
 
@@ -129,7 +129,7 @@ def _sample_residuals(loss: Any, y: Tensor) -> Callable[[Tensor], Tensor]:
 
     def residuals(outputs: Tensor) -> Tensor:
         loss.check(outputs, y)
-        return vmap(grad(lambda f, t: loss(f.unsqueeze(0), t.unsqueeze(0))))(outputs, y).unsqueeze(0)
+        return vmap(one_sample_gradient(loss))(outputs, y).unsqueeze(0)
 
     return residuals
 
@@ -207,9 +207,4 @@ def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
 
 
 def _check_independent_samples(fn, transform: str) -> None:
-    if getattr(fn, "couples_samples", False):
-        raise ValueError(
-            f"fn: {transform} needs independent samples, but the model has a BatchNorm that "
-            "normalizes with batch statistics, coupling the samples (train mode, or "
-            "track_running_stats=False); call model.eval() with running statistics"
-        )
+    check_independent_samples(fn, f"fn: {transform}", "call model.eval() with running statistics")

@@ -11,7 +11,13 @@ from torch.func import functional_call
 
 from curvfx._kernels import derivable_kernels
 
-__all__ = ["FunctionalModel", "as_function", "call_with_inputs", "make_functional"]
+__all__ = [
+    "FunctionalModel",
+    "as_function",
+    "call_with_inputs",
+    "check_independent_samples",
+    "make_functional",
+]
 
 
 def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor]]:
@@ -102,6 +108,22 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+def check_independent_samples(fn: Any, what: str, advice: str) -> None:
+    """Raise ``ValueError`` ("``what`` needs independent samples ...; ``advice``") if ``fn`` couples them.
+
+    ``fn.couples_samples`` (:class:`FunctionalModel`; pure functions never do): a BatchNorm
+    normalizing with batch statistics makes each output depend on the whole batch, so
+    quantities defined per sample (per-sample gradients and Jacobians, exact diagonals as
+    sums over samples) do not exist.
+    """
+    if getattr(fn, "couples_samples", False):
+        raise ValueError(
+            f"{what} needs independent samples, but the model has a BatchNorm that normalizes "
+            "with batch statistics, coupling the samples (train mode, or "
+            f"track_running_stats=False); {advice}"
+        )
 
 
 def call_with_inputs(fn, x: Any) -> Any:

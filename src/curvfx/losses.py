@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -586,16 +587,18 @@ def _overrides_forward(module: nn.Module) -> bool:
     return base is not None and type(module).forward is not base.forward
 
 
+def one_sample_gradient(loss_fn) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(f_n, y_n) ↦ ∇_{f_n} loss_fn(f_n, y_n)`` with sample n as a batch of one (to vmap over n)."""
+    return grad(lambda f, t: loss_fn(f.unsqueeze(0), t.unsqueeze(0)))
+
+
 def _one_sample_gradients(loss_fn, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``[∇_{f_n} loss_fn(f_n, y_n)]_n``, each sample as a batch of one (vmapped, or a loop)."""
-
-    def alone(f, t):
-        return loss_fn(f.unsqueeze(0), t.unsqueeze(0))
-
+    """:func:`one_sample_gradient` of every sample [N, ...]: vmapped, or a loop where vmap cannot."""
+    gradient = one_sample_gradient(loss_fn)
     try:
-        return vmap(grad(alone))(outputs, targets)
+        return vmap(gradient)(outputs, targets)
     except RuntimeError:  # a callable vmap cannot batch (data-dependent control flow, .item())
-        return torch.stack([grad(alone)(f, t) for f, t in zip(outputs, targets)])
+        return torch.stack([gradient(f, t) for f, t in zip(outputs, targets)])
 
 
 _FUNCTIONAL = {

@@ -31,6 +31,7 @@ from curvfx.estimators import diagonal, trace
 from curvfx.estimators._checks import check_count
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.func import hvp
+from curvfx.functional import check_independent_samples
 from curvfx.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
 from curvfx.operators import FunctionOperator, LinearOperator, empirical_fisher, ggn
 
@@ -431,13 +432,12 @@ def _check_independent_samples(fn: Callable, caller: str, alternative: str = "")
     (the core's message names ``method=``, an argument the seed functions lack), then
     ``alternative``.
     """
-    if getattr(fn, "couples_samples", False):
-        raise ValueError(
-            f"model: {caller} needs independent samples (it sums per-sample terms), but the "
-            "model has a BatchNorm that normalizes with batch statistics, coupling the samples "
-            f"(train mode, or track_running_stats=False); call model.eval() before {caller} (a "
-            f"BatchNorm with track_running_stats=True then uses its running statistics){alternative}"
-        )
+    check_independent_samples(
+        fn,
+        f"model: {caller}",
+        f"call model.eval() before {caller} (a BatchNorm with track_running_stats=True then "
+        f"uses its running statistics){alternative}",
+    )
 
 
 def _graph_keeping(fn: Callable) -> Callable:

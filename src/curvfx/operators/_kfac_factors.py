@@ -52,14 +52,14 @@ from curvfx._capture import captured, output_grads, positions, supported_layers
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import unsqueeze_leaves
 from curvfx._structured import tracked_batch
-from curvfx.functional import FunctionalModel
+from curvfx.functional import FunctionalModel, check_independent_samples
 from curvfx.losses import Loss
 from curvfx.operators._data import Batches
 from curvfx.operators._kfac_samples import (
     batch_first,
     check_called_with_gradient,
     check_from_batch,
-    check_independent_samples,
+    check_pairing,
     check_used_in_calls,
     sample_axes,
 )
@@ -307,7 +307,7 @@ def _layer_batches(
     samples (:func:`~curvfx.operators._kfac_samples.sample_axes`); without it, dim 0 of
     each call is taken as it is (all rows count alike for "expand").
     """
-    check_independent_samples(model_fn, fisher_type)
+    check_pairing(model_fn, fisher_type)
     layers = supported_layers(model_fn.module, params)
     names = {m: _module_name(model_fn.module, m) for m in layers}
     mean = loss.reduction != "sum"
@@ -410,12 +410,11 @@ def _diagonal(
     model_fn: FunctionalModel, params: dict[str, Tensor], names: list[str], x: Any, S: Tensor
 ) -> Tensor:
     """Exact ``Σ_n Σ_k (J_nᵀ s_kn)²`` of the parameters ``names``, flat [D]."""
-    if getattr(model_fn, "couples_samples", False):
-        raise ValueError(
-            f"the exact diagonal blocks of {names} need independent samples, but the model has a "
-            "BatchNorm that normalizes with batch statistics (train mode, or "
-            "track_running_stats=False); call model.eval() or leave those parameters out of params="
-        )
+    check_independent_samples(
+        model_fn,
+        f"the exact diagonal blocks of {names}",
+        "call model.eval() or leave those parameters out of params=",
+    )
     generic = {k: params[k] for k in names}
     fixed = {k: v for k, v in params.items() if k not in generic}
     if S.shape[0] == 0:

@@ -17,14 +17,14 @@ from torch import Tensor, nn
 from curvfx._capture import parameter_uses
 from curvfx._layers import reads_per_sample
 from curvfx._structured import features_last_square, not_from_batch, sequence_first
-from curvfx.functional import FunctionalModel
+from curvfx.functional import FunctionalModel, check_independent_samples
 
 __all__ = [
     "PER_SAMPLE",
     "batch_first",
     "check_called_with_gradient",
     "check_from_batch",
-    "check_independent_samples",
+    "check_pairing",
     "check_used_in_calls",
     "sample_axes",
 ]
@@ -83,20 +83,20 @@ def check_used_in_calls(
             )
 
 
-def check_independent_samples(model_fn: FunctionalModel, fisher_type: str) -> None:
+def check_pairing(model_fn: FunctionalModel, fisher_type: str) -> None:
     """Raise ``ValueError`` for "type-2" on a model that couples the samples (BatchNorm in train mode).
 
     Its B would hold the cross-sample products ``Σ_k s_kn s_kn'ᵀ`` of the loss Hessian's
     factor, which depend on how its per-sample columns are paired (module docstring).
     """
-    if fisher_type == "type-2" and getattr(model_fn, "couples_samples", False):
-        raise ValueError(
-            "fisher_type: 'type-2' needs independent samples, but the model has a BatchNorm that "
-            "normalizes with batch statistics (train mode, or track_running_stats=False), which "
-            "couples them: the factor B would depend on how the loss Hessian's per-sample "
-            "factor columns are paired across samples; call model.eval(), or use fisher_type='mc' "
-            "(unbiased: the sampled gradients have mean zero and are independent across samples) or "
-            "'empirical' (the batch loss's gradient, coupling included)"
+    if fisher_type == "type-2":
+        check_independent_samples(
+            model_fn,
+            "fisher_type: 'type-2'",
+            "the factor B would depend on how the loss Hessian's per-sample factor columns are "
+            "paired across samples; call model.eval(), or use fisher_type='mc' (unbiased: the "
+            "sampled gradients have mean zero and are independent across samples) or "
+            "'empirical' (the batch loss's gradient, coupling included)",
         )
 
 

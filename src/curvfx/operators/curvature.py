@@ -48,6 +48,7 @@ from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
 from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
+from curvfx.functional import check_independent_samples
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
 from curvfx.operators._compile import CompiledProduct, compile_options
@@ -383,13 +384,12 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
     """
     check_backend(backend)  # before any work
     check_diagonal_masks(op.model_fn, op.params, op.randomness, backend)
-    if getattr(op.model_fn, "couples_samples", False):
-        raise ValueError(
-            "the exact diagonal needs independent samples, but the model has a BatchNorm that "
-            "normalizes with batch statistics (train mode, or track_running_stats=False); call "
-            "model.eval() with running statistics, or estimate it with curvfx.diagonal(op, "
-            "method='hutchinson')"
-        )
+    check_independent_samples(
+        op.model_fn,
+        "the exact diagonal",
+        "call model.eval() with running statistics, or estimate it with "
+        "curvfx.diagonal(op, method='hutchinson')",
+    )
 
     def per_batch(b, x, y):
         def factor(outputs):  # S from the outputs of the forward pass sample_squares makes
