@@ -21,7 +21,8 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 import curvfx
-from curvfx.api._secorder_approx import _RecordedFisher, sparse_probes
+from curvfx.api._recorded_fisher import RecordedFisher
+from curvfx.api._secorder_approx import sparse_probes
 from curvfx.losses import CrossEntropyLoss
 
 DT = torch.float64
@@ -654,7 +655,7 @@ def test_recorded_fisher_operator_matches_dense():
     model, inputs, targets = classification_problem()
     outputs = model(inputs)
     params = list(model.parameters())
-    op = _RecordedFisher(outputs, targets, CrossEntropyLoss(reduction="sum"), params, False)
+    op = RecordedFisher(outputs, targets, CrossEntropyLoss(reduction="sum"), params, False)
     assert rel_err(op.to_dense(), fisher_truth(model, inputs)) < 1e-10
 
 

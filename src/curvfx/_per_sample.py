@@ -20,7 +20,8 @@ from curvfx._memory import check_fits
 from curvfx._pytree import leaves, num_params, tree_map, unsqueeze_leaves
 from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
 from curvfx.functional import as_function, check_independent_samples
-from curvfx.losses import get_loss, one_sample_gradient
+from curvfx.losses import get_loss
+from curvfx.losses._autograd import one_sample_gradient
 
 __all__ = ["per_sample_grad", "per_sample_grad_norms", "per_sample_jacobian"]
 

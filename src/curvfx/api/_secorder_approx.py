@@ -5,7 +5,7 @@ empirical-Fisher functions build a curvfx operator over the one batch and read i
 diagonal (:func:`curvfx.diagonal` with ``method="exact"``, factored through the loss's
 output Hessian, no P × P matrix) or trace (:func:`curvfx.trace`). The generalized-Fisher
 functions get the model's *outputs* rather than its inputs, so they work through the
-outputs' autograd graph: :class:`_RecordedFisher` is the Fisher operator
+outputs' autograd graph (:mod:`curvfx.api._recorded_fisher`): the Fisher operator
 ``Σ_n J_nᵀ F_n J_n`` with J the Jacobian recorded in that graph and F_n from the loss's
 Fisher factor (:mod:`curvfx.losses`).
 
@@ -21,19 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._engines import jv_by_transposition
-from curvfx._errors import UnsupportedInputError, describe
-from curvfx._factors import factor_product
-from curvfx._graph import leaf_inputs
-from curvfx._pytree import num_params, ravel, unravel
-from curvfx.api._secorder_hvp import check_bool, model_parts, model_result, param_list, pure_function
+from curvfx._pytree import num_params, unravel
+from curvfx.api._closures import param_list, pure_function
+from curvfx.api._recorded_fisher import recorded_fisher
+from curvfx.api._vectors import check_bool, model_parts, model_result
 from curvfx.estimators import diagonal, trace
 from curvfx.estimators._checks import check_count
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.func import hvp
 from curvfx.functional import check_independent_samples
-from curvfx.losses import CrossEntropyLoss, Loss, MSELoss, get_loss
-from curvfx.operators import FunctionOperator, LinearOperator, empirical_fisher, ggn
+from curvfx.losses import MSELoss, get_loss
+from curvfx.operators import FunctionOperator, empirical_fisher, ggn
 
 __all__ = [
     "empirical_fisher_diagonal",
@@ -45,8 +43,6 @@ __all__ = [
 ]
 
 SPARSE_DENSITY = 1.0 / 3.0  # fraction of non-zero entries of a sparse probe (Achlioptas 2003)
-LOSS_TYPES = ("nll",)  # generalized_fisher_*'s loss_type values
-_MAX_BATCHED = 2**24  # numbers held by one batched backward pass of _RecordedFisher
 
 
 def hessian_trace(
@@ -303,7 +299,7 @@ def generalized_fisher_diagonal(
             of ``model``'s trainable parameters (outputs of another model, e.g. a copy), or
             ``targets`` do not fit.
     """
-    op, params, index = _recorded_fisher(model, outputs, targets, loss_type, create_graph)
+    op, params, index = recorded_fisher(model, outputs, targets, loss_type, create_graph)
     d = diagonal(op, method="exact")  # Σ_{n,k} (J_nᵀ s_kn)²
     return model_result(unravel(d, params), "list", list(model.parameters()), index)
 
@@ -340,69 +336,8 @@ def generalized_fisher_trace(
             :func:`generalized_fisher_diagonal`.
     """
     check_count(num_samples, "num_samples")
-    op, _, _ = _recorded_fisher(model, outputs, targets, loss_type, create_graph)
+    op, _, _ = recorded_fisher(model, outputs, targets, loss_type, create_graph)
     return trace(op, method="exact")
-
-
-class _RecordedFisher(LinearOperator):
-    """Fisher ``F = Σ_n J_nᵀ (Σ_k s_kn s_knᵀ) J_n`` [P, P] at outputs already computed.
-
-    J is the Jacobian of ``outputs`` with respect to ``params`` recorded in the outputs'
-    autograd graph; ``S = loss.fisher_factor(outputs, targets)`` [K, N, ...]. Products:
-    Jv by double backprop through the graph, then ``Jᵀ (F_out Jv)``. Exact diagonal:
-    ``Σ_{n,k} (J_nᵀ s_kn)²`` by batched backward passes, one row per (k, n).
-    """
-
-    symmetric = True
-
-    def __init__(
-        self, outputs: Tensor, targets: Tensor, loss: Loss, params: list[Tensor], create_graph: bool
-    ):
-        self.outputs, self.targets, self.loss = outputs, targets, loss
-        self.params, self.create_graph = params, create_graph
-        self.in_like = self.out_like = params
-        p = num_params(params)
-        self.shape, self.dtype, self.device = (p, p), outputs.dtype, outputs.device
-
-    def _factor(self) -> Tensor:
-        """S [K, *outputs.shape]; attached to the graph when ``create_graph``."""
-        f = self.outputs if self.create_graph else self.outputs.detach()
-        return self.loss.fisher_factor(f, self.targets)
-
-    def _vjp(self, u: Tensor, batched: bool = False) -> list[Tensor]:
-        """Jᵀ u (rows of u when ``batched``), zeros for parameters the outputs do not use."""
-        grads = torch.autograd.grad(
-            self.outputs,
-            self.params,
-            u,
-            retain_graph=True,
-            create_graph=self.create_graph,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-        lead = (u.shape[0],) if batched else ()
-        return [g if g is not None else p.new_zeros(*lead, *p.shape) for p, g in zip(self.params, grads)]
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        with torch.enable_grad():
-            jv = jv_by_transposition(self.outputs, self.params)(unravel(v, self.params))  # Jv
-            out = self._vjp(factor_product(self._factor().detach(), jv))  # Jᵀ F_out Jv
-        return ravel([g.detach() for g in out])
-
-    def _exact_diagonal(self) -> Tensor:
-        S = self._factor()
-        K, N = S.shape[:2]
-        eye = torch.eye(N, dtype=S.dtype, device=S.device).reshape(N, N, *[1] * (S.dim() - 2))
-        per_sample = max(1, _MAX_BATCHED // max(1, K * max(self.outputs.numel(), self.shape[0])))
-        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        with torch.set_grad_enabled(self.create_graph):
-            for start in range(0, N, per_sample):
-                stop = min(start + per_sample, N)
-                # row (k, n): s_kn at sample n, zero elsewhere
-                rows = (S[:, start:stop].unsqueeze(2) * eye[start:stop]).reshape(-1, *self.outputs.shape)
-                jt_rows = self._vjp(rows, batched=True)  # J_nᵀ s_kn
-                total = total + torch.cat([(g**2).sum(0).reshape(-1) for g in jt_rows])
-        return total
 
 
 def _empirical_fisher(
@@ -447,40 +382,3 @@ def _graph_keeping(fn: Callable) -> Callable:
     differentiable in the parameters; its layer-aware route for modules detaches them.
     """
     return lambda p, x: fn(p, x)
-
-
-def _recorded_fisher(
-    model: nn.Module, outputs: Any, targets: Any, loss_type: Any, create_graph: Any
-) -> tuple[_RecordedFisher, dict[str, Tensor], dict[int, str]]:
-    """Validate the generalized-Fisher arguments; the operator, its parameters and their names."""
-    check_bool(create_graph, "create_graph")
-    if loss_type not in LOSS_TYPES:
-        raise UnsupportedInputError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(outputs, Tensor) or outputs.dim() < 2:
-        raise UnsupportedInputError(
-            f"outputs: expected the model's outputs [N, C, ...] (logits or log-probabilities), "
-            f"got {describe(outputs)}"
-        )
-    if outputs.grad_fn is None:
-        raise ValueError(
-            "outputs: has no autograd graph; pass outputs = model(inputs) computed with "
-            "gradients enabled (not detached, not under torch.no_grad)"
-        )
-    if not isinstance(targets, Tensor):
-        raise ValueError(f"targets: expected a tensor of class indices, got {describe(targets)}")
-    _, params, index = model_parts(model, True)
-    _check_reaches(outputs, params.values())
-    loss = CrossEntropyLoss(reduction="sum")
-    loss.check(outputs, targets)
-    return _RecordedFisher(outputs, targets, loss, list(params.values()), create_graph), params, index
-
-
-def _check_reaches(outputs: Tensor, params: Iterable[Tensor]) -> None:
-    """Raise if the autograd graph of ``outputs`` reaches none of ``params`` (then J = 0, F = 0)."""
-    ids = {id(p) for p in params}
-    if not any(id(leaf) in ids for leaf in leaf_inputs(outputs)):
-        raise ValueError(
-            "outputs: their autograd graph reaches none of model's trainable parameters, so they "
-            "were not computed by model (a copy of it, or detached parameters?); pass "
-            "outputs = model(inputs)"
-        )

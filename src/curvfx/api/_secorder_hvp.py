@@ -2,13 +2,14 @@
 
 torch-secorder passes the loss as a closure ``func()`` that reads the parameter tensors
 themselves. curvfx's transforms take pure functions ``f(params)``, so each closure is turned
-into one: :class:`_Substitute` evaluates ``func()`` with every torch operation seeing a
-stand-in tensor wherever it would read one of ``params`` (a ``TorchFunctionMode``). The
-parameters are never written to, so nothing needs restoring, and an HVP is then one
-:func:`curvfx.hvp` call. A closure that reaches a parameter past torch's function dispatch
-(a custom ``torch.autograd.Function``) is detected and refused rather than differentiated
-wrongly. Every evaluation of one closure made pure replays the random numbers of its first
-(dropout draws one mask), and a tensor listed twice in ``params`` is refused.
+into one (:func:`curvfx.api._closures.pure_function`) that evaluates ``func()`` with every
+torch operation seeing a stand-in tensor wherever it would read one of ``params`` (a
+``TorchFunctionMode``). The parameters are never written to, so nothing needs restoring,
+and an HVP is then one :func:`curvfx.hvp` call. A closure that reaches a parameter past
+torch's function dispatch (a custom ``torch.autograd.Function``) is detected and refused
+rather than differentiated wrongly. Every evaluation of one closure made pure replays the
+random numbers of its first (dropout draws one mask), and a tensor listed twice in
+``params`` is refused.
 
 Vectors take torch-secorder's forms: one tensor shaped like the only parameter (the result
 is one tensor), a flat tensor [P] (the result is flat [P]), or a list of tensors matching
@@ -22,24 +23,24 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
 
-import optree
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from curvfx._engines import rng_state, set_rng_state
-from curvfx._errors import describe, inside_transform
-from curvfx._graph import leaf_inputs
-from curvfx._pytree import as_tree, num_params, ravel
+from curvfx.api._closures import check_callable, param_list, pure_function
+from curvfx.api._vectors import (
+    Vector,
+    check_bool,
+    model_parts,
+    model_result,
+    model_vector,
+    vector_as_list,
+    vector_from_list,
+)
 from curvfx.estimators._checks import check_count
 from curvfx.func import ggn_vp, hvp
-from curvfx.functional import make_functional
 
 __all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "model_hvp"]
-
-Vector = Tensor | list[Tensor]
 
 
 def exact_hvp(
@@ -209,7 +210,7 @@ def model_hvp(
     check_bool(create_graph, "create_graph")
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
-    _check_callable(loss_fn, "loss_fn")
+    check_callable(loss_fn, "loss_fn")
     strategy = "rev-rev" if create_graph else "autograd"
     out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)
     return model_result(out, form, like, index)
@@ -260,114 +261,6 @@ def gauss_newton_product(
     return model_result(out, form, like, index)
 
 
-# -- closures made pure ----------------------------------------------------------------------
-
-
-def param_list(params: Iterable[Tensor]) -> list[Tensor]:
-    """``params`` (a list, tuple, generator or other iterable of tensors) as a non-empty list."""
-    if isinstance(params, Tensor):
-        raise TypeError("params: expected a list (or iterable) of tensors, got a single tensor; use [tensor]")
-    if not isinstance(params, Iterable):
-        raise TypeError(f"params: expected a list (or iterable) of tensors, got {describe(params)}")
-    out = list(params)
-    if not out:
-        raise ValueError("params: no tensors (an empty list, or an exhausted generator)")
-    for i, p in enumerate(out):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}]: expected a tensor, got {describe(p)}")
-    check_distinct(out)
-    return out
-
-
-def check_distinct(params: list[Tensor]) -> None:
-    """Raise if a tensor is listed twice in ``params``.
-
-    ``func`` reads one tensor however often it is listed, so its derivative cannot be split
-    between the entries: curvfx would give the first entry zeros, plain double backprop
-    (torch-secorder) gives every entry the whole product ``H (v_i + v_j)``.
-    """
-    first: dict[int, int] = {}
-    for j, p in enumerate(params):
-        i = first.setdefault(id(p), j)
-        if i != j:
-            raise ValueError(
-                f"params: params[{i}] and params[{j}] are the same tensor; list each tensor once "
-                "(tied weights are one parameter, as in model.parameters())"
-            )
-
-
-class _Substitute(TorchFunctionMode):
-    """While active, every torch function sees ``stand_ins[i]`` wherever it is given ``originals[i]``.
-
-    ``used`` collects the indices of the originals that were read.
-    """
-
-    def __init__(self, originals: list[Tensor], stand_ins: list[Tensor]):
-        super().__init__()  # TorchFunctionMode's own state
-        self.index = {id(t): i for i, t in enumerate(originals)}
-        self.stand_ins = stand_ins
-        self.used: set[int] = set()
-
-    def _swap(self, obj: Any) -> Any:
-        i = self.index.get(id(obj)) if isinstance(obj, Tensor) else None
-        if i is None:
-            return obj
-        self.used.add(i)
-        return self.stand_ins[i]
-
-    def __torch_function__(self, fn, types, args=(), kwargs=None):
-        args = optree.tree_map(self._swap, args, none_is_leaf=True)
-        kwargs = optree.tree_map(self._swap, kwargs or {}, none_is_leaf=True)
-        return fn(*args, **kwargs)
-
-
-def pure_function(func: Callable[[], Tensor], params: list[Tensor]) -> Callable[[list[Tensor]], Tensor]:
-    """``f(p) = func()`` evaluated with ``p[i]`` in place of ``params[i]`` (see :class:`_Substitute`).
-
-    Every evaluation of ``f`` replays the random numbers of the first: torch's global
-    random-number state (CPU, and CUDA when initialized) is saved before the first call and
-    restored before each later one. A ``func`` with active dropout therefore sees one fixed
-    mask at every point (as the ``H`` of one call of ``func`` requires), and the global
-    stream is left as one evaluation of ``func`` leaves it.
-    """
-    _check_callable(func, "func")
-    first_state: list[tuple] = []  # the RNG state before the first evaluation
-
-    def pure(stand_ins: list[Tensor]) -> Tensor:
-        if first_state:
-            set_rng_state(first_state[0])  # the same dropout masks as the first evaluation
-        else:
-            first_state.append(rng_state())
-        mode = _Substitute(params, list(stand_ins))
-        with mode:
-            value = func()
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise ValueError(f"func: must return a scalar tensor, got {describe(value)}")
-        if not inside_transform():
-            _check_substituted(value, params)
-        if not mode.used:
-            raise ValueError(
-                "func: reads none of the tensors in params; pass the tensors func computes with "
-                "(e.g. list(model.parameters())), not copies of them"
-            )
-        return value.reshape(())
-
-    return pure
-
-
-def _check_substituted(value: Tensor, params: list[Tensor]) -> None:
-    """Raise if ``value``'s autograd graph still reaches one of ``params`` (a read not redirected)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    for leaf in leaf_inputs(value):
-        i = index.get(id(leaf))
-        if i is not None:
-            raise ValueError(
-                f"func: reads params[{i}] through an operation that bypasses torch's function "
-                "dispatch (e.g. a custom torch.autograd.Function), so its curvature cannot be "
-                "taken; write the loss with torch operations, or use curvfx.hvp on a pure f(params)"
-            )
-
-
 def _differentiable_hvp(pure: Callable, params: list[Tensor], v_list: list[Tensor]) -> list[Tensor]:
     """``H v`` by ``torch.func`` on the parameters themselves (``vjp`` of ``grad``)."""
     try:
@@ -410,80 +303,3 @@ def _step_size(theta: list[Tensor], v: list[Tensor]) -> float:
         return 0.0
     moved = sum((torch.where(vi != 0, t, 0) ** 2).sum() for t, vi in zip(theta, v))  # ‖θ_v‖²
     return torch.finfo(theta[0].dtype).eps ** (1.0 / 3.0) * (1.0 + float(torch.sqrt(moved))) / v_norm
-
-
-# -- vector forms ----------------------------------------------------------------------------
-
-
-def vector_as_list(v: Any, params: list[Tensor], name: str = "v") -> tuple[list[Tensor], str]:
-    """``v`` as a list shaped like ``params`` and its form: "tensor", "flat" or "list"."""
-    if isinstance(v, Tensor):
-        if len(params) == 1 and v.shape == params[0].shape:
-            return as_tree([v], params, name)[0], "tensor"
-        return as_tree(v, params, name)[0], "flat"
-    if isinstance(v, list | tuple):
-        if len(v) != len(params):
-            raise ValueError(f"{name}: expected {len(params)} tensors (one per parameter), got {len(v)}")
-        return as_tree(list(v), params, name)[0], "list"
-    raise TypeError(f"{name}: expected a tensor or a list of tensors matching params, got {describe(v)}")
-
-
-def vector_from_list(out: list[Tensor], form: str) -> Vector:
-    """The inverse of :func:`vector_as_list` for a result ``out``."""
-    if form == "tensor":
-        return out[0]
-    if form == "flat":
-        return ravel(out)
-    return list(out)
-
-
-def model_parts(model: nn.Module, create_graph: bool) -> tuple[Any, dict[str, Tensor], dict[int, str]]:
-    """``(fn, params, index)``: the model made pure, its trainable parameters, name by ``id``.
-
-    ``params`` maps names to the parameters themselves when ``create_graph`` (results keep
-    their autograd graph), else to detached tensors sharing their storage.
-    """
-    fn, detached = make_functional(model)
-    named = dict(model.named_parameters())
-    params = {name: named[name] for name in detached} if create_graph else detached
-    index = {id(named[name]): name for name in detached}
-    if not params:
-        raise ValueError("model: has no trainable parameters (all have requires_grad=False)")
-    return fn, params, index
-
-
-def model_vector(
-    v: Any, model: nn.Module, params: dict[str, Tensor], index: dict[int, str]
-) -> tuple[dict[str, Tensor], str, list[Tensor]]:
-    """``v`` as a dict like ``params``, its form, and the parameter list it was given over.
-
-    A list (or flat vector) over ``model.parameters()`` is accepted, and so is a list over
-    the trainable parameters only (when that length differs).
-    """
-    every = list(model.parameters())
-    trainable = [p for p in every if id(p) in index]
-    like = every
-    if isinstance(v, list | tuple) and len(v) == len(trainable) != len(every):
-        like = trainable
-    elif isinstance(v, Tensor) and v.dim() == 1 and v.shape[0] == num_params(trainable) != num_params(every):
-        like = trainable
-    v_list, form = vector_as_list(v, like)
-    by_name = {index[id(p)]: vi for p, vi in zip(like, v_list) if id(p) in index}
-    return {name: by_name[name] for name in params}, form, like
-
-
-def model_result(out: dict[str, Tensor], form: str, like: list[Tensor], index: dict[int, str]) -> Vector:
-    """A result dict over the trainable parameters in the form and order of the given vector."""
-    return vector_from_list(
-        [out[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in like], form
-    )
-
-
-def _check_callable(obj: Any, name: str) -> None:
-    if not callable(obj):
-        raise TypeError(f"{name}: expected a callable, got {describe(obj)}")
-
-
-def check_bool(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {describe(value)}")

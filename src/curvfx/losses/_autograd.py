@@ -1,0 +1,87 @@
+"""Any scalar loss callable, with its output-Hessian product by autograd."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, vjp, vmap
+
+from curvfx.losses._base import Loss
+
+
+class AutogradLoss(Loss):
+    """Any scalar ``loss_fn(outputs, targets)``; ``∇²_f L · v`` by reverse-over-reverse autograd.
+
+    It knows no factor and no predictive distribution: :meth:`hessian_factor`,
+    :meth:`fisher_factor` and :meth:`sample_targets` raise ``ValueError``. ``reduction``
+    says how it combines its terms, which weights batches against each other and scales the
+    empirical Fisher: ``"mean"`` over all target entries (Z = ``targets.numel()``, as
+    torch's elementwise losses), ``"batchmean"`` over samples (Z = N), or ``"sum"`` (Z = 1).
+    :func:`get_loss` reads it from a loss module's ``reduction`` attribute (a function of
+    ``torch.nn.functional``: its ``reduction`` keyword, default ``"mean"``, as its module)
+    and takes any other callable as ``"batchmean"``; :meth:`check_reduction` catches a
+    wrong guess of sum against mean.
+    """
+
+    def __init__(self, loss_fn, reduction: str = "mean"):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if reduction not in ("mean", "batchmean", "sum"):
+            raise ValueError(
+                f"reduction: expected 'mean', 'batchmean' or 'sum' (a scalar loss), got {reduction!r}"
+            )
+        self.loss_fn, self.reduction = loss_fn, reduction
+        self.name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``loss_fn(outputs, targets)``."""
+        return self.loss_fn(outputs, targets)
+
+    def normalizer(self, targets: Tensor) -> float:
+        """Entries of ``targets`` ("mean"), samples N ("batchmean"), or 1 ("sum")."""
+        if self.reduction == "sum":
+            return 1.0
+        return float(targets.numel() if self.reduction == "mean" else targets.shape[0])
+
+    def check_reduction(self, outputs: Tensor, targets: Tensor, gradient: Tensor) -> None:
+        """Raise ``ValueError`` unless ``gradient = ∇_f L`` [N, ...] fits the declared reduction.
+
+        For a loss with per-sample terms and that reduction, sample n's row is
+        ``(Z_1 / Z) ∇_{f_n} loss_fn(f_n, y_n)`` with the callable applied to sample n alone
+        (a batch of one, normalizer Z_1): 1/N of it for the means, all of it for the sum. A
+        summing callable taken for a mean (or the reverse) is off by N, and a loss that
+        couples samples has no per-sample terms at all.
+        """
+        n = outputs.shape[0]
+        if n < 2 or not gradient.any():
+            return
+        alone = _one_sample_gradients(self.loss_fn, outputs.detach(), targets)
+        ratio = self.normalizer(targets[:1]) / self.normalizer(targets)
+        if (gradient - ratio * alone).norm() > 1e-4 * gradient.norm():
+            raise ValueError(
+                f"loss_fn: {self.name} is not a {self.reduction!r} reduction of per-sample terms: "
+                "its gradient differs from that of the loss applied to each sample alone "
+                f"(scaled by {ratio:g}); declare how it reduces with curvfx.losses.AutogradLoss("
+                "loss_fn, reduction='sum' | 'batchmean' | 'mean')"
+            )
+
+    def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+        """``∇²_f L · v`` as the vjp of ``∇_f L`` (the Hessian is symmetric)."""
+        _, vjp_fn = vjp(grad(lambda f: self.loss_fn(f, targets)), outputs)
+        return vjp_fn(v)[0]
+
+
+def one_sample_gradient(loss_fn) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(f_n, y_n) ↦ ∇_{f_n} loss_fn(f_n, y_n)`` with sample n as a batch of one (to vmap over n)."""
+    return grad(lambda f, t: loss_fn(f.unsqueeze(0), t.unsqueeze(0)))
+
+
+def _one_sample_gradients(loss_fn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """:func:`one_sample_gradient` of every sample [N, ...]: vmapped, or a loop where vmap cannot."""
+    gradient = one_sample_gradient(loss_fn)
+    try:
+        return vmap(gradient)(outputs, targets)
+    except RuntimeError:  # a callable vmap cannot batch (data-dependent control flow, .item())
+        return torch.stack([gradient(f, t) for f, t in zip(outputs, targets)])
