@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from dense import (
     flatten,
     random_like,
     rel_err,
+    tree_dot,
     tree_leaves,
     tree_map,
     unflatten,
@@ -272,9 +274,11 @@ def test_ggn_vp_mse_mean_is_two_over_nc_jtj(case, problem, dense):
     assert_close_rel(Gv, expected)
 
 
-# Eager engines return detached results. The torch.func engines ("rev-rev", "fwd-rev",
-# "func") stay differentiable with respect to live parameters, like torch.func.grad does.
-_EAGER = ("auto", "autograd", "forward-ad")
+# With live parameters (leaves requiring grad, gradients recorded) a product must be
+# differentiable: "auto" takes the torch.func engine ("rev-rev", "func"), an eager engine
+# named explicitly raises (its result would add nothing to a gradient), and under
+# torch.no_grad every engine gives the value alone.
+_EAGER = ("autograd", "forward-ad", "rev-fwd")
 
 
 @pytest.mark.parametrize("strategy", sorted(set(HVP_STRATEGIES) | set(GGN_STRATEGIES)))
@@ -289,16 +293,107 @@ def test_products_with_live_parameters(case_name, strategy):
     v = random_like(dense.params, torch.Generator().manual_seed(13))
     with unchanged(problem):
         if strategy in HVP_STRATEGIES:
-            Hv = hvp_or_none(loss_of_params(problem, fn), params, v, strategy, mse=case.mse)
+            f = loss_of_params(problem, fn)
+            if strategy in _EAGER:
+                with pytest.raises(ValueError, match="without an autograd graph"):
+                    curvfx.hvp(f, params, v, strategy=strategy)
+                with torch.no_grad():
+                    Hv = hvp_or_none(f, params, v, strategy, mse=case.mse)
+            else:
+                Hv = hvp_or_none(f, params, v, strategy, mse=case.mse)
             if Hv is not None:
                 assert_close_rel(Hv, dense.hvp(v))
-                if strategy in _EAGER:
-                    assert not any(t.requires_grad for t in tree_leaves(Hv))
+                assert all(t.requires_grad for t in tree_leaves(Hv)) == (strategy not in _EAGER)
         if strategy in GGN_STRATEGIES:
-            Gv = curvfx.ggn_vp(fn, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy)
-            assert_close_rel(Gv, dense.ggn_vp(v))
+            product = lambda: curvfx.ggn_vp(  # noqa: E731
+                fn, problem.loss_fn, params, problem.x, problem.y, v, strategy=strategy
+            )
             if strategy in _EAGER:
-                assert not any(t.requires_grad for t in tree_leaves(Gv))
+                with pytest.raises(ValueError, match="without an autograd graph"):
+                    product()
+                with torch.no_grad():
+                    Gv = product()
+            else:
+                Gv = product()
+            assert_close_rel(Gv, dense.ggn_vp(v))
+            assert all(t.requires_grad for t in tree_leaves(Gv)) == (strategy not in _EAGER)
+
+
+def _tiny_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fn, params = curvfx.make_functional(model)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    return fn, params, x, y, nn.CrossEntropyLoss()
+
+
+def test_auto_products_are_differentiable_in_live_tensors():
+    """d/dθ (vᵀ H(θ) v), d/dv (uᵀ G v) = G u and d/dx Σ_n ‖g_n‖ against torch.func truths."""
+    fn, params, x, y, ce = _tiny_problem()
+    theta0 = curvfx.ravel(params)
+    v = torch.randn(theta0.shape[0], dtype=torch.float64)
+
+    def f(t):
+        return ce(fn(curvfx.unravel(t, params), x), y)
+
+    truth = torch.func.grad(lambda t: v @ torch.func.hessian(f)(t) @ v)(theta0)
+    theta = theta0.clone().requires_grad_()
+    got = torch.autograd.grad((v * curvfx.hvp(f, theta, v)).sum(), theta)[0]
+    assert_close_rel(got, truth, tol=1e-10)
+
+    G = torch.func.jacrev(lambda w: curvfx.ggn_vp(fn, ce, params, x, y, w, strategy="func"))(v)
+    u, w = torch.randn_like(v), v.clone().requires_grad_()
+    got = torch.autograd.grad(u @ curvfx.ggn_vp(fn, ce, params, x, y, w), w)[0]
+    assert_close_rel(got, G.T @ u, tol=1e-10)
+    model = curvfx.ggn(fn, ce, (x, y), params=params)
+    got = torch.autograd.grad(u @ (model @ w), w)[0]  # an operator is linear in v
+    assert_close_rel(got, G.T @ u, tol=1e-10)
+
+    def norms(t, xs):  # Σ_n ‖∇_θ ℓ(f(θ, x_n), y_n)‖ by a loop of torch.func.grad
+        def sample_loss(s, n):
+            return ce(fn(curvfx.unravel(s, params), xs[n : n + 1]), y[n : n + 1])
+
+        return torch.stack([torch.func.grad(sample_loss)(t, n) for n in range(5)]).norm(dim=1).sum()
+
+    xs = x.clone().requires_grad_()
+    got = torch.autograd.grad(curvfx.per_sample_grad_norms(fn, ce, params, xs, y).sum(), xs)[0]
+    assert_close_rel(got, torch.func.grad(norms, argnums=1)(theta0, x), tol=1e-10)
+    got = torch.autograd.grad(
+        curvfx.per_sample_grad_norms(fn, ce, curvfx.unravel(theta, params), x, y).sum(), theta
+    )[0]
+    assert_close_rel(got, torch.func.grad(norms)(theta0, x), tol=1e-10)
+
+
+def test_inference_mode_is_refused():
+    """Under torch.inference_mode autograd is off: a ValueError, never zeros."""
+    fn, params, x, y, ce = _tiny_problem()
+    v = torch.ones(curvfx.ravel(params).shape[0], dtype=torch.float64)
+    products = [
+        lambda: curvfx.hvp(lambda p: ce(fn(p, x), y), params, v),
+        lambda: curvfx.ggn_vp(fn, ce, params, x, y, v),
+        lambda: curvfx.model_jvp(fn, params, x, v),
+        lambda: curvfx.hessian(fn, ce, (x, y), params=params) @ v,
+        lambda: curvfx.diagonal(curvfx.empirical_fisher(fn, ce, (x, y), params=params)),
+        lambda: curvfx.kfac(nn.Sequential(nn.Linear(3, 2)).double(), ce, (x, y)).to_dense(),
+    ]
+    for product in products:
+        with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+            product()
+
+
+def test_eager_strategies_inside_transforms_are_refused():
+    fn, params, x, y, ce = _tiny_problem()
+    V = torch.eye(curvfx.ravel(params).shape[0], dtype=torch.float64)[:, :2]
+    with pytest.raises(ValueError, match=r"inside a torch\.func transform"):
+        torch.func.vmap(lambda c: curvfx.hvp(lambda p: ce(fn(p, x), y), params, c, strategy="autograd"), 1)(V)
+    with pytest.raises(ValueError, match=r"inside a torch\.func transform"):
+        torch.func.vmap(lambda c: curvfx.ggn_vp(fn, ce, params, x, y, c, strategy="forward-ad"), 1)(V)
+
+
+def test_complex_parameters_are_refused():
+    params = {"w": torch.randn(3, dtype=torch.complex128)}
+    with pytest.raises(ValueError, match="complex"):
+        curvfx.hvp(lambda p: (p["w"].abs() ** 2).sum(), params, torch.ones(3, dtype=torch.complex128))
 
 
 @pytest.mark.parametrize("name", [c.name for c in GENERIC_LOSS_CASES])
@@ -491,3 +586,147 @@ def test_dense_truths_are_not_trivially_equal():
     dense = dense_truth(next(c for c in CASES if c.name == "mlp_tanh-ce_weight_mean"))
     assert rel_err(dense.ggn, dense.hessian) > 1e-3
     assert len(tree_leaves(dense.per_sample_grads)) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# fisher_vp(kind="mc"): the empirical formula at the drawn targets, and convergence to F
+
+
+def _normalizer(loss_fn, y) -> float:
+    """Z of the cases used below: 1 for the sum; the number of target entries (class-index
+    positions for cross-entropy) for the mean (no class weights, no ignored positions)."""
+    return 1.0 if loss_fn.reduction == "sum" else float(y.numel())
+
+
+def _sample_gradient(dense, loss_fn, targets, n: int) -> torch.Tensor:
+    """∇_θ L_n(targets) [P] (our flat order): autograd of the batch loss with only sample n's
+    outputs depending on θ (the others detached), so the other samples' terms drop out."""
+    theta = dense.flat.clone().requires_grad_(True)
+    f = dense.outputs_of_flat(theta)
+    live = torch.zeros(f.shape[0], dtype=torch.bool)
+    live[n] = True
+    f = torch.where(live.reshape(-1, *[1] * (f.dim() - 1)), f, f.detach())
+    (g,) = torch.autograd.grad(loss_fn(f, targets), theta)
+    return g
+
+
+# the negative log-likelihood whose gradients the MC Fisher takes (docs/conventions.md):
+# the loss itself, without label smoothing, with √w for BCE entry weights w
+_LIKELIHOOD = {
+    "mlp_tanh-ce_label_smoothing_mean": lambda loss: nn.CrossEntropyLoss(),
+    "mlp_tanh-bce_weight_mean": lambda loss: nn.BCEWithLogitsLoss(weight=loss.weight.sqrt()),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp_tanh-mse_mean",
+        "cnn-mse_sum",
+        "mlp_relu-ce_sum",
+        "sequence-ce_mean",
+        "pytree_fn-bce_mean",
+        "mlp_tanh-ce_label_smoothing_mean",
+        "mlp_tanh-bce_weight_mean",
+    ],
+)
+def test_fisher_vp_mc_is_the_empirical_formula_at_the_drawn_targets(name):
+    """F_mc v = (Z/M) Σ_m Σ_n ∇L_n(ỹ_m) ∇L_n(ỹ_m)ᵀ v at the targets the seed draws.
+
+    The targets are redrawn with the loss's ``sample_targets`` from a generator with the
+    same seed (M draws in a row, as ``output_factor`` draws them on CPU); the gradients are a
+    loop of per-sample autograd on our own flat parameter vector.
+    """
+    case = CASES_BY_NAME[name]
+    problem = case.make()
+    dense = dense_truth(case)
+    fn, params = functional(problem)
+    loss = curvfx.losses.get_loss(problem.loss_fn)
+    M, seed = 3, 21
+    g = torch.Generator().manual_seed(seed)
+    draws = [loss.sample_targets(dense.outputs, g, observed=problem.y) for _ in range(M)]
+    assert not any(torch.equal(t, problem.y) for t in draws)  # drawn, not the data's targets
+    likelihood = _LIKELIHOOD.get(name, lambda loss: loss)(problem.loss_fn)
+    Z = _normalizer(problem.loss_fn, problem.y)
+    v = random_like(params, torch.Generator().manual_seed(22))
+    vf = flatten(v)
+    expected = torch.zeros_like(vf)
+    for t in draws:
+        for n in range(problem.num_samples):
+            gn = _sample_gradient(dense, likelihood, t, n)
+            expected += Z / M * gn * (gn @ vf)
+    with unchanged(problem, params):
+        Fv = curvfx.fisher_vp(
+            fn, problem.loss_fn, params, problem.x, problem.y, v,
+            kind="mc", num_samples=M, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+    assert_close_rel(Fv, unflatten(expected, dense.params), tol=1e-10)
+
+
+def test_fisher_vp_mc_converges_to_the_exact_fisher_at_the_monte_carlo_rate():
+    """‖F_M − F‖_F against its exact expectation √(V/M), for M = 10, 100, 2000.
+
+    F is the dense GGN Jᵀ(∇²_f L)J (= the exact Fisher for cross-entropy). V = E‖F_1 − F‖²_F
+    for one draw is computed exactly by enumerating each sample's classes:
+    V = Σ_n Σ_c p_nc ‖Z g_n(c) g_n(c)ᵀ − F_n‖²_F (the samples' draws are independent),
+    with F_n = Σ_c p_nc Z g_n(c) g_n(c)ᵀ, g_n(c) = ∇_θ L_n at label c. The ratio
+    ‖F_M − F‖_F / √(V/M) is a root-mean-square-normalized error: about 1, and the bounds
+    [0.3, 3] leave room for the seed's luck (it is a sum of 6·2 independent squared terms).
+    """
+    case = CASES_BY_NAME["mlp_relu-ce_mean"]
+    problem = case.make()
+    dense = dense_truth(case)
+    fn, params = functional(problem)
+    N, C = dense.outputs.shape
+    Z, P = float(N), dense.num_params
+    probs = dense.outputs.softmax(1)
+    per_sample, terms = [], {}
+    for n in range(N):
+        Fn = torch.zeros(P, P, dtype=torch.float64)
+        for c in range(C):
+            labels = problem.y.clone()
+            labels[n] = c
+            gn = _sample_gradient(dense, problem.loss_fn, labels, n)
+            terms[n, c] = Z * torch.outer(gn, gn)
+            Fn += probs[n, c] * terms[n, c]
+        per_sample.append(Fn)
+    F = dense.ggn
+    assert_close_rel(sum(per_sample), F, tol=1e-10)  # the two truths agree
+    V = sum(probs[n, c] * (terms[n, c] - per_sample[n]).square().sum() for n in range(N) for c in range(C))
+    # curvfx's flat order (params' insertion order) -> our flat order
+    perm = curvfx.ravel(unflatten(torch.arange(P, dtype=torch.float64), dense.params)).long()
+    eye = torch.eye(P, dtype=torch.float64)
+    errors, ratios = [], []
+    for M in (10, 100, 2000):
+        FM = curvfx.fisher_vp(
+            fn, problem.loss_fn, params, problem.x, problem.y, eye,
+            kind="mc", num_samples=M, generator=torch.Generator().manual_seed(M),
+        )  # fmt: skip
+        error = float((FM - F[perm][:, perm]).norm())
+        errors.append(error)
+        ratios.append(error / math.sqrt(float(V) / M))
+    assert all(0.3 < r < 3.0 for r in ratios), ratios
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.05 * float(F.norm()), (errors[2], float(F.norm()))
+
+
+# ---------------------------------------------------------------------------------------
+# model_jvp, model_vjp
+
+
+def test_model_vjp_and_jvp_match_the_dense_jacobian(case, problem, dense):
+    """Jᵀu = J.T @ u and Jv = J @ v with J from jacrev (pytree and flat v), and ⟨u, Jv⟩ = ⟨Jᵀu, v⟩."""
+    fn, params = functional(problem)
+    g = torch.Generator().manual_seed(23)
+    u = torch.randn(dense.outputs.shape, generator=g, dtype=torch.float64)
+    v = random_like(params, g)
+    J = dense.jacobian
+    with unchanged(problem, params):
+        JTu = curvfx.model_vjp(fn, params, problem.x, u)
+        Jv = curvfx.model_jvp(fn, params, problem.x, v)
+        Jv_flat = curvfx.model_jvp(fn, params, problem.x, curvfx.ravel(v))
+    assert_close_rel(JTu, unflatten(J.T @ u.reshape(-1), dense.params), tol=1e-12)
+    assert_close_rel(Jv, (J @ flatten(v)).reshape(dense.outputs.shape), tol=1e-12)
+    assert_close_rel(Jv_flat, Jv, tol=1e-12)
+    lhs, rhs = float((u * Jv).sum()), float(tree_dot(JTu, v))
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-14)

@@ -293,6 +293,42 @@ def test_ggn_of_pure_function_with_pytree_params():
     assert_close_rel(curvfx.ravel(Gv), M @ curvfx.ravel(v))
 
 
+@pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
+def test_operators_over_live_parameters_are_fixed_matrices(operator):
+    """Live ``params=`` (requiring grad): the same matrix, products without a graph to θ."""
+    dense = dense_truth(CASES_BY_NAME["pytree_fn-bce_mean"])
+    problem = dense.problem
+    live = tree_map(lambda t: t.clone().requires_grad_(), problem.pure_params)
+    options = {"kind": "exact"} if operator == "fisher" else {}
+    op = getattr(curvfx, operator)(
+        problem.pure_fn, problem.loss_fn, (problem.x, problem.y), params=live, **options
+    )
+    M = _square(dense, dense.hessian if operator == "hessian" else dense.ggn)
+    v = torch.randn(M.shape[0], dtype=M.dtype, generator=torch.Generator().manual_seed(0))
+    Av = op @ v
+    assert not Av.requires_grad
+    assert_close_rel(Av, M @ v)
+    w = v.clone().requires_grad_()  # linear in the vector: ∂(uᵀ A w)/∂w = Aᵀ u
+    assert_close_rel(torch.autograd.grad(v @ (op @ w), w)[0], M.T @ v)
+    assert_close_rel(
+        curvfx.diagonal(op, "exact") if operator != "hessian" else op.to_dense().diagonal(), M.diagonal()
+    )
+
+
+def test_operators_refuse_mixed_dtype_and_complex_parameters():
+    fn = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    mixed = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float32)}
+    with pytest.raises(ValueError, match="one dtype"):
+        curvfx.ggn(fn, nn.MSELoss(), (x, y), params=mixed)
+    complex_params = {
+        "w": torch.randn(3, 2, dtype=torch.complex128),
+        "b": torch.zeros(2, dtype=torch.complex128),
+    }
+    with pytest.raises(ValueError, match="complex"):
+        curvfx.hessian(fn, nn.MSELoss(), (x, y), params=complex_params)
+
+
 def test_single_tensor_params_take_a_params_shaped_vector():
     problem = CASES_BY_NAME["linear-mse_mean"].make()
     W, b = problem.model.weight.detach(), problem.model.bias.detach()

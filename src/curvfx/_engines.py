@@ -20,15 +20,17 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from curvfx._decompositions import DECOMPOSITIONS
-from curvfx._errors import describe, inside_transform
+from curvfx._errors import check_autograd, describe, inside_transform, needs_graph
 from curvfx._forward_rules import ForwardRules, UntrustedTangents
 from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
 
 __all__ = [
+    "draw_seed",
     "func_jvp",
     "gauss_newton_vp",
     "gauss_newton_vps",
+    "generator_on",
     "hessian_vp",
     "hessian_vps",
     "jv_by_transposition",
@@ -41,17 +43,41 @@ __all__ = [
 
 PyTree = Any
 AUTO_DECOMPOSED = frozenset({F.batch_norm})  # what "auto" lets rev-fwd decompose
+EAGER_STRATEGIES = ("rev-fwd", "autograd", "forward-ad")  # results without an autograd graph
 OutputProduct = Callable[[Tensor], Callable[[Tensor], Tensor]]  # outputs f -> (u -> M(f) u)
 OutputCheck = Callable[[Tensor], None]
 
 
-def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str) -> str:
-    """Resolve ``strategy`` ("auto": ``eager`` outside torch.func transforms, else ``composable``)."""
+def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str, inputs: tuple = ()) -> str:
+    """Resolve ``strategy`` for a product of the tensors ``inputs`` (params, vector, data).
+
+    "auto" is ``eager`` (the fastest engine, built on ``torch.autograd``, whose results carry
+    no graph) unless the result must be differentiable: inside a ``torch.func`` transform,
+    or when a tensor of ``inputs`` requires grad while gradients are recorded
+    (:func:`~curvfx._errors.needs_graph`); then it is ``composable``, the ``torch.func``
+    engine. An eager strategy named explicitly in those cases raises ``ValueError`` (its
+    result would silently add nothing to a gradient). Under ``torch.inference_mode()`` every
+    strategy raises.
+    """
     if strategy not in allowed:
         raise ValueError(f"strategy: expected one of {allowed}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    return composable if inside_transform() else eager
+    check_autograd()
+    transformed = inside_transform()
+    differentiable = needs_graph(inputs)
+    if strategy == "auto":
+        return composable if transformed or differentiable else eager
+    if strategy in EAGER_STRATEGIES and transformed:
+        raise ValueError(
+            f"strategy: {strategy!r} runs torch.autograd, which cannot run inside a torch.func "
+            f"transform; use 'auto' or {composable!r}"
+        )
+    if strategy in EAGER_STRATEGIES and differentiable:
+        raise ValueError(
+            f"strategy: {strategy!r} gives a result without an autograd graph, but the parameters, "
+            f"the vector or the data require grad; use 'auto' or {composable!r} for a "
+            "differentiable result, or call under torch.no_grad() (or detach them) for its value"
+        )
+    return strategy
 
 
 def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine: str) -> PyTree:
@@ -252,9 +278,16 @@ def jv_by_transposition(outputs: Tensor, p: list[Tensor]) -> Callable[[list[Tens
     return jv
 
 
-def model_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> Tensor:
-    """``(f, J v)``: outputs and Jacobian-vector product, forward mode (torch.func in transforms)."""
-    if inside_transform():
+def model_jvp(
+    model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, differentiable: bool = False
+) -> Tensor:
+    """``(f, J v)``: outputs and Jacobian-vector product, forward mode.
+
+    By ``torch.func`` inside transforms and when the result must carry an autograd graph
+    (``differentiable``), else by dual numbers (no graph).
+    """
+    check_autograd()
+    if inside_transform() or differentiable:
         return func_jvp(model_at, params, v)
     p_leaves, spec = flatten(params)
     with torch.no_grad():
@@ -270,9 +303,16 @@ def func_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) ->
     return jvp(_in_forward_rules(model_at), (params,), (v,))
 
 
-def model_vjp(model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor) -> PyTree:
-    """``Jᵀ u`` for ``u`` shaped like the outputs, by one backward pass."""
-    if inside_transform():
+def model_vjp(
+    model_at: Callable[[PyTree], Tensor], params: PyTree, u: Tensor, differentiable: bool = False
+) -> PyTree:
+    """``Jᵀ u`` for ``u`` shaped like the outputs, by one backward pass.
+
+    By ``torch.func`` inside transforms and when the result must carry an autograd graph
+    (``differentiable``), else by ``torch.autograd`` (no graph).
+    """
+    check_autograd()
+    if inside_transform() or differentiable:
         return vjp(model_at, params)[1](u)[0]
     p_leaves, spec = flatten(params)
     with torch.enable_grad():
@@ -304,6 +344,23 @@ def rng_state() -> tuple:
     """Torch's CPU random-number state, and CUDA's when initialized (for :func:`set_rng_state`)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed drawn from ``generator`` (on its own device) or, if None, from torch's global RNG."""
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+
+
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` if it draws on ``device``'s type (or is None), else one there seeded from it.
+
+    Torch samples on a device only with a generator of that device; a CPU generator given
+    for a CUDA model (or the reverse) then still makes the draws reproducible.
+    """
+    if generator is None or generator.device.type == torch.device(device).type:
+        return generator
+    return torch.Generator(device).manual_seed(draw_seed(generator))
 
 
 def set_rng_state(state: tuple) -> None:

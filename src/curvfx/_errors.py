@@ -9,7 +9,16 @@ from torch import Tensor
 
 from curvfx._pytree import leaves
 
-__all__ = ["UnsupportedInputError", "all_finite", "check_batch", "describe", "inside_transform"]
+__all__ = [
+    "UnsupportedInputError",
+    "all_finite",
+    "check_autograd",
+    "check_batch",
+    "check_real",
+    "describe",
+    "inside_transform",
+    "needs_graph",
+]
 
 
 class UnsupportedInputError(ValueError, NotImplementedError):
@@ -39,6 +48,42 @@ def all_finite(t: Tensor) -> bool:
 def inside_transform() -> bool:
     """Whether we run under a ``torch.func`` transform (where ``torch.autograd`` cannot be used)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def check_autograd() -> None:
+    """Raise ``ValueError`` under ``torch.inference_mode()``, where autograd cannot run.
+
+    ``torch.enable_grad()`` does not lift inference mode: tangents and gradients would come
+    back missing (read as zeros) instead of failing.
+    """
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # eager check
+        raise ValueError(
+            "curvature needs autograd, which torch.inference_mode() turns off; compute "
+            "it outside the inference-mode block (or inside `with torch.inference_mode(False):`, "
+            "with tensors not created in inference mode)"
+        )
+
+
+def needs_graph(*trees: Any) -> bool:
+    """Whether a result computed from ``trees`` must carry an autograd graph.
+
+    True when gradients are being recorded, outside ``torch.func`` transforms (which carry
+    their own), and a tensor of ``trees`` requires grad: the result then has to be
+    differentiable with respect to it, as torch's operations are.
+    """
+    if inside_transform() or not torch.is_grad_enabled():
+        return False
+    return any(leaf.requires_grad for leaf in leaves(trees) if isinstance(leaf, Tensor))
+
+
+def check_real(tree: Any, name: str) -> None:
+    """Raise ``ValueError`` if a tensor of ``tree`` is complex (products are not C-linear)."""
+    if any(isinstance(leaf, Tensor) and leaf.is_complex() for leaf in leaves(tree)):
+        raise ValueError(
+            f"{name}: complex tensors are not supported (the curvature of a real loss in "
+            "complex parameters is not a complex-linear map); split them into real and "
+            "imaginary parts"
+        )
 
 
 def check_batch(x: Any, y: Tensor | None) -> None:

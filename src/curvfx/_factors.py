@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from curvfx._errors import inside_transform
+from curvfx._engines import generator_on
+from curvfx._errors import check_autograd, inside_transform
 from curvfx._pytree import leaves, tree_map
 from curvfx.losses import AutogradLoss, Loss
 
@@ -52,6 +53,7 @@ def output_factor(
         return loss.fisher_factor(outputs, y)
     if kind == "empirical":
         return _gradient_factor(loss, outputs, [y])
+    generator = generator_on(generator, outputs.device)
     draws = [loss.sample_targets(outputs, generator, observed=y) for _ in range(num_samples)]
     return _gradient_factor(loss.likelihood_loss(), outputs, draws)
 
@@ -146,6 +148,7 @@ def _check_reduction(loss: AutogradLoss, outputs: Tensor, targets: Tensor, gradi
 
 def _gradient_factor(loss: Loss, outputs: Tensor, targets: list[Tensor]) -> Tensor:
     """``S[m] = √(Z_m / M) ∇_f L(f, ỹ_m)`` stacked over the M target sets."""
+    check_autograd()
     rows = []
     for t in targets:
         r = _loss_gradient(loss, outputs, t)  # ∇_f L(f, t): sample n's row is ∇ L_n

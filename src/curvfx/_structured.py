@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, layer_kind, output_grads, parameter_uses, supported_layers
-from curvfx._errors import inside_transform
+from curvfx._errors import check_autograd, inside_transform, needs_graph
 from curvfx._factors import factor_diagonal
 from curvfx._graph import depend_on
 from curvfx._layers import layer_grads, layer_squares, reads_per_sample
@@ -80,7 +80,7 @@ def sample_squares(
     Raises:
         ValueError: For an unknown ``backend``, or "structured" with a pure function.
     """
-    if _structured_route(fn, params, backend):
+    if _structured_route(fn, params, backend, x):
         return structured_diagonal(fn, params, x, S, chunk_size, per_sample)
     return _generic_squares(fn, params, x, S, chunk_size, per_sample)
 
@@ -93,7 +93,7 @@ def raveled_squares(
     On the structured route the layers write their largest results straight into the
     vector (no copy of the diagonal, no second P-sized allocation).
     """
-    if not _structured_route(fn, params, backend):
+    if not _structured_route(fn, params, backend, x):
         return ravel(_generic_squares(fn, params, x, S, chunk_size, False))
     first = next(iter(params.values()))
     flat = first.new_empty(num_params(params))
@@ -105,13 +105,33 @@ def raveled_squares(
     return flat
 
 
-def _structured_route(fn: Any, params: Any, backend: str) -> bool:
-    """Whether ``backend`` takes the structured route (ValueError if it is impossible)."""
+def _structured_route(fn: Any, params: Any, backend: str, x: Any = None) -> bool:
+    """Whether ``backend`` takes the structured route (ValueError if it is impossible).
+
+    The route reads the layers' recorded inputs and output gradients with ``torch.autograd``,
+    so its results carry no graph: "auto" leaves it to the generic route inside ``torch.func``
+    transforms and when the result must be differentiable (:func:`curvfx._errors.needs_graph`
+    of ``params`` and ``x``), where "structured" raises.
+    """
     check_backend(backend)
     possible = isinstance(fn, FunctionalModel) and isinstance(params, dict)
     if backend == "structured" and not possible:
         raise ValueError("backend: 'structured' needs an nn.Module model (made functional by curvfx)")
-    return possible and backend != "generic"
+    if backend == "generic" or not possible:
+        return False
+    if inside_transform():
+        if backend == "structured":
+            raise ValueError("backend: 'structured' cannot run inside a torch.func transform; use 'generic'")
+        return False
+    if needs_graph((params, x)):
+        if backend == "structured":
+            raise ValueError(
+                "backend: 'structured' gives results without an autograd graph, but the parameters "
+                "or inputs require grad; use 'generic' for a differentiable result, or call under "
+                "torch.no_grad() for its value"
+            )
+        return False
+    return True
 
 
 def _generic_squares(fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk, per_sample: bool) -> Any:
@@ -199,7 +219,7 @@ def structured_sample_grads(
     return grads
 
 
-def sample_grads_route(fn: Any, params: Any, backend: str) -> bool:
+def sample_grads_route(fn: Any, params: Any, x: Any, backend: str) -> bool:
     """Whether :func:`curvfx.per_sample_grad` takes the structured route: for "structured" only.
 
     "auto" keeps ``vmap(grad)``, which composes with every transform. The structured route
@@ -208,13 +228,11 @@ def sample_grads_route(fn: Any, params: Any, backend: str) -> bool:
     time on the benchmark MLP 784-256-256-10 (N = 128) and 1.06–1.14 on the benchmark CNN.
 
     Raises:
-        ValueError: For "structured" with a pure function or inside a ``torch.func`` transform.
+        ValueError: For "structured" with a pure function, inside a ``torch.func`` transform,
+            or when the result must carry an autograd graph.
     """
-    if not _structured_route(fn, params, backend) or backend != "structured":
-        return False
-    if inside_transform():
-        raise ValueError("backend: 'structured' cannot run inside a torch.func transform; use 'generic'")
-    return True
+    check_backend(backend)
+    return backend == "structured" and _structured_route(fn, params, backend, x)
 
 
 def _layer_pass(
@@ -229,6 +247,7 @@ def _layer_pass(
     calls as ``(input, blocks)`` with the column blocks of ``∂⟨f, s_k⟩/∂z`` from
     :func:`curvfx._capture.output_grads` (none when ``S`` has no columns).
     """
+    check_autograd()
     records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
     inputs, batch = tracked_batch(x)  # the batch's float tensors, followed through the graph
     raw: dict[int, Any] = {}  # id(z) -> the call's input, with its graph
@@ -324,9 +343,16 @@ def features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:
 
 
 def _factor_at(fn: Any, params: Any, x: Any, S: Factor) -> Tensor:
-    """``S``, or ``S(outputs)`` after a forward pass without gradient when it is a function."""
+    """``S``, or ``S(outputs)`` after a forward pass when it is a function.
+
+    The pass records no graph unless the result is differentiated (inside a ``torch.func``
+    transform, or :func:`curvfx._errors.needs_graph`): S then depends on the parameters and
+    inputs too (the residuals of per-sample gradient norms).
+    """
     if not callable(S):
         return S
+    if inside_transform() or needs_graph((params, x)):
+        return S(fn(params, x))
     with torch.no_grad():
         return S(fn(params, x))
 

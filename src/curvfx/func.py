@@ -14,7 +14,11 @@ measured in ``benchmarks/``: reverse-over-forward for ``hvp``, forward-mode Jv t
 backward pass for ``ggn_vp``) and a ``torch.func`` engine. ``strategy="auto"`` picks the
 fastest eager engine when called eagerly and the ``torch.func`` engine when called inside a
 ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...), so every transform composes
-with ``torch.func``: ``vmap(lambda v: hvp(f, params, v))(V)`` is a matrix product.
+with ``torch.func``: ``vmap(lambda v: hvp(f, params, v))(V)`` is a matrix product. It also
+picks the ``torch.func`` engine when a tensor the product reads (parameters, vector, data)
+requires grad while gradients are recorded, so that the result carries the autograd graph
+(an eager engine named explicitly then raises ``ValueError``; ``torch.no_grad()`` gives the
+value alone at the fastest engine). Under ``torch.inference_mode()`` every product raises.
 
 Randomness. Each product evaluates the model once, so a model with active dropout yields
 the curvature of the network under the mask drawn in that forward pass (a new mask on each
@@ -34,7 +38,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from curvfx import _engines
-from curvfx._errors import check_batch
+from curvfx._errors import check_batch, check_real, needs_graph
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
 from curvfx._pytree import as_columns, as_tree, leaves, ravel
@@ -95,7 +99,10 @@ def hvp(
         >>> hvp(lambda p: (p["w"] ** 3).sum(), params, torch.tensor([1.0, 0.0]))
         tensor([6., 0.])
     """
-    engine = _engines.pick(strategy, HVP_STRATEGIES, eager="auto-eager", composable="rev-rev")
+    check_real(params, "params")
+    engine = _engines.pick(
+        strategy, HVP_STRATEGIES, eager="auto-eager", composable="rev-rev", inputs=(params, v)
+    )
     columns = as_columns(v, params)
     if columns is not None:
         if engine in ("auto-eager", "autograd"):  # one forward and first backward for all columns
@@ -218,7 +225,8 @@ def model_jvp(
     fn, params = as_function(fn, params)
     tree, _ = as_tree(v, params)
     check_batch(x, None)
-    return _engines.model_jvp(lambda p: fn(p, x), params, tree)[1]
+    check_real(params, "params")
+    return _engines.model_jvp(lambda p: fn(p, x), params, tree, needs_graph((params, tree, x)))[1]
 
 
 def model_vjp(
@@ -233,7 +241,8 @@ def model_vjp(
     """
     fn, params = as_function(fn, params)
     check_batch(x, None)
-    return _engines.model_vjp(lambda p: fn(p, x), params, u)
+    check_real(params, "params")
+    return _engines.model_vjp(lambda p: fn(p, x), params, u, needs_graph((params, u, x)))
 
 
 def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -> PyTree | Tensor:
@@ -241,7 +250,10 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
     check_batch(x, y)
-    engine = _engines.pick(strategy, GGN_STRATEGIES, eager="auto-eager", composable="func")
+    check_real(params, "params")
+    engine = _engines.pick(
+        strategy, GGN_STRATEGIES, eager="auto-eager", composable="func", inputs=(params, v, x, y)
+    )
     columns = as_columns(v, params)
     if columns is not None and engine in ("func", "func-vjp"):
         return _vmapped_columns(

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._engines import jv_by_transposition
-from curvfx._errors import UnsupportedInputError, describe
+from curvfx._errors import UnsupportedInputError, check_autograd, describe
 from curvfx._factors import factor_product
 from curvfx._graph import leaf_inputs
 from curvfx._pytree import num_params, ravel, unravel
@@ -87,6 +87,7 @@ def recorded_fisher(
 ) -> tuple[RecordedFisher, dict[str, Tensor], dict[int, str]]:
     """Validate the generalized-Fisher arguments; the operator, its parameters and their names."""
     check_bool(create_graph, "create_graph")
+    check_autograd()
     if loss_type not in LOSS_TYPES:
         raise UnsupportedInputError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if not isinstance(outputs, Tensor) or outputs.dim() < 2:

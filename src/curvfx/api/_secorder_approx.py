@@ -14,6 +14,7 @@ Results are lists over ``model.parameters()``; frozen parameters get zero entrie
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from curvfx._pytree import num_params, unravel
 from curvfx.api._closures import param_list, pure_function
 from curvfx.api._recorded_fisher import recorded_fisher
+from curvfx.api._secorder_hvp import graph_if
 from curvfx.api._vectors import check_bool, model_parts, model_result
 from curvfx.estimators import diagonal, trace
 from curvfx.estimators._checks import check_count
@@ -31,7 +33,7 @@ from curvfx.estimators._probes import make_generator, probes
 from curvfx.func import hvp
 from curvfx.functional import check_independent_samples
 from curvfx.losses import MSELoss, get_loss
-from curvfx.operators import FunctionOperator, empirical_fisher, ggn
+from curvfx.operators import FunctionOperator, LinearOperator, empirical_fisher, ggn
 
 __all__ = [
     "empirical_fisher_diagonal",
@@ -97,7 +99,7 @@ def hessian_trace(
     check_bool(sparse, "sparse")
     first = params[0]
     op = FunctionOperator(
-        lambda w: hvp(pure, params, w, strategy="autograd"),
+        lambda w: _value_hvp(pure, params, w),
         num_params(params),
         dtype=first.dtype,
         device=first.device,
@@ -106,6 +108,11 @@ def hessian_trace(
         return float(trace(op, "hutchinson", num_samples=m, generator=generator))
     omega = sparse_probes(op.shape[0], m, generator, first.dtype, first.device)
     return float((omega * op.matmat(omega)).sum(0).mean())  # (1/m) Σ ω_iᵀ H ω_i
+
+
+def _value_hvp(pure: Callable, params: list[Tensor], w: Tensor) -> Tensor:
+    with graph_if(False):
+        return hvp(pure, params, w, strategy="autograd")
 
 
 def sparse_probes(
@@ -171,9 +178,8 @@ def gauss_newton_matrix_approximation(
         "; or estimate the diagonal with curvfx.diagonal(curvfx.ggn(model, loss_fn, (inputs, targets)), "
         "method='hutchinson')",
     )
-    if create_graph:
-        fn = _graph_keeping(fn)
-    d = diagonal(ggn(fn, loss, (inputs, targets), params=params), method="exact")
+    op = ggn(fn, loss, (inputs, targets), params=params)
+    d = diagonal(_over_live(op, params) if create_graph else op, method="exact")
     return model_result(unravel(d, params), "list", list(model.parameters()), index)
 
 
@@ -375,10 +381,12 @@ def _check_independent_samples(fn: Callable, caller: str, alternative: str = "")
     )
 
 
-def _graph_keeping(fn: Callable) -> Callable:
-    """``fn`` as a plain function, so that the core's exact diagonal keeps the autograd graph.
+def _over_live(op: LinearOperator, params: dict[str, Tensor]) -> LinearOperator:
+    """``op`` over the live ``params`` instead of its detached copies (for ``create_graph``).
 
-    For a plain function the core takes its generic per-sample ``vmap`` route, which is
-    differentiable in the parameters; its layer-aware route for modules detaches them.
+    Operators hold detached parameters (a fixed matrix); over live ones the exact diagonal
+    takes the generic per-sample ``vmap`` route, which is differentiable in them.
     """
-    return lambda p, x: fn(p, x)
+    live = copy.copy(op)
+    live.params = params
+    return live

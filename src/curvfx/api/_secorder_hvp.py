@@ -20,6 +20,7 @@ parameters in ``named_parameters()`` order; their vectors and results are lists 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -40,7 +41,7 @@ from curvfx.api._vectors import (
 from curvfx.estimators._checks import check_count
 from curvfx.func import ggn_vp, hvp
 
-__all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "model_hvp"]
+__all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "graph_if", "model_hvp"]
 
 
 def exact_hvp(
@@ -95,7 +96,8 @@ def exact_hvp(
             pure([p.detach().requires_grad_() for p in params])  # checks the substitution
         out = _differentiable_hvp(pure, params, v_list)
     else:
-        out = hvp(pure, params, v_list, strategy="autograd")
+        with graph_if(False):
+            out = hvp(pure, params, v_list, strategy="autograd")
     return vector_from_list(out, form)
 
 
@@ -212,7 +214,8 @@ def model_hvp(
     v_tree, form, like = model_vector(v, model, params, index)
     check_callable(loss_fn, "loss_fn")
     strategy = "rev-rev" if create_graph else "autograd"
-    out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)
+    with graph_if(create_graph):
+        out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)
     return model_result(out, form, like, index)
 
 
@@ -257,8 +260,18 @@ def gauss_newton_product(
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
     strategy = "func" if create_graph else "auto"
-    out = ggn_vp(fn, loss_fn, params, x, y, v_tree, strategy=strategy)
+    with graph_if(create_graph):
+        out = ggn_vp(fn, loss_fn, params, x, y, v_tree, strategy=strategy)
     return model_result(out, form, like, index)
+
+
+def graph_if(create_graph: bool) -> contextlib.AbstractContextManager:
+    """No context for ``create_graph``, else ``torch.no_grad()`` (a result without a graph).
+
+    The engines record their own graph inside, so the value is computed either way, also
+    for parameters or vectors that require grad.
+    """
+    return contextlib.nullcontext() if create_graph else torch.no_grad()
 
 
 def _differentiable_hvp(pure: Callable, params: list[Tensor], v_list: list[Tensor]) -> list[Tensor]:

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from curvfx._errors import all_finite, describe, inside_transform
+from curvfx._errors import all_finite, check_real, describe, inside_transform
 from curvfx._memory import check_fits
-from curvfx._pytree import as_tree, leaves, ravel, unravel
+from curvfx._pytree import as_tree, leaves, ravel, tree_map, unravel
 
 __all__ = [
     "DenseOperator",
@@ -28,6 +28,7 @@ __all__ = [
     "LinearOperator",
     "apply_columns",
     "as_operator",
+    "fixed_params",
     "identity",
 ]
 
@@ -36,6 +37,27 @@ PyTree = Any
 # dtype and device of an operator over parameters, read from its ``params`` pytree
 PARAMS_DTYPE = property(lambda self: leaves(self.params)[0].dtype, doc="The parameters' dtype.")
 PARAMS_DEVICE = property(lambda self: leaves(self.params)[0].device, doc="The parameters' device.")
+
+
+def fixed_params(params: PyTree) -> PyTree:
+    """The parameters an operator over them is the matrix at: detached, of one real dtype.
+
+    An operator is a fixed matrix: its products carry no autograd graph to the parameters
+    (differentiate the transforms of :mod:`curvfx.func` for that). Inside a ``torch.func``
+    transform they are kept as given, so that the transform differentiates through them.
+
+    Raises:
+        ValueError: If the parameters are complex or not all of one dtype (the operator
+            has one ``dtype``, that of its flat vectors).
+    """
+    check_real(params, "params")
+    dtypes = sorted({str(leaf.dtype) for leaf in leaves(params)})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"params: an operator needs all parameters in one dtype, got {', '.join(dtypes)}; "
+            "convert them (e.g. model.to(torch.float32)) or pass params= of one dtype"
+        )
+    return params if inside_transform() else tree_map(Tensor.detach, params)
 
 
 class LinearOperator:

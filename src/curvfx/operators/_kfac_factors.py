@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, output_grads, positions, supported_layers
+from curvfx._errors import check_autograd
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import unsqueeze_leaves
 from curvfx._structured import tracked_batch
@@ -307,6 +308,7 @@ def _layer_batches(
     samples (:func:`~curvfx.operators._kfac_samples.sample_axes`); without it, dim 0 of
     each call is taken as it is (all rows count alike for "expand").
     """
+    check_autograd()
     check_pairing(model_fn, fisher_type)
     layers = supported_layers(model_fn.module, params)
     names = {m: _module_name(model_fn.module, m) for m in layers}

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
+from curvfx._engines import draw_seed
 from curvfx._errors import inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
@@ -50,7 +51,7 @@ from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.functional import check_independent_samples
 from curvfx.losses import Loss, get_loss
-from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
 from curvfx.operators._distributed import rank_stream_seed, resolve_process_group, summed_over_ranks
@@ -105,7 +106,7 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn=None,
     ):
         """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn)."""
-        self.model_fn, self.params = model_fn, params
+        self.model_fn, self.params = model_fn, fixed_params(params)
         self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
         self.factor, self.chunk_size = float(factor), chunk_size
         self.process_group = resolve_process_group(process_group)
@@ -341,7 +342,7 @@ class FisherOperator(CurvatureOperator):
             batch_size_fn=batch_size_fn,
         )
         self.kind, self.num_samples = kind, num_samples
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if kind == "mc" else 0
+        self.seed = draw_seed(generator) if kind == "mc" else 0
         if kind == "mc" and self.process_group is not None:  # rank 0's seed; a stream per rank
             self.seed = rank_stream_seed(self.seed, self.process_group, self.device)
         if self.compile_options is not None and kind == "mc":

@@ -12,7 +12,7 @@ from curvfx._engines import func_jvp
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.func import model_jvp, model_vjp
 from curvfx.functional import as_function
-from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._distributed import unwrap_ddp
 from curvfx.operators._randomness import batch_randomness, check_randomness, fixed_seed, replay_batch_seed
@@ -43,7 +43,7 @@ class JacobianOperator(LinearOperator):
     compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
 
     def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False, randomness="fixed"):
-        self.model_fn, self.params, self.x = model_fn, params, x
+        self.model_fn, self.params, self.x = model_fn, fixed_params(params), x
         self.chunk_size = chunk_size
         self.compile_options = compile_options(compile)
         self.randomness = check_randomness(randomness, model_fn)

@@ -59,10 +59,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._engines import draw_seed
 from curvfx._pytree import num_params
 from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import AutogradLoss, get_loss
-from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, fixed_params
 from curvfx.operators._data import Batches
 from curvfx.operators._kfac_factors import (
     FISHER_TYPES,
@@ -100,7 +101,7 @@ class KFACOperator(LinearOperator):
 
     def __init__(self, model_fn, loss_fn, params, data, *, fisher_type, kfac_approx, num_samples, generator):
         _check_options(model_fn, params, fisher_type, kfac_approx, num_samples)
-        self.model_fn, self.params = model_fn, params
+        self.model_fn, self.params = model_fn, fixed_params(params)
         self.loss, self.data = get_loss(loss_fn), Batches(data)
         if isinstance(self.loss, AutogradLoss) and fisher_type != "empirical":
             raise ValueError(
@@ -109,7 +110,7 @@ class KFACOperator(LinearOperator):
                 "or a torch loss curvfx knows (MSE, cross-entropy, BCE with logits, NLL)"
             )
         self.fisher_type, self.kfac_approx, self.num_samples = fisher_type, kfac_approx, num_samples
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if fisher_type == "mc" else 0
+        self.seed = draw_seed(generator) if fisher_type == "mc" else 0
         self._factors: KroneckerFactors | None = None
         self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
