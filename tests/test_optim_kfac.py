@@ -273,3 +273,113 @@ def test_errors_name_the_problem():
 
 def test_exported():
     assert curvfx.optim.KFAC is KFAC
+
+
+# -- the documented update, step by step ------------------------------------------------------
+
+
+def reference_kfac_steps(model, loss_fn, data, groups, damping, method, factor_decay, kl_clip):
+    """θ after K-FAC steps on ``data`` by the documented update (refresh every step), built by hand.
+
+    Per step, in the optimizer docstring's order: ``g = ∇L + wd·θ`` (autograd); the factors
+    of ``curvfx.kfac`` (type-2) enter running averages ``Ā ← ρĀ + (1-ρ)A`` (likewise B and
+    the diagonal; the first step sets them); the damped inverse of the averages as a dense
+    matrix (``"exact"``: ``inv(K̄ + λI)`` with ``K̄ = ⊕ kron(B̄, Ā) ⊕ diag(d̄)``;
+    ``"heuristic"``: ``inv(B̄ + √λ/π I) ⊗ inv(Ā + π√λ I)``, ``π = √((tr Ā/in')/(tr B̄/out))``,
+    ``1/(d̄ + λ)``); ``Δ`` = that
+    times g; ``ν = min(1, √(κ / Σ lr² Δᵀg))``; ``m ← μm + νΔ``; ``θ ← θ - lr·m`` (lr, μ, wd
+    per parameter from its group). Returns θ and the ν of each step.
+    """
+    params = list(model.parameters())
+    per_param = [next(gr for gr in groups if any(p is q for q in gr["params"])) for p in params]
+
+    def spread(key):  # the group's option, per entry of θ
+        return torch.cat(
+            [torch.full((p.numel(),), float(gr[key]), dtype=DTYPE) for p, gr in zip(params, per_param)]
+        )
+
+    lr, mu, wd = spread("lr"), spread("momentum"), spread("weight_decay")
+    average, buf, nus = None, None, []
+    for x, y in data:
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+        grads = torch.autograd.grad(loss_fn(model(x), y), params)
+        g = torch.cat([t.reshape(-1) for t in grads]) + wd * theta
+        f = curvfx.kfac(model, loss_fn, (x, y)).factors
+        new = [[blk.A, blk.B] for blk in f.blocks] + [[f.diagonal]]
+        if average is not None:
+            new = [
+                [factor_decay * a + (1 - factor_decay) * b for a, b in zip(o, n)]
+                for o, n in zip(average, new)
+            ]
+        average = new
+        P = theta.numel()
+        inverse = torch.zeros(P, P, dtype=DTYPE)
+        K = torch.zeros(P, P, dtype=DTYPE)
+        for blk, (A, B) in zip(f.blocks, average[:-1]):
+            i = blk.index.reshape(-1)
+            K[i.unsqueeze(1), i] = torch.kron(B, A)
+            pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
+            root = damping**0.5
+            inverse[i.unsqueeze(1), i] = torch.kron(
+                torch.linalg.inv(B + root / pi * torch.eye(B.shape[0], dtype=DTYPE)),
+                torch.linalg.inv(A + root * pi * torch.eye(A.shape[0], dtype=DTYPE)),
+            )
+        (d,) = average[-1]
+        K[f.diagonal_index, f.diagonal_index] = d
+        inverse[f.diagonal_index, f.diagonal_index] = 1 / (d + damping)
+        if method == "exact":
+            inverse = torch.linalg.inv(K + damping * torch.eye(P, dtype=DTYPE))
+        delta = inverse @ g
+        nu = min(1.0, (kl_clip / float((lr**2 * delta * g).sum())) ** 0.5)
+        nus.append(nu)
+        buf = nu * delta if buf is None else mu * buf + nu * delta
+        with torch.no_grad():
+            start = 0
+            for p in params:
+                p.sub_((lr * buf)[start : start + p.numel()].view_as(p))
+                start += p.numel()
+    return torch.cat([p.detach().reshape(-1) for p in params]), nus
+
+
+@pytest.mark.parametrize("method", ["exact", "heuristic"])
+def test_two_steps_follow_the_documented_update(method):
+    """Two steps with weight decay, momentum, an active KL clip, averaged factors (ρ = 0.7),
+    refresh every step and two param groups (their own lr, μ, wd): θ == the hand-built update
+    of :func:`reference_kfac_steps` (atol 1e-12). A LayerNorm gives diagonal entries too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    with torch.no_grad():  # LayerNorm's affine parameters away from their (1, 0) init
+        model[1].weight.add_(0.3 * torch.randn(6, dtype=DTYPE))
+        model[1].bias.add_(0.3 * torch.randn(6, dtype=DTYPE))
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(16, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(2)
+    ]
+    loss_fn = nn.CrossEntropyLoss()
+    hyper = [dict(lr=0.3, momentum=0.9, weight_decay=0.05), dict(lr=0.1, momentum=0.5, weight_decay=0.2)]
+    options = dict(damping=1e-2, factor_decay=0.7, kl_clip=0.02, damping_method=method)
+
+    def groups(net):
+        return [
+            {"params": list(net[:2].parameters()), **hyper[0]},
+            {"params": list(net[3].parameters()), **hyper[1]},
+        ]
+
+    opt = KFAC(
+        groups(model),
+        model=model,
+        loss_fn=loss_fn,
+        fisher_type="type-2",
+        factor_update_steps=1,
+        inverse_update_steps=1,
+        **options,
+    )
+    for batch in data:
+        opt.step(batch)
+    options.pop("damping_method")
+    theta, nus = reference_kfac_steps(twin, loss_fn, data, groups(twin), method=method, **options)
+    assert all(nu < 0.9 for nu in nus), nus  # the clip is active at both steps
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, theta, rtol=0, atol=1e-12)

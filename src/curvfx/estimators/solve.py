@@ -27,9 +27,10 @@ class CGInfo:
 
     Attributes:
         converged: Whether ‖r‖ ≤ tol · ‖b‖ was reached (False also after negative curvature).
-        num_iters: Iterations done, each one product with A.
-        residual_norm: ‖r‖ = ‖b - (A + λI) x‖ of the returned x (the recursively updated
-            residual, equal to the true one up to rounding).
+        num_iters: Iterations done, each one product with A (one more product computes
+            the true residual of the returned x, and one each time CG restarts from it).
+        residual_norm: ‖r‖ = ‖b - (A + λI) x‖ of the returned x, computed from x (not the
+            recursively updated residual, which drifts from it in low precision).
     """
 
     converged: bool
@@ -59,7 +60,10 @@ def cg(
     until ‖r‖ ≤ tol · ‖b‖ (converged) or ``maxiter`` iterations. CG needs B symmetric
     positive definite: if p_tᵀBp_t ≤ 0 (negative or zero curvature, e.g. an indefinite
     Hessian without enough damping) it stops there and returns the current x with
-    ``converged=False``. Cost: one product with A per iteration (plus one for x_0 ≠ 0).
+    ``converged=False``. Convergence is judged on the true residual ``b - B x``, computed
+    when the recurrence stops; if the recursive residual drifted below the tolerance while
+    the true one did not (rounding, e.g. in float32), CG restarts from x. Cost: one product
+    with A per iteration, plus one for the true residual (and one for x_0 ≠ 0).
 
     Differs from Hestenes & Stiefel (1952) in: the stop on non-positive curvature (as
     in Hessian-free optimization, Martens 2010) instead of producing a meaningless step.
@@ -127,36 +131,54 @@ def cg(
 
 
 def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress):
-    """The CG recurrence; returns (x, iterations, converged, ‖r‖)."""
+    """The CG recurrence; returns (x, iterations, converged, ‖r‖ of the returned x).
+
+    The recursively updated residual drifts from ``b - B x`` in rounding (in float32 it can
+    claim ‖r‖ ≤ tol·‖b‖ while the true residual is 10× larger), so convergence is decided on
+    the true residual, computed (one product) whenever the recurrence claims it or stops;
+    if that one is still too large, CG restarts from x with it.
+    """
     x = None if x0 is None else flat_vector(op, x0, "x0")[0].clone()
     b_norm = float(torch.linalg.vector_norm(b))
     if b_norm == 0:  # B x = 0: x = 0 (B ≻ 0 on the iterates' space), whatever x0
         return torch.zeros_like(b), 0, True, 0.0
-    if x is None:
-        x, r = torch.zeros_like(b), b.clone()
-    else:
-        r = b - B(x)
     threshold = tol * b_norm
+    x, r = (torch.zeros_like(b), b.clone()) if x is None else (x, b - B(x))
+    t = 0
+    with progress_bar(progress, maxiter, "cg") as bar:
+        while True:
+            x, t, curved, r_norm = _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm)
+            if t == 0 and r_norm <= threshold:  # x0 solves it already (r computed exactly)
+                return x, t, True, r_norm
+            r = b - B(x)  # the true residual of the returned x
+            r_norm = float(torch.linalg.vector_norm(r))
+            if r_norm <= threshold or not curved or t >= maxiter:
+                return x, t, r_norm <= threshold and curved, r_norm
+
+
+def _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm):
+    """CG from x with residual r until the recursive ‖r‖ ≤ threshold, t = maxiter, or pᵀBp ≤ 0.
+
+    Returns (x, t, whether the curvature stayed positive, recursive ‖r‖).
+    """
     z = apply_inverse(r)
     p, rz = z.clone(), torch.dot(r, z)
     r_norm = float(torch.linalg.vector_norm(r))
-    t = 0
-    with progress_bar(progress, maxiter, "cg") as bar:
-        while r_norm > threshold and t < maxiter:
-            Bp = B(p)
-            curvature = torch.dot(p, Bp)  # p_tᵀ B p_t
-            if not curvature > 0:
-                return x, t, False, r_norm
-            alpha = rz / curvature
-            x, r = x + alpha * p, r - alpha * Bp
-            z = apply_inverse(r)
-            rz, rz_old = torch.dot(r, z), rz
-            p = z + (rz / rz_old) * p
-            r_norm = float(torch.linalg.vector_norm(r))
-            t += 1
-            bar.update(1)
-            bar.set_postfix_str(f"|r|/|b| = {r_norm / b_norm:.1e}")
-    return x, t, r_norm <= threshold, r_norm
+    while r_norm > threshold and t < maxiter:
+        Bp = B(p)
+        curvature = torch.dot(p, Bp)  # p_tᵀ B p_t
+        if not curvature > 0:
+            return x, t, False, r_norm
+        alpha = rz / curvature
+        x, r = x + alpha * p, r - alpha * Bp
+        z = apply_inverse(r)
+        rz, rz_old = torch.dot(r, z), rz
+        p = z + (rz / rz_old) * p
+        r_norm = float(torch.linalg.vector_norm(r))
+        t += 1
+        bar.update(1)
+        bar.set_postfix_str(f"|r|/|b| = {r_norm / b_norm:.1e}")
+    return x, t, True, r_norm
 
 
 def _preconditioner(preconditioner, op: LinearOperator) -> Callable[[Tensor], Tensor]:
