@@ -9,7 +9,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
+import curvfx
 from curvfx.estimators import (
     CGInfo,
     cg,
@@ -515,6 +517,24 @@ def test_cg_with_a_zero_right_hand_side_returns_zero_whatever_x0():
     assert torch.equal(x, torch.zeros(3, dtype=DTYPE)) and info.converged and info.num_iters == 0
 
 
+def test_cg_reports_the_true_residual_in_float32():
+    """The recursive residual drifts in float32; converged and residual_norm use b - (A + λI) x."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    A64 = Q @ torch.diag(torch.logspace(-3, 3, 300, dtype=torch.float64)) @ Q.T
+    A, b = A64.float(), torch.randn(300, generator=g).float()
+    for tol in (1e-6, 1e-8):
+        x, info = cg(A, b, damping=1e-3, tol=tol, maxiter=2000)
+        true = float(
+            torch.linalg.vector_norm(
+                b.double() - (A64 + 1e-3 * torch.eye(300, dtype=torch.float64)) @ x.double()
+            )
+        )
+        assert info.residual_norm == pytest.approx(true, rel=0.05)
+        assert info.converged == (info.residual_norm <= tol * float(torch.linalg.vector_norm(b)))
+    assert not info.converged  # 1e-8 is below float32's reach here: reported, not claimed
+
+
 def test_cg_maxiter():
     M = psd(50)
     _, info = cg(M, torch.ones(50, dtype=DTYPE), tol=1e-14, maxiter=3)
@@ -672,3 +692,182 @@ def test_bad_operators_and_vectors():
         trace(psd(6), "hutchinson", generator=0)
     with pytest.raises(ValueError, match=r"A V returned a tensor of shape \[3, 2\]"):
         trace(FunctionOperator(lambda v: v[:3], 6, dtype=DTYPE), "hutchinson", num_samples=2)
+
+
+# ---------------------------------------------------------------------------------------
+# reported standard errors of hutch++, xtrace, xdiag against the spread over seeds
+
+
+def test_reported_standard_errors_match_the_spread_over_seeds():
+    """Mean reported std over 100 seeds against the empirical std of the 100 estimates.
+
+    On this indefinite, slowly decaying spectrum (m = 12) the ratios are 0.91 (hutch++),
+    0.84 (xtrace: its leave-one-out estimates are positively correlated, so the std of their
+    mean is a slight underestimate) and 0.87 (xdiag, norm over the entries; each entry
+    0.71-1.07) for seeds 0-99; over six blocks of 50 seeds they ranged over 0.72-1.0 and
+    0.77-0.88 (xdiag). The empirical std of 100 estimates has a relative standard error of
+    about 1/√(2·99) ≈ 7%. Bounds [0.6, 1.6] (entries [0.4, 2.5]): a standard error off by
+    2× fails, ×0.1 and ×10 by far.
+    """
+    M = with_spectrum(torch.linspace(-1, 3, 40), 5)
+    seeds = range(100)
+    for method in ("hutch++", "xtrace"):
+        estimates, stds = (
+            torch.stack(t)
+            for t in zip(
+                *[trace(M, method, num_samples=12, generator=gen(s), return_std=True) for s in seeds]
+            )
+        )
+        ratio = float(stds.mean() / estimates.std())
+        assert 0.6 < ratio < 1.6, (method, ratio)
+    estimates, stds = (
+        torch.stack(t)
+        for t in zip(
+            *[diagonal(M, "xdiag", num_samples=12, generator=gen(s), return_std=True) for s in seeds]
+        )
+    )
+    spread = estimates.std(0)
+    ratio = float(stds.mean(0).norm() / spread.norm())
+    assert 0.6 < ratio < 1.6, ("xdiag", ratio)
+    per_entry = stds.mean(0) / spread
+    assert 0.4 < float(per_entry.min()) and float(per_entry.max()) < 2.5, per_entry
+
+
+# ---------------------------------------------------------------------------------------
+# density: the Gaussian kernel, the mixture, its moments
+
+
+def _normal_pdf(x: torch.Tensor, mean: float, sigma: float) -> torch.Tensor:
+    return torch.exp(-((x - mean) ** 2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+
+
+def test_density_of_one_node_is_the_normal_pdf():
+    grid = torch.linspace(-3, 5, 161, dtype=DTYPE)
+    for nodes, weights in (
+        (torch.tensor([[0.7]], dtype=DTYPE), torch.tensor([[1.0]], dtype=DTYPE)),
+        (torch.tensor([0.7], dtype=DTYPE), torch.tensor([1.0], dtype=DTYPE)),  # [m]: one probe
+    ):
+        for sigma in (0.3, 1.7):
+            phi = density(nodes, weights, grid, sigma=sigma)
+            torch.testing.assert_close(phi, _normal_pdf(grid, 0.7, sigma), rtol=1e-12, atol=0)
+
+
+def test_density_is_the_weighted_mixture_with_the_right_moments():
+    """(1/B) Σ_l Σ_i τ_li N(θ_li, σ²) on a grid; its mean and variance by quadrature on a wide
+    grid are μ = (1/B) Σ τθ and (1/B) Σ τθ² − μ² + σ²."""
+    nodes = torch.tensor([[-1.0, 0.5, 2.0], [0.0, 1.0, 3.5]], dtype=DTYPE)
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=DTYPE)  # rows sum to 1
+    sigma = 0.4
+    grid = torch.linspace(-4, 6, 201, dtype=DTYPE)
+    expected = (
+        sum(weights[b, i] * _normal_pdf(grid, float(nodes[b, i]), sigma) for b in range(2) for i in range(3))
+        / 2
+    )
+    torch.testing.assert_close(density(nodes, weights, grid, sigma=sigma), expected, rtol=1e-12, atol=0)
+    wide = torch.linspace(-12, 14, 26001, dtype=DTYPE)  # ±8σ beyond the nodes; trapezoid is exact to ~1e-12
+    phi = density(nodes, weights, wide, sigma=sigma)
+    mass = float(torch.trapezoid(phi, wide))
+    mean = float(torch.trapezoid(wide * phi, wide))
+    second = float(torch.trapezoid(wide**2 * phi, wide))
+    mu = float((weights * nodes).sum() / 2)
+    assert mass == pytest.approx(1.0, abs=1e-10)
+    assert mean == pytest.approx(mu, abs=1e-10)
+    variance = float((weights * nodes**2).sum() / 2) - mu**2 + sigma**2
+    assert second - mean**2 == pytest.approx(variance, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# spectral_density: Gauss quadrature weights
+
+
+def test_spectral_density_weights_of_a_diagonal_matrix_with_a_full_krylov_space():
+    """diag(3, 1, 1, −2), q = ω/‖ω‖ with ω Rademacher: τ = (qᵀe_j)² = 1/4 per eigenvector, so
+    the nodes −2, 1, 3 carry 1/4, 1/2 (two eigenvectors), 1/4; the restart node, weight 0.
+    Weights are summed per distinct node (the eigenvalue 1 appears twice in T)."""
+    M = torch.diag(torch.tensor([3.0, 1.0, 1.0, -2.0], dtype=DTYPE))
+    nodes, weights = spectral_density(M, num_probes=3, num_steps=4, generator=gen(0))
+    for row_nodes, row_weights in zip(nodes, weights):
+        distinct = torch.tensor([-2.0, 1.0, 3.0], dtype=DTYPE)
+        near = (row_nodes[:, None] - distinct).abs() < 1e-8  # [m, 3]
+        assert bool(near.any(1).all()), row_nodes  # every node is an eigenvalue
+        mass = (row_weights[:, None] * near).sum(0)
+        torch.testing.assert_close(mass, torch.tensor([0.25, 0.5, 0.25], dtype=DTYPE), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_spectral_density_is_gauss_quadrature_for_the_drawn_probes(distribution):
+    """Σ_i τ_li θ_li^k = q_lᵀ A^k q_l / ‖q_l‖² for k < 2m, not for k = 2m.
+
+    The probes are the first draw of the generator (``probes(P, B, distribution, g)``): the
+    same seed reproduces them. A is scaled to ‖A‖₂ ≈ 1 so that the moments stay O(1)."""
+    P, B, m = 30, 3, 5
+    A = symmetric(P, 7) / math.sqrt(P)
+    nodes, weights = spectral_density(
+        A, num_probes=B, num_steps=m, distribution=distribution, generator=gen(4)
+    )
+    Q = probes(P, B, distribution, gen(4), DTYPE)
+    Q = Q / Q.norm(dim=0)
+    AkQ = Q.clone()
+    for k in range(2 * m + 1):
+        exact = (Q * AkQ).sum(0)  # q_lᵀ A^k q_l
+        quadrature = (weights * nodes**k).sum(1)
+        if k < 2 * m:
+            torch.testing.assert_close(quadrature, exact, rtol=0, atol=1e-11)
+        else:  # degree 2m: Gauss quadrature underestimates the even moment by a clear amount
+            assert bool((exact - quadrature > 1e-6).all()), (exact, quadrature)
+        AkQ = A @ AkQ
+
+
+# ---------------------------------------------------------------------------------------
+# layer_curvature with a stochastic trace
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_layer_curvature_hutchinson_traces_within_four_standard_errors(kind):
+    """Per-layer Hutchinson traces against the traces of the dense blocks.
+
+    Truths over the flat parameters, blocks by index: torch.autograd.functional.hessian for
+    the Hessian, Jᵀ(∇²_f L)J with J from jacrev for the GGN. The standard error of m
+    Rademacher probes is √(2(‖A_l‖²_F − Σ_i (A_l)_ii²)/m), computed from the dense block
+    (layer_curvature returns no std); every |tr(A_l)| exceeds 6 of them, so a wrong block or
+    a scale error of 2× fails.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = gen(1)
+    X = torch.randn(16, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (16,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    named = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def outputs(theta):
+        params, i = {}, 0
+        for k, p in named.items():
+            params[k] = theta[i : i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return torch.func.functional_call(model, params, (X,))
+
+    if kind == "hessian":
+        A = torch.autograd.functional.hessian(lambda t: loss_fn(outputs(t), y), flat)
+        op = curvfx.hessian(model, loss_fn, (X, y))
+    else:
+        J = torch.func.jacrev(lambda t: outputs(t).reshape(-1))(flat)
+        f = outputs(flat).detach()
+        H_f = torch.autograd.functional.hessian(lambda o: loss_fn(o.reshape(f.shape), y), f.reshape(-1))
+        A = J.T @ H_f @ J
+        op = curvfx.ggn(model, loss_fn, (X, y))
+    m = 1000
+    result = curvfx.layer_curvature(op, trace_method="hutchinson", num_samples=m, generator=gen(2))
+    assert list(result) == ["0", "2"]
+    start = 0
+    for layer, info in result.items():
+        size = named[f"{layer}.weight"].numel() + named[f"{layer}.bias"].numel()
+        block = A[start : start + size, start : start + size]
+        start += size
+        se = math.sqrt(2 * float(block.square().sum() - block.diagonal().square().sum()) / m)
+        exact = float(block.trace())
+        assert info.num_params == size
+        assert abs(exact) > 6 * se, (layer, exact, se)  # the bound below can see a 2× error
+        assert abs(float(info.trace) - exact) <= 4 * se, (layer, float(info.trace), exact, se)
+        assert abs(float(info.trace) - exact) > 1e-9 * se  # estimated (random), not the exact trace

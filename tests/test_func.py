@@ -656,10 +656,9 @@ def test_fisher_vp_mc_is_the_empirical_formula_at_the_drawn_targets(name):
             gn = _sample_gradient(dense, likelihood, t, n)
             expected += Z / M * gn * (gn @ vf)
     with unchanged(problem, params):
-        Fv = curvfx.fisher_vp(
-            fn, problem.loss_fn, params, problem.x, problem.y, v,
-            kind="mc", num_samples=M, generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        same_seed = torch.Generator().manual_seed(seed)
+        args = (fn, problem.loss_fn, params, problem.x, problem.y, v)
+        Fv = curvfx.fisher_vp(*args, kind="mc", num_samples=M, generator=same_seed)
     assert_close_rel(Fv, unflatten(expected, dense.params), tol=1e-10)
 
 
@@ -698,10 +697,8 @@ def test_fisher_vp_mc_converges_to_the_exact_fisher_at_the_monte_carlo_rate():
     eye = torch.eye(P, dtype=torch.float64)
     errors, ratios = [], []
     for M in (10, 100, 2000):
-        FM = curvfx.fisher_vp(
-            fn, problem.loss_fn, params, problem.x, problem.y, eye,
-            kind="mc", num_samples=M, generator=torch.Generator().manual_seed(M),
-        )  # fmt: skip
+        args = (fn, problem.loss_fn, params, problem.x, problem.y, eye)
+        FM = curvfx.fisher_vp(*args, kind="mc", num_samples=M, generator=torch.Generator().manual_seed(M))
         error = float((FM - F[perm][:, perm]).norm())
         errors.append(error)
         ratios.append(error / math.sqrt(float(V) / M))

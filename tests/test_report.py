@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -215,3 +216,35 @@ def test_bad_model_path_from_the_shell(tmp_path):
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_negative_mass_is_the_slq_weight_below_zero_and_matches_the_dense_spectrum():
+    """negative_mass = (1/B) Σ_l Σ_{θ_li < 0} τ_li of the returned nodes and weights, and, with a
+    full Krylov space (slq_steps = P), an estimate of the share of negative eigenvalues of the
+    dense Hessian: per probe it is Σ_{λ_j < 0} (qᵀu_j)², whose mean over a uniform unit vector
+    q is k/P with variance 2k(P − k)/(P²(P + 2)) (k negative eigenvalues); B = 10 probes, 4
+    standard errors. The Hessian has exact zero eigenvalues (softmax's shift invariance), whose
+    node may fall on either side of 0: k ranges from the count below −tol to that below +tol.
+    """
+    model, loss_fn, x, y = tiny_problem()
+    H = curvfx.hessian(model, loss_fn, (x, y)).to_dense()
+    P, B = H.shape[0], 10
+    g = torch.Generator().manual_seed(3)
+    r = curvature_report(
+        model, loss_fn, (x, y), top_k=1, num_probes=4, slq_probes=B, slq_steps=P, generator=g
+    )
+    nodes, weights = r["slq_nodes"], r["slq_weights"]
+    assert nodes.shape == weights.shape == (B, P)
+    torch.testing.assert_close(weights.sum(1), torch.ones(B, dtype=weights.dtype))
+    below = float(weights[nodes < 0].sum()) / B
+    assert r["negative_mass"] == pytest.approx(below, rel=1e-12, abs=1e-15)
+    eigenvalues = torch.linalg.eigvalsh(H)
+    tol = 1e-8 * float(eigenvalues.abs().max())
+    assert (
+        float(nodes.min()) >= float(eigenvalues[0]) - tol
+        and float(nodes.max()) <= float(eigenvalues[-1]) + tol
+    )
+    k_low, k_high = int((eigenvalues < -tol).sum()), int((eigenvalues < tol).sum())
+    assert 0 < k_low and k_high < P  # the Hessian is indefinite: the check is not trivial
+    se = max(math.sqrt(2 * k * (P - k) / (P**2 * (P + 2)) / B) for k in (k_low, k_high))
+    assert k_low / P - 4 * se <= r["negative_mass"] <= k_high / P + 4 * se
