@@ -592,3 +592,15 @@ def test_class_indices_outside_the_classes_are_refused(loss_obj):
         loss.hessian_vp(f, torch.tensor([0, -2, 1, 1]), f)
     if isinstance(loss_obj, nn.NLLLoss):  # ignore_index is not a class, and may lie outside
         loss.hessian_vp(f, torch.tensor([0, 7, 1, 2]), f)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8])
+def test_class_index_dtypes_torch_refuses_are_refused(dtype):
+    """Torch's losses take int64 or uint8 indices; the curvature (which need not call them) too."""
+    f, t = torch.zeros(4, 3, dtype=DTYPE), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(RuntimeError):
+        nn.CrossEntropyLoss()(f, t.to(dtype))
+    for loss in (get_loss(nn.CrossEntropyLoss()), get_loss(nn.NLLLoss())):
+        with pytest.raises(ValueError, match=r"int64 or uint8"):
+            loss.hessian_vp(f, t.to(dtype), f)
+        loss.hessian_vp(f, t.to(torch.uint8), f)

@@ -329,6 +329,24 @@ def test_operators_refuse_mixed_dtype_and_complex_parameters():
         curvfx.hessian(fn, nn.MSELoss(), (x, y), params=complex_params)
 
 
+def test_scaled_identities_take_their_partners_dtype():
+    """c·I (default dtype float32) composes with a float64 operator from either side."""
+    dense = dense_truth(CASES_BY_NAME["pytree_fn-bce_mean"])
+    problem = dense.problem
+    G = curvfx.ggn(problem.pure_fn, problem.loss_fn, (problem.x, problem.y), params=problem.pure_params)
+    M = _square(dense, dense.ggn)
+    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    I = curvfx.identity(M.shape[0])  # noqa: E741
+    for op, expected in [
+        ((0.5 * I) @ G, 0.5 * M),
+        (G @ (2 * I), 2 * M),
+        ((-I) @ G, -M),
+        ((I + I) @ G, 2 * M),
+        (G + 0.1 * I, M + 0.1 * eye),
+    ]:
+        assert_close_rel(op.to_dense(), expected)
+
+
 def test_single_tensor_params_take_a_params_shaped_vector():
     problem = CASES_BY_NAME["linear-mse_mean"].make()
     W, b = problem.model.weight.detach(), problem.model.bias.detach()

@@ -208,7 +208,7 @@ def _check_class_targets(
     index_shape = (outputs.shape[0], *outputs.shape[2:])
     if targets.is_floating_point() and allow_probabilities:
         check_same_shape(outputs, targets, loss)
-    elif targets.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+    elif targets.dtype in (torch.int64, torch.uint8):  # the index dtypes torch's losses take
         if tuple(targets.shape) != index_shape:
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
@@ -222,7 +222,7 @@ def _check_class_targets(
                     f"ignore_index = {ignore_index}), got values in [{low}, {high}]"
                 )
     else:
-        kinds = "class indices (int64) or probabilities" if allow_probabilities else "class indices (int64)"
+        kinds = "class indices (int64 or uint8)" + (" or probabilities" if allow_probabilities else "")
         raise ValueError(f"targets: {loss} needs {kinds}, got dtype {targets.dtype}")
 
 

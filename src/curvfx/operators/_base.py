@@ -441,13 +441,20 @@ def _as_operator(other) -> LinearOperator:
 
 
 def _adapted(op: LinearOperator, partner: LinearOperator) -> LinearOperator:
-    """``op``, with an identity re-made in ``partner``'s dtype/device; else checks they agree."""
+    """``op``, a multiple of the identity re-made in ``partner``'s dtype/device; else checks they agree."""
     if isinstance(op, IdentityOperator):
         return IdentityOperator(op.shape[0], partner.dtype, partner.device)
-    if isinstance(partner, IdentityOperator):
+    if _identity_multiple(op):  # c·I: a sum whose terms are identities
+        return SumOperator([_adapted(o, partner) for o in op.ops], op.coeffs)
+    if isinstance(partner, IdentityOperator) or _identity_multiple(partner):
         return op
     if op.dtype != partner.dtype or op.device != partner.device:
         raise ValueError(
             f"operators differ in dtype/device: {op.dtype}/{op.device} vs {partner.dtype}/{partner.device}"
         )
     return op
+
+
+def _identity_multiple(op: LinearOperator) -> bool:
+    """Whether ``op`` is a sum of identities (a scaled identity)."""
+    return isinstance(op, SumOperator) and all(isinstance(o, IdentityOperator) for o in op.ops)
