@@ -821,3 +821,33 @@ def test_ggn_symmetric_psd_and_operators_linear(name, operator, seed, a, b):
     Av, Aw = A @ v, A @ w
     lhs, rhs = A @ (a * v + b * w), a * Av + b * Aw
     assert (lhs - rhs).norm().item() <= 1e-10 * (abs(a) * Av.norm() + abs(b) * Aw.norm()).item() + 1e-13
+
+
+def test_sixteen_bit_operators_and_autocast_accumulate_in_float32():
+    """Z_b-weighted batch sums and KFAC's sums of squares overflow float16 when kept in it;
+    under bfloat16 autocast the exact diagonal mixes dtypes. Both match float64 closely."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    x, y = torch.randn(8192, 16) * 8, torch.randn(8192, 16)
+    batches = [(x[:4096], y[:4096]), (x[4096:], y[4096:])]
+    reference = copy.deepcopy(model).double()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    truth = curvfx.ggn(reference, nn.MSELoss(), [(a.double(), b.double()) for a, b in batches]) @ v
+    half = copy.deepcopy(model).half()
+    got = curvfx.ggn(half, nn.MSELoss(), [(a.half(), b.half()) for a, b in batches]) @ v.half()
+    assert got.dtype == torch.float16
+    assert float((got.double() - truth).norm() / truth.norm()) < 2e-2
+    K16 = curvfx.kfac(half, nn.MSELoss(), [(a.half(), b.half()) for a, b in batches])
+    K64 = curvfx.kfac(reference, nn.MSELoss(), [(a.double(), b.double()) for a, b in batches])
+    for b16, b64 in zip(K16.factors.blocks, K64.factors.blocks):
+        assert b16.A.dtype == torch.float16
+        assert float((b16.A.double() - b64.A).norm() / b64.A.norm()) < 1e-2
+
+    xs, ys = torch.randn(32, 16), torch.randint(0, 16, (32,))
+    dense_diag = curvfx.diagonal(curvfx.ggn(reference, nn.CrossEntropyLoss(), (xs.double(), ys)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        diag = curvfx.diagonal(curvfx.ggn(model, nn.CrossEntropyLoss(), (xs, ys)))
+        kfac_diag = curvfx.diagonal(curvfx.kfac(model, nn.CrossEntropyLoss(), (xs, ys)))
+    assert float((diag.double() - dense_diag).norm() / dense_diag.norm()) < 3e-2
+    exact_kfac = curvfx.diagonal(curvfx.kfac(reference, nn.CrossEntropyLoss(), (xs.double(), ys)))
+    assert float((kfac_diag.double() - exact_kfac).norm() / exact_kfac.norm()) < 3e-2

@@ -125,9 +125,15 @@ def _outer_squares(
         if per_sample:  # Σ_g (Σ_o g²)(Σ_i a²)
             result[names["weight"]] = (g2.sum(2) * a2.sum(2)).sum(1)
         else:  # Σ_n g_n² a_n²ᵀ per group: one batched matrix product [G, out, in]
+            dtype = torch.promote_types(g2.dtype, a2.dtype)  # under autocast they may differ
             into = out.get(names["weight"])
-            into = None if into is None else into.view(a.shape[1], g2.shape[-1], a.shape[-1])
-            w = torch.bmm(g2.permute(1, 2, 0), a2.transpose(0, 1), out=into)
+            into = (
+                None
+                if into is None or into.dtype != dtype
+                else into.view(a.shape[1], g2.shape[-1], a.shape[-1])
+            )
+            with torch.autocast(a.device.type, enabled=False):  # summed in that precision
+                w = torch.bmm(g2.permute(1, 2, 0).to(dtype), a2.transpose(0, 1).to(dtype), out=into)
             result[names["weight"]] = w.reshape(module.weight.shape)
     if "bias" in names:
         result[names["bias"]] = g2.sum((1, 2)) if per_sample else g2.sum(0).reshape(-1)

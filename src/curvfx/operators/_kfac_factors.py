@@ -199,10 +199,11 @@ def kronecker_factors(
     factors = layout(model_fn, params)
     blocks = {blk.module: blk for blk in factors.blocks}
     dtype, device = factors.diagonal.dtype, factors.diagonal.device
+    summed = torch.promote_types(dtype, torch.float32)  # sums of squares overflow 16 bits
     for blk in factors.blocks:  # accumulators Σ ã ãᵀ, Σ_b z_b Σ g gᵀ: uninitialized until first written
         size_out, size_in = blk.shape
-        blk.A = torch.empty(size_in, size_in, dtype=dtype, device=device)
-        blk.B = torch.empty(size_out, size_out, dtype=dtype, device=device)
+        blk.A = torch.empty(size_in, size_in, dtype=summed, device=device)
+        blk.B = torch.empty(size_out, size_out, dtype=summed, device=device)
     counts = dict.fromkeys(blocks, 0)
     diagonal, z_total = 0.0, 0.0
     reader = "reduce" if kfac_approx == "reduce" else None
@@ -230,6 +231,7 @@ def kronecker_factors(
         else:  # a layer never called: a zero block
             blk.A.zero_()
             blk.B.zero_()
+        blk.A, blk.B = blk.A.to(dtype), blk.B.to(dtype)
     if factors.diagonal_params:
         factors.diagonal = diagonal / norm
     return factors
@@ -395,6 +397,7 @@ def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> 
     into place first; with T < d (late layers of deep CNNs) the per-entry [d, d] products
     would outgrow the rows, which are then copied.
     """
+    t = t.to(total.dtype)  # 16-bit inputs (or autocast's) summed in float32
     d, positions = t.shape[-1], t.shape[-2]
     if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
         rows = t.reshape(-1, d)

@@ -212,12 +212,13 @@ class CurvatureOperator(LinearOperator):
         """
         mean = self.loss.reduction != "sum"
         per_batch = self._with_randomness(per_batch)
+        accumulated = torch.promote_types(self.dtype, torch.float32)  # Z_b · term overflows 16 bits
 
         def local() -> tuple[Tensor, Any]:
             total, z_total = None, 0.0
             for b, (x, y) in enumerate(self.data):
                 z = self.loss.normalizer(y) if mean else 1.0
-                term = per_batch(b, x, y) * z
+                term = per_batch(b, x, y).to(accumulated) * z
                 total = term if total is None else total + term
                 z_total = z_total + z
             return total, z_total
@@ -246,7 +247,7 @@ class CurvatureOperator(LinearOperator):
             )
         if mean and not bool(z_total > 0):
             raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
-        return self.factor * (total / z_total if mean else total)
+        return (self.factor * (total / z_total if mean else total)).to(self.dtype)
 
     def _with_randomness(
         self, per_batch: Callable[[int, Any, Tensor], Tensor]
