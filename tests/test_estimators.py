@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import types
@@ -871,3 +872,26 @@ def test_layer_curvature_hutchinson_traces_within_four_standard_errors(kind):
         assert abs(exact) > 6 * se, (layer, exact, se)  # the bound below can see a 2× error
         assert abs(float(info.trace) - exact) <= 4 * se, (layer, float(info.trace), exact, se)
         assert abs(float(info.trace) - exact) > 1e-9 * se  # estimated (random), not the exact trace
+
+
+def test_sixteen_bit_operators_run_every_estimator_in_float32():
+    """QR, eigh and SVD have no 16-bit kernels: the estimators keep float32 vectors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    G64 = curvfx.ggn(copy.deepcopy(model).double(), nn.CrossEntropyLoss(), (x.double(), y)).to_dense()
+    G16 = curvfx.ggn(copy.deepcopy(model).bfloat16(), nn.CrossEntropyLoss(), (x.bfloat16(), y))
+    top = float(torch.linalg.eigvalsh(G64)[-1])
+    assert float(curvfx.eigsh(G16, k=1, generator=gen(0))[0][0]) == pytest.approx(top, rel=3e-2)
+    P = G64.shape[0]
+    for method in ("hutch++", "xtrace"):
+        assert float(trace(G16, method, num_samples=2 * (P // 2), generator=gen(1))) == pytest.approx(
+            float(G64.trace()), rel=3e-2
+        )
+    d = diagonal(G16, "xdiag", num_samples=2 * (P // 2), generator=gen(2))
+    assert float((d.double() - G64.diagonal()).norm() / G64.diagonal().norm()) < 5e-2
+    nodes, weights = spectral_density(G16, num_probes=2, num_steps=10, generator=gen(3))
+    assert nodes.dtype == torch.float32 and float(weights.sum(1).min()) == pytest.approx(1.0, rel=1e-5)
+    K = curvfx.kfac(copy.deepcopy(model).bfloat16(), nn.CrossEntropyLoss(), (x.bfloat16(), y))
+    K64 = curvfx.kfac(copy.deepcopy(model).double(), nn.CrossEntropyLoss(), (x.double(), y))
+    assert float(K.logdet(damping=0.1)) == pytest.approx(float(K64.logdet(damping=0.1)), rel=3e-2)

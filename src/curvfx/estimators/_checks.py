@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvfx._errors import all_finite, describe
 from curvfx._pytree import as_tree, ravel
 from curvfx.operators._base import LinearOperator, as_operator
 
-__all__ = ["check_count", "flat_vector", "products", "square_operator"]
+__all__ = ["check_count", "flat_vector", "products", "square_operator", "working_precision"]
 
 OperatorLike = LinearOperator | Tensor | Callable[[Tensor], Tensor]
 
@@ -38,6 +39,40 @@ def square_operator(
             "DenseOperator(M, symmetric=True)"
         )
     return op
+
+
+def working_precision(op: LinearOperator) -> LinearOperator:
+    """``op`` with float32 vectors where its dtype is 16-bit, else ``op`` itself.
+
+    QR, eigh and SVD have no 16-bit kernels, and sketches and Lanczos recurrences lose
+    their accuracy in 16 bits: the estimators that need them keep their vectors in float32
+    and cast only the operator's products (results come back in float32).
+    """
+    if op.dtype not in (torch.float16, torch.bfloat16):
+        return op
+    return _Float32Vectors(op)
+
+
+class _Float32Vectors(LinearOperator):
+    """A 16-bit operator seen with float32 vectors (each product cast in and out)."""
+
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.shape, self.dtype, self.device = op.shape, torch.float32, op.device
+        self.in_like, self.out_like = op.in_like, op.out_like
+        self.symmetric, self.chunk_size = op.symmetric, op.chunk_size
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.op._matvec(v.to(self.op.dtype)).float()
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.op._matmat(V.to(self.op.dtype)).float()
+
+    def _rmatvec(self, v: Tensor) -> Tensor:
+        return self.op._rmatvec(v.to(self.op.dtype)).float()
+
+    def _rmatmat(self, V: Tensor) -> Tensor:
+        return self.op._rmatmat(V.to(self.op.dtype)).float()
 
 
 def products(op: LinearOperator, V: Tensor, who: str, *, transpose: bool = False) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from curvfx._errors import all_finite
-from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator
+from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator, working_precision
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
 from curvfx.estimators._sketch import leave_one_out_vectors
@@ -117,6 +117,7 @@ def diagonal(
     if method == "xdiag" and (m % 2 or m // 2 > P):
         raise ValueError(f"num_samples: xdiag needs an even m with m/2 <= P = {P}, got m = {m}")
     g = make_generator(generator, op.device, process_group_of(op))
+    op = working_precision(op) if method == "xdiag" else op
     part = {"hutchinson": _hutchinson, "xdiag": _xdiag}[method]
     with progress_bar(progress, m, f"diagonal ({method})") as bar:
         estimates = part(op, m, distribution, g, bar)  # [P, n] terms whose mean is d

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator
+from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator, working_precision
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
@@ -53,8 +53,12 @@ def eigsh(
     eigenspace, so for k ≥ 2 a further run on the complement of the k pairs found,
     ``(I - U Uᵀ) A (I - U Uᵀ)`` from a start vector orthogonal to U, looks for a wanted
     eigenvalue they missed (another copy of a repeated one); each one it finds replaces
-    the last pair, and the search repeats. Cost: t products with A for the main run, plus
-    one shorter run per check (k ≥ 2 only); memory P·t, plus O(t³) per convergence check.
+    the last pair, and the search repeats. Cost, in products with A (one column each):
+    t ≤ ``num_iters`` for the main run, which is all for k = 1. For k ≥ 2 the searches
+    follow: at least one (none if k = P), at most k (one more after each missed
+    eigenvalue found), each a Lanczos run of up to ``num_iters`` steps that stops once its
+    single Ritz pair converges. So at most (k + 1)·``num_iters`` products in all. Memory
+    P·t per run, plus O(t³) per convergence check.
 
     Differs from Lanczos (1950) / ARPACK in: no implicit restarts (the basis grows to
     ``num_iters``); two passes of classical Gram-Schmidt against the whole basis at every
@@ -114,6 +118,7 @@ def eigsh(
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
 
     g = make_generator(generator, op.device, process_group_of(op))
+    op = working_precision(op)
     with progress_bar(progress, num_iters, f"eigsh ({which} {k})") as bar:
         theta, U, residual, steps = _extreme_pairs(op, k, which, num_iters, tol, g, bar)
         _warn_unconverged(residual, tol, steps, P, "Ritz pairs")

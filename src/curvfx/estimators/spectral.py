@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, square_operator
+from curvfx.estimators._checks import OperatorLike, check_count, square_operator, working_precision
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
@@ -82,6 +82,7 @@ def spectral_density(
     if num_steps > P:
         raise ValueError(f"num_steps: at most P = {P} Lanczos steps are possible, got {num_steps}")
     g = make_generator(generator, op.device, process_group_of(op))
+    op = working_precision(op)
     V0 = probes(P, num_probes, distribution, g, op.dtype, op.device)
     with progress_bar(progress, num_steps, "spectral_density (Lanczos steps)") as bar:
         alphas, betas, _ = lanczos(op, V0, num_steps, g, bar, "spectral_density")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator
+from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator, working_precision
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
 from curvfx.estimators._sketch import leave_one_out_vectors
@@ -118,6 +118,7 @@ def trace(
         return (estimate, torch.zeros_like(estimate)) if return_std else estimate
     m = _check_num_samples(method, num_samples, P, return_std)
     g = make_generator(generator, op.device, process_group_of(op))
+    op = working_precision(op) if method != "hutchinson" else op
     part = {"hutchinson": _hutchinson, "hutch++": _hutchpp, "xtrace": _xtrace}[method]
     with progress_bar(progress, m, f"trace ({method})") as bar:
         estimate, std = part(op, m, distribution, g, bar)

@@ -227,8 +227,8 @@ def spectrum_inverse(s: KroneckerSpectrum, damping: float, params: PyTree = None
 
 def eigh_pair(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Q_B, λ_B, Q_A, λ_A)`` with eigenvalues clamped at 0 (the factors are PSD)."""
-    lB, QB = torch.linalg.eigh(B)
-    lA, QA = torch.linalg.eigh(A)
+    lB, QB = _in_float32(torch.linalg.eigh, B)
+    lA, QA = _in_float32(torch.linalg.eigh, A)
     return QB, lB.clamp_min(0), QA, lA.clamp_min(0)
 
 
@@ -245,10 +245,23 @@ def _pi(A: Tensor, B: Tensor) -> float:
 
 def _damped_inverse(M: Tensor, shift: float) -> Tensor:
     """``(M + shift·I)⁻¹`` of a PSD matrix by Cholesky."""
-    L, info = torch.linalg.cholesky_ex(M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+    damped = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    L, info = _in_float32(torch.linalg.cholesky_ex, damped)
     if int(info) != 0:
         raise ValueError("damping: the damped matrix is singular (a Kronecker factor); use damping > 0")
-    return torch.cholesky_inverse(L)
+    return _in_float32(torch.cholesky_inverse, L)
+
+
+def _in_float32(decomposition, M: Tensor):
+    """``decomposition(M)``, computed in float32 for a 16-bit M (no 16-bit kernels), cast back."""
+    if M.dtype not in (torch.float16, torch.bfloat16):
+        return decomposition(M)
+    out = decomposition(M.float())
+    return (
+        tuple(t.to(M.dtype) if t.is_floating_point() else t for t in out)
+        if isinstance(out, tuple)
+        else out.to(M.dtype)
+    )
 
 
 def _reciprocal(values: Tensor) -> Tensor:

@@ -54,15 +54,22 @@ class GaussNewton(torch.optim.Optimizer):
     ``solver="cg"`` runs :func:`curvfx.cg` with products Jᵀ(J v) + D v (2mP flops each)
     and never forms JᵀJ.
 
-    Differs from torchzero's ``tz.m.GaussNewton`` in: 1. it is a standalone
+    Differs from torchzero 0.4.4's ``tz.m.GaussNewton`` (used as
+    ``tz.Optimizer(params, tz.m.GaussNewton(...))``) in: 1. it is a standalone
     ``torch.optim.Optimizer`` with the step applied (lr 1); torchzero's composition with
     ``tz.m.Backtracking`` and ``tz.m.TrustCG`` becomes the options ``line_search`` and
-    ``solver="cg"`` (a line search on the CG step, not a trust region). 2. The system is
-    solved by Cholesky (or the equivalent m × m system when m < P) instead of ``lstsq`` on
-    JᵀJ + reg·I: the same step where the system is nonsingular, more accurate for small
-    reg and m < P; reg = 0 gives the minimum-norm step -J⁺r. 3. ``reg`` may differ between
-    param groups (a diagonal D). 4. The closure must return a 1-D tensor; torchzero
-    flattens any shape silently. Parameters with ``requires_grad=False`` are not updated.
+    ``solver="cg"`` (a line search on the CG step, not a trust region); torchzero's
+    ``update_freq`` and ``inner`` have no counterpart, and its positional order
+    ``(reg, update_freq, batched, inner)`` differs, so pass options by keyword. 2. The
+    linear system is the same (torchzero solves (JJᵀ + reg·I) z = r, d = -Jᵀz when
+    m < P, and (JᵀJ + reg·I) d = -Jᵀr otherwise, with ``solve_ex``), and so is the step
+    up to rounding; curvfx factors it by Cholesky (for m < P in the rescaled form
+    J D⁻¹ Jᵀ + I), falls back to the pseudo-inverse when it is singular, and gives the
+    minimum-norm step -J⁺r for reg = 0. 3. ``reg`` may differ between param groups (a
+    diagonal D). 4. :meth:`step` returns the 0-d rᵀr; torchzero's returns the closure's
+    residual vector r. Both need 1-D residuals (torchzero's step fails with a shape
+    error for most other shapes, curvfx raises ``ValueError``). Parameters with
+    ``requires_grad=False`` are not updated.
 
     Args:
         params: Parameters or param groups, as for any ``torch.optim.Optimizer``; all

@@ -34,7 +34,7 @@ class SumOfSquares:
     ``sos(True)``: one evaluation of r and one backward pass.
 
     Differs from torchzero in: torchzero's ``SumOfSquares`` is a module of a
-    ``tz.Modular`` chain that replaces the chain's closure; curvfx has no module chains, so
+    ``tz.Optimizer`` chain that replaces the chain's closure; curvfx has no module chains, so
     the class adapts the closure itself (call the instance on it). The constructor takes
     no arguments, as torchzero's.
 
