@@ -189,14 +189,7 @@ class NLLLoss(Loss):
             return 1.0
         return _counted_weight(targets, self.weight, self.ignore_index)
 
-    def _sample_targets(
-        self, outputs: Tensor, generator: torch.Generator | None = None, *, observed=None
-    ) -> Tensor:
-        """Class indices drawn from ``Categorical(softmax(f))``."""
-        if self.weight is not None:
-            raise ValueError(f"{self.name}: sampling targets with a class weight= is not defined")
-        draws = _sample_categorical(outputs.detach().softmax(dim=1), generator)
-        return _keep_ignored(draws, observed, self.ignore_index)
+    _sample_targets = CrossEntropyLoss._sample_targets  # the same predictive, Categorical(softmax(f))
 
 
 def _check_class_targets(
