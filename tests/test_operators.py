@@ -851,3 +851,28 @@ def test_sixteen_bit_operators_and_autocast_accumulate_in_float32():
     assert float((diag.double() - dense_diag).norm() / dense_diag.norm()) < 3e-2
     exact_kfac = curvfx.diagonal(curvfx.kfac(reference, nn.CrossEntropyLoss(), (xs.double(), ys)))
     assert float((kfac_diag.double() - exact_kfac).norm() / exact_kfac.norm()) < 3e-2
+
+
+def test_jacobian_of_a_model_that_upcasts_its_outputs_keeps_the_parameters_dtype():
+    """bfloat16 weights, float32 logits (as language models do): J and Jᵀ compose."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    model = nn.Sequential(copy.deepcopy(lin).bfloat16(), _Upcast())
+    x = torch.randn(4, 5).bfloat16()
+    J = curvfx.jacobian(model, x)
+    v = torch.randn(J.shape[1]).bfloat16()
+    assert (J @ v).dtype == torch.bfloat16 and (J.T @ (J @ v)).dtype == torch.bfloat16
+    lin64 = copy.deepcopy(lin).double()
+    dense = torch.func.jacrev(lambda w: torch.func.functional_call(lin64, w, (x.double(),)))(
+        dict(lin64.named_parameters())
+    )
+    Jd = torch.cat([dense[k].reshape(12, -1) for k in ("weight", "bias")], 1)
+    assert (
+        float(((J.T @ (J @ v)).double() - Jd.T @ (Jd @ v.double())).norm() / (Jd.T @ Jd @ v.double()).norm())
+        < 3e-2
+    )
+
+
+class _Upcast(nn.Module):
+    def forward(self, t):
+        return t.float()

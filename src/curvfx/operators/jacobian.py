@@ -48,7 +48,7 @@ class JacobianOperator(LinearOperator):
         self.compile_options = compile_options(compile)
         self.randomness = check_randomness(randomness, model_fn)
         self.model_seed = fixed_seed(randomness, None, self.device)
-        self._output_shape = None
+        self._output_shape, self._output_dtype = None, None
         self._compiled: dict[str, CompiledProduct] = {}
 
     @property
@@ -59,7 +59,8 @@ class JacobianOperator(LinearOperator):
                 torch.no_grad(),
                 batch_randomness(self.randomness, self.model_seed, 0, self.model_fn, self.device),
             ):
-                self._output_shape = self.model_fn(self.params, self.x).shape
+                outputs = self.model_fn(self.params, self.x)
+                self._output_shape, self._output_dtype = outputs.shape, outputs.dtype
         return self._output_shape
 
     @property
@@ -75,15 +76,21 @@ class JacobianOperator(LinearOperator):
         return self.params
 
     def _jv(self, x: Any, v: Tensor, strategy: str = "auto") -> Tensor:
-        """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``)."""
+        """``vec(J v)`` [N·C] for a flat ``v`` [P]: forward mode ("func": ``torch.func.jvp``).
+
+        J has the parameters' dtype: outputs computed in another (a model that upcasts its
+        logits) are cast to it, and ``u`` is cast to the outputs' dtype in ``Jᵀ u``.
+        """
         tree = unravel(v, self.params)
         if strategy == "func":
-            return func_jvp(lambda p: self.model_fn(p, x), self.params, tree)[1].reshape(-1)
-        return model_jvp(self.model_fn, self.params, x, tree).reshape(-1)
+            jv = func_jvp(lambda p: self.model_fn(p, x), self.params, tree)[1]
+        else:
+            jv = model_jvp(self.model_fn, self.params, x, tree)
+        return jv.reshape(-1).to(self.dtype)  # outputs of another dtype (float32 logits) take J's
 
     def _jtu(self, x: Any, u: Tensor, strategy: str = "auto") -> Tensor:
         """``Jᵀ u`` [P] for a flat ``u`` [N·C]: one backward pass ("func": ``torch.func.vjp``)."""
-        u = u.reshape(self.output_shape)
+        u = u.reshape(self.output_shape).to(self._output_dtype)
         if strategy == "func":
             return ravel(torch.func.vjp(lambda p: self.model_fn(p, x), self.params)[1](u)[0])
         return ravel(model_vjp(self.model_fn, self.params, x, u))
