@@ -895,3 +895,24 @@ def test_sixteen_bit_operators_run_every_estimator_in_float32():
     K = curvfx.kfac(copy.deepcopy(model).bfloat16(), nn.CrossEntropyLoss(), (x.bfloat16(), y))
     K64 = curvfx.kfac(copy.deepcopy(model).double(), nn.CrossEntropyLoss(), (x.double(), y))
     assert float(K.logdet(damping=0.1)) == pytest.approx(float(K64.logdet(damping=0.1)), rel=3e-2)
+
+
+def test_cg_callback_sees_every_iterate_and_restarts_stop_when_they_stall():
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=DTYPE))
+    M = Q @ torch.diag(torch.logspace(0, 2, 60, dtype=DTYPE)) @ Q.T
+    M = (M + M.T) / 2
+    b = torch.randn(60, generator=g, dtype=DTYPE)
+    seen = []
+    x, info = cg(M, b, tol=1e-10, callback=lambda t, xt: seen.append((t, xt)))
+    assert [t for t, _ in seen] == list(range(1, info.num_iters + 1))
+    for t, xt in seen[:: max(1, len(seen) // 5)]:  # x_t of the run = a run stopped after t iterations
+        alone, _ = cg(M, b, tol=1e-300, maxiter=t)
+        assert float((xt - alone).norm() / alone.norm()) < 1e-10
+    assert torch.equal(seen[-1][1], x)
+    # float32 beyond its reach: restarts stop once one no longer halves the true residual
+    Q32, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=DTYPE))
+    A = (Q32 @ torch.diag(torch.logspace(0, 4, 300, dtype=DTYPE)) @ Q32.T).float()
+    A = (A + A.T) / 2
+    _, info = cg(A, torch.randn(300, generator=g).float(), tol=1e-6, maxiter=3000)
+    assert not info.converged and info.num_iters < 1500

@@ -727,3 +727,53 @@ def test_model_vjp_and_jvp_match_the_dense_jacobian(case, problem, dense):
     assert_close_rel(Jv_flat, Jv, tol=1e-12)
     lhs, rhs = float((u * Jv).sum()), float(tree_dot(JTu, v))
     assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-14)
+
+
+def test_products_are_differentiable_in_targets_alone():
+    """Only y requires grad (targets fitted, e.g. distillation): d/dy against torch.func truths."""
+    fn, params, x, _, _ = _tiny_problem()
+    mse = nn.MSELoss()
+    theta0 = curvfx.ravel(params)
+    y0 = torch.randn(5, 2, dtype=torch.float64)
+    v = torch.randn(theta0.shape[0], dtype=torch.float64)
+
+    def sample_grads(targets):  # ∇_θ ℓ(f(θ, x_n), y_n), a loop of torch.func.grad
+        def sample_loss(t, n):
+            return mse(fn(curvfx.unravel(t, params), x[n : n + 1]), targets[n : n + 1])
+
+        return torch.stack([torch.func.grad(sample_loss)(theta0, n) for n in range(5)])
+
+    def ef_v(targets):  # Z Σ_n ∇L_n ∇L_nᵀ v with Z = N·C, L_n = ℓ_n / N: (C/N) Σ_n g_n g_nᵀ v
+        g = sample_grads(targets)
+        return g.T @ (g @ v) * 2 / 5
+
+    def norms(targets):
+        return sample_grads(targets).norm(dim=1).sum()
+
+    u = torch.randn_like(v)
+    y = y0.clone().requires_grad_()
+    got = torch.autograd.grad(u @ curvfx.fisher_vp(fn, mse, params, x, y, v, kind="empirical"), y)[0]
+    assert_close_rel(got, torch.func.grad(lambda t: u @ ef_v(t))(y0), tol=1e-10)
+    for backend in ("auto", "generic"):
+        got = torch.autograd.grad(
+            curvfx.per_sample_grad_norms(fn, mse, params, x, y, backend=backend).sum(), y
+        )[0]
+        assert_close_rel(got, torch.func.grad(norms)(y0), tol=1e-10)
+
+
+def test_auto_falls_back_to_one_forward_pass_for_models_without_forward_mode():
+    """An LSTM has no forward-mode rule: a differentiable GGN product takes torch.func's vjp route."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+
+    def fn(p, x):
+        return torch.func.functional_call(lstm, p, (x,))[0][:, -1]
+
+    params = {k: t.detach().clone().requires_grad_() for k, t in lstm.named_parameters()}
+    x, y = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    got = curvfx.ggn_vp(fn, nn.MSELoss(), params, x, y, v)
+    assert all(t.requires_grad for t in tree_leaves(got))
+    with torch.no_grad():
+        expected = curvfx.ggn_vp(fn, nn.MSELoss(), params, x, y, v, strategy="autograd")
+    assert_close_rel(got, expected, tol=1e-10)

@@ -69,12 +69,12 @@ def pick(strategy: str, allowed: tuple[str, ...], *, eager: str, composable: str
     if strategy in EAGER_STRATEGIES and transformed:
         raise ValueError(
             f"strategy: {strategy!r} runs torch.autograd, which cannot run inside a torch.func "
-            f"transform; use 'auto' or {composable!r}"
+            f"transform; use 'auto' or {composable.removeprefix('auto-')!r}"
         )
     if strategy in EAGER_STRATEGIES and differentiable:
         raise ValueError(
             f"strategy: {strategy!r} gives a result without an autograd graph, but the parameters, "
-            f"the vector or the data require grad; use 'auto' or {composable!r} for a "
+            f"the vector or the data require grad; use 'auto' or {composable.removeprefix('auto-')!r} for a "
             "differentiable result, or call under torch.no_grad() (or detach them) for its value"
         )
     return strategy
@@ -219,7 +219,8 @@ def gauss_newton_vp(
     Engines: "forward-ad" (dual parameters give f and Jv in one forward pass, then one
     backward pass), "autograd" (Jv as the derivative of u ↦ Jᵀu by double backprop),
     "auto-eager" ("forward-ad", falling back to "autograd" when an operation of the model
-    has no forward-mode derivative) each evaluate the model once; "func" (``torch.func.jvp``
+    has no forward-mode derivative) each evaluate the model once; "auto-func" is "func",
+    falling back to "func-vjp" likewise; "func" (``torch.func.jvp``
     then ``torch.func.vjp``) evaluates it twice, which under ``vmap`` over tangents is
     twice as fast per column as a double-vjp; the random number state is replayed for the
     second pass, so both see the same dropout masks. "func-vjp" is that double-vjp with
@@ -233,6 +234,15 @@ def gauss_newton_vp(
         check(outputs)
         jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
+    if engine == "auto-func":  # "func", or "func-vjp" for a model without forward-mode rules
+        rng = rng_state()
+        try:
+            return gauss_newton_vp(model_at, params, v, output_product, check, "func")
+        except (NotImplementedError, RuntimeError) as err:
+            if not _no_forward_mode(err):
+                raise
+            set_rng_state(rng)
+            return gauss_newton_vp(model_at, params, v, output_product, check, "func-vjp")
     if engine == "func":
         rng = rng_state()
         outputs, jv = func_jvp(model_at, params, v)  # f, Jv

@@ -127,10 +127,10 @@ def _stack(trees: list[PyTree]) -> PyTree:
 def _loss_gradient(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
     """``∇_f L(f, targets)`` at ``f = outputs``.
 
-    By ``torch.func.grad`` inside transforms or for outputs with a graph (the result then
-    keeps it), else by one plain backward pass (less overhead).
+    By ``torch.func.grad`` inside transforms or for outputs or targets with a graph (the
+    result then keeps it), else by one plain backward pass (less overhead).
     """
-    if inside_transform() or outputs.requires_grad:
+    if inside_transform() or outputs.requires_grad or getattr(targets, "requires_grad", False):
         return grad(lambda f: loss(f, targets))(outputs)
     with torch.enable_grad():
         f = outputs.detach().requires_grad_()

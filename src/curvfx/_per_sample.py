@@ -74,7 +74,7 @@ def per_sample_grad(
     loss = get_loss(loss_fn)
     check_batch(x, y)
     _check_independent_samples(fn, "per_sample_grad")
-    structured = sample_grads_route(fn, params, x, backend)  # before any work
+    structured = sample_grads_route(fn, params, (x, y), backend)  # before any work
     n, p = leaves(x)[0].shape[0], num_params(params)
     check_fits(f"per_sample_grad: the result [N={n}, P={p}]", n * p, leaves(params)[0].dtype, _FEWER)
     grads = structured_sample_grads(fn, params, x, _sample_residuals(loss, y)) if structured else {}
@@ -120,7 +120,7 @@ def per_sample_grad_norms(
     _check_independent_samples(fn, "per_sample_grad_norms")
     check_backend(backend)  # before any work
     squares = sample_squares(
-        fn, params, x, _sample_residuals(loss, y), chunk_size, per_sample=True, backend=backend
+        fn, params, x, _sample_residuals(loss, y), chunk_size, per_sample=True, backend=backend, y=y
     )
     return sum(leaves(squares)).sqrt()
 

@@ -64,6 +64,7 @@ def sample_squares(
     chunk_size: Chunk = None,
     per_sample: bool = False,
     backend: str = "auto",
+    y: Any = None,
 ) -> Any:
     """``Σ_n Σ_k (J_nᵀ s_kn)²`` (or per sample) by the route ``backend`` picks.
 
@@ -80,21 +81,21 @@ def sample_squares(
     Raises:
         ValueError: For an unknown ``backend``, or "structured" with a pure function.
     """
-    if _structured_route(fn, params, backend, x):
+    if _structured_route(fn, params, backend, (x, y)):
         return structured_diagonal(fn, params, x, S, chunk_size, per_sample)
-    return _generic_squares(fn, params, x, S, chunk_size, per_sample)
+    return _generic_squares(fn, params, x, S, chunk_size, per_sample, y)
 
 
 def raveled_squares(
-    fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk = None, backend: str = "auto"
+    fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk = None, backend: str = "auto", y: Any = None
 ) -> Tensor:
     """``Σ_n Σ_k (J_nᵀ s_kn)²`` as one vector [P] (:func:`sample_squares`, then raveled).
 
     On the structured route the layers write their largest results straight into the
     vector (no copy of the diagonal, no second P-sized allocation).
     """
-    if not _structured_route(fn, params, backend, x):
-        return ravel(_generic_squares(fn, params, x, S, chunk_size, False))
+    if not _structured_route(fn, params, backend, (x, y)):
+        return ravel(_generic_squares(fn, params, x, S, chunk_size, False, y))
     first = next(iter(params.values()))
     flat = first.new_empty(num_params(params))
     into = unravel(flat, params)
@@ -105,13 +106,13 @@ def raveled_squares(
     return flat
 
 
-def _structured_route(fn: Any, params: Any, backend: str, x: Any = None) -> bool:
+def _structured_route(fn: Any, params: Any, backend: str, data: Any = None) -> bool:
     """Whether ``backend`` takes the structured route (ValueError if it is impossible).
 
     The route reads the layers' recorded inputs and output gradients with ``torch.autograd``,
     so its results carry no graph: "auto" leaves it to the generic route inside ``torch.func``
     transforms and when the result must be differentiable (:func:`curvfx._errors.needs_graph`
-    of ``params`` and ``x``), where "structured" raises.
+    of ``params`` and ``data``, the inputs and targets), where "structured" raises.
     """
     check_backend(backend)
     possible = isinstance(fn, FunctionalModel) and isinstance(params, dict)
@@ -123,7 +124,7 @@ def _structured_route(fn: Any, params: Any, backend: str, x: Any = None) -> bool
         if backend == "structured":
             raise ValueError("backend: 'structured' cannot run inside a torch.func transform; use 'generic'")
         return False
-    if needs_graph((params, x)):
+    if needs_graph((params, data)):
         if backend == "structured":
             raise ValueError(
                 "backend: 'structured' gives results without an autograd graph, but the parameters "
@@ -134,8 +135,10 @@ def _structured_route(fn: Any, params: Any, backend: str, x: Any = None) -> bool
     return True
 
 
-def _generic_squares(fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk, per_sample: bool) -> Any:
-    S = _factor_at(fn, params, x, S)
+def _generic_squares(
+    fn: Any, params: Any, x: Any, S: Factor, chunk_size: Chunk, per_sample: bool, y: Any = None
+) -> Any:
+    S = _factor_at(fn, params, x, S, y)
 
     def sample_outputs(p, xn):
         return fn(p, unsqueeze_leaves(xn))[0]
@@ -219,7 +222,7 @@ def structured_sample_grads(
     return grads
 
 
-def sample_grads_route(fn: Any, params: Any, x: Any, backend: str) -> bool:
+def sample_grads_route(fn: Any, params: Any, data: Any, backend: str) -> bool:
     """Whether :func:`curvfx.per_sample_grad` takes the structured route: for "structured" only.
 
     "auto" keeps ``vmap(grad)``, which composes with every transform. The structured route
@@ -232,7 +235,7 @@ def sample_grads_route(fn: Any, params: Any, x: Any, backend: str) -> bool:
             or when the result must carry an autograd graph.
     """
     check_backend(backend)
-    return backend == "structured" and _structured_route(fn, params, backend, x)
+    return backend == "structured" and _structured_route(fn, params, backend, data)
 
 
 def _layer_pass(
@@ -255,7 +258,8 @@ def _layer_pass(
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
         outputs = fn(p, inputs)
     if callable(S):
-        S = S(outputs.detach())
+        with torch.no_grad():  # this route's results carry no graph (see _structured_route)
+            S = S(outputs.detach())
     if S.shape[0] == 0:
         return S, {}
     n = S.shape[1]
@@ -342,16 +346,16 @@ def features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:
     return features_last and a.dim() >= least and a.shape[1] == n
 
 
-def _factor_at(fn: Any, params: Any, x: Any, S: Factor) -> Tensor:
+def _factor_at(fn: Any, params: Any, x: Any, S: Factor, y: Any = None) -> Tensor:
     """``S``, or ``S(outputs)`` after a forward pass when it is a function.
 
     The pass records no graph unless the result is differentiated (inside a ``torch.func``
-    transform, or :func:`curvfx._errors.needs_graph`): S then depends on the parameters and
-    inputs too (the residuals of per-sample gradient norms).
+    transform, or :func:`curvfx._errors.needs_graph`): S then depends on the parameters,
+    inputs and targets ``y`` too (the residuals of per-sample gradient norms).
     """
     if not callable(S):
         return S
-    if inside_transform() or needs_graph((params, x)):
+    if inside_transform() or needs_graph((params, x, y)):
         return S(fn(params, x))
     with torch.no_grad():
         return S(fn(params, x))

@@ -252,10 +252,10 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     check_batch(x, y)
     check_real(params, "params")
     engine = _engines.pick(
-        strategy, GGN_STRATEGIES, eager="auto-eager", composable="func", inputs=(params, v, x, y)
+        strategy, GGN_STRATEGIES, eager="auto-eager", composable="auto-func", inputs=(params, v, x, y)
     )
     columns = as_columns(v, params)
-    if columns is not None and engine in ("func", "func-vjp"):
+    if columns is not None and engine in ("auto-func", "func", "func-vjp"):
         return _vmapped_columns(
             lambda c: _gauss_newton(fn, loss, params, x, y, c, strategy, output_product), v
         )

@@ -49,6 +49,7 @@ def cg(
     preconditioner: Callable[[Tensor], Tensor] | Tensor | None = None,
     size: int | None = None,
     progress: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor | PyTree, CGInfo]:
     """Solve (A + λI) x = b by (preconditioned) conjugate gradients, λ = ``damping``.
 
@@ -62,8 +63,9 @@ def cg(
     Hessian without enough damping) it stops there and returns the current x with
     ``converged=False``. Convergence is judged on the true residual ``b - B x``, computed
     when the recurrence stops; if the recursive residual drifted below the tolerance while
-    the true one did not (rounding, e.g. in float32), CG restarts from x. Cost: one product
-    with A per iteration, plus one for the true residual (and one for x_0 ≠ 0).
+    the true one did not (rounding, e.g. in float32), CG restarts from x, as long as each
+    run at least halves the true residual. Cost: one product with A per iteration, plus
+    one for the true residual after each run (and one for x_0 ≠ 0).
 
     Differs from Hestenes & Stiefel (1952) in: the stop on non-positive curvature (as
     in Hessian-free optimization, Martens 2010) instead of producing a meaningless step.
@@ -81,6 +83,8 @@ def cg(
             e.g. ``diagonal(A) + damping`` for the Jacobi preconditioner).
         size: P, required when ``A`` is a callable.
         progress: Show a tqdm bar over the iterations (needs ``tqdm``).
+        callback: Called as ``callback(t, x_t)`` after iteration t (1, 2, …) with the flat
+            iterate x_t [P] (a new tensor each time; keep it to follow the iterates).
 
     Returns:
         ``(x, info)``: x in the form of ``b`` (flat [P] or a pytree), and a
@@ -125,18 +129,21 @@ def cg(
         return out + damping * v if damping else out
 
     with torch.no_grad():
-        x, num_iters, converged, r_norm = _iterate(B, b_flat, x0, op, tol, maxiter, apply_inverse, progress)
+        x, num_iters, converged, r_norm = _iterate(
+            B, b_flat, x0, op, tol, maxiter, apply_inverse, progress, callback
+        )
     info = CGInfo(converged=converged, num_iters=num_iters, residual_norm=r_norm)
     return (unravel(x, op.in_like) if was_tree else x), info
 
 
-def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress):
+def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress, callback):
     """The CG recurrence; returns (x, iterations, converged, ‖r‖ of the returned x).
 
     The recursively updated residual drifts from ``b - B x`` in rounding (in float32 it can
     claim ‖r‖ ≤ tol·‖b‖ while the true residual is 10× larger), so convergence is decided on
-    the true residual, computed (one product) whenever the recurrence claims it or stops;
-    if that one is still too large, CG restarts from x with it.
+    the true residual, computed (one product) when the recurrence stops. If that one is
+    still too large, CG restarts from x with it, as long as the previous run at least
+    halved the true residual (beyond that, rounding bounds what more iterations can reach).
     """
     x = None if x0 is None else flat_vector(op, x0, "x0")[0].clone()
     b_norm = float(torch.linalg.vector_norm(b))
@@ -144,19 +151,21 @@ def _iterate(B, b, x0, op, tol, maxiter, apply_inverse, progress):
         return torch.zeros_like(b), 0, True, 0.0
     threshold = tol * b_norm
     x, r = (torch.zeros_like(b), b.clone()) if x is None else (x, b - B(x))
-    t = 0
+    t, start_norm = 0, float(torch.linalg.vector_norm(r))  # r is the true residual here
     with progress_bar(progress, maxiter, "cg") as bar:
         while True:
-            x, t, curved, r_norm = _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm)
-            if t == 0 and r_norm <= threshold:  # x0 solves it already (r computed exactly)
-                return x, t, True, r_norm
-            r = b - B(x)  # the true residual of the returned x
-            r_norm = float(torch.linalg.vector_norm(r))
-            if r_norm <= threshold or not curved or t >= maxiter:
-                return x, t, r_norm <= threshold and curved, r_norm
+            t_start = t
+            x, t, curved, r_norm = _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm, callback)
+            if t > t_start:  # the recursive residual: recompute the true one
+                r = b - B(x)
+                r_norm = float(torch.linalg.vector_norm(r))
+            converged = r_norm <= threshold and curved
+            if converged or not curved or t >= maxiter or t == t_start or r_norm > 0.5 * start_norm:
+                return x, t, converged, r_norm
+            start_norm = r_norm
 
 
-def _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm):
+def _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm, callback):
     """CG from x with residual r until the recursive ‖r‖ ≤ threshold, t = maxiter, or pᵀBp ≤ 0.
 
     Returns (x, t, whether the curvature stayed positive, recursive ‖r‖).
@@ -178,6 +187,8 @@ def _run(B, x, r, t, threshold, maxiter, apply_inverse, bar, b_norm):
         t += 1
         bar.update(1)
         bar.set_postfix_str(f"|r|/|b| = {r_norm / b_norm:.1e}")
+        if callback is not None:
+            callback(t, x)
     return x, t, True, r_norm
 
 

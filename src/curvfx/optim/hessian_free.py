@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from curvfx._pytree import ravel
 from curvfx.estimators import cg
-from curvfx.operators import FunctionOperator, LinearOperator, empirical_fisher, fisher, ggn, hessian
+from curvfx.operators import LinearOperator, empirical_fisher, fisher, ggn, hessian
 from curvfx.operators._compile import compile_options
 from curvfx.optim.curvature_optimizer import (
     CURVATURES,
@@ -323,48 +322,14 @@ def _cg_iterates(
 ) -> list[tuple[int, Tensor]]:
     """One :func:`curvfx.cg` run on (C + λI) x = b from x0; its iterates ``(i, x_i)`` at the checkpoints.
 
-    ``curvfx.cg`` returns only its last iterate. The earlier ones are followed along the
-    search directions p_t it multiplies by (recorded by wrapping C): with B = C + λI, each
-    CG step is x ← x + α p, r ← r - α B p with α = pᵀr / pᵀBp (= rᵀr / pᵀBp, as pᵀr = rᵀr
-    in CG). The run is started at zero on the residual system B e = r₀ = b - B x₀, so that
-    every product it makes is with a direction. If the followed last iterate disagrees
-    with ``cg``'s (relative difference > 10⁻³), only ``cg``'s last iterate is returned,
-    with a warning. (A ``callback`` argument of ``curvfx.cg`` would make this
-    bookkeeping unnecessary.)
+    The iterates before the last are kept by ``cg``'s ``callback``; the list ends with the
+    returned one, ``(num_iters, x)``.
     """
-    P = b.shape[0]
-    if not bool(b.any()):  # g = 0: d = 0
-        return [(0, torch.zeros_like(b))]
-    x0 = torch.zeros_like(b) if x0 is None else x0
-    r0 = b - (C @ x0 + damping * x0) if bool(x0.any()) else b
-    saved: list[tuple[int, Tensor]] = []
-    wanted = set(checkpoints[:-1])
-    run = {"t": 0, "e": torch.zeros_like(b), "r": r0}
+    wanted, saved = set(checkpoints[:-1]), []
 
-    def record(p: Tensor) -> Tensor:  # C p, and the step e ← e + α p, r ← r - α B p
-        Cp = C @ p
-        Bp = Cp + damping * p
-        curvature = float(torch.dot(p, Bp))  # pᵀBp
-        if curvature > 0:  # cg stops without stepping on pᵀBp ≤ 0
-            alpha = float(torch.dot(p, run["r"])) / curvature  # α = pᵀr / pᵀBp
-            run["e"], run["r"] = run["e"] + alpha * p, run["r"] - alpha * Bp
-            run["t"] += 1
-            if run["t"] in wanted:
-                saved.append((run["t"], x0 + run["e"]))
-        return Cp
+    def keep(t: int, x: Tensor) -> None:
+        if t in wanted:
+            saved.append((t, x))
 
-    wrapped = FunctionOperator(record, P, dtype=b.dtype, device=b.device, symmetric=True)
-    tol = tol * float(torch.linalg.vector_norm(b)) / max(float(torch.linalg.vector_norm(r0)), 1e-300)
-    e, info = cg(wrapped, r0, damping=damping, tol=tol, maxiter=checkpoints[-1])
-    last = (info.num_iters, x0 + e)
-    error = float(torch.linalg.vector_norm(run["e"] - e))
-    if error > 1e-3 * max(float(torch.linalg.vector_norm(e)), 1e-300):
-        warnings.warn(
-            "HessianFree: the intermediate CG iterates could not be rebuilt from curvfx.cg's "
-            f"search directions (relative difference {error / float(torch.linalg.vector_norm(e)):.1e}); "
-            "backtracking uses the last iterate only",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return [last]
-    return [(t, x) for t, x in saved if t < info.num_iters] + [last]
+    x, info = cg(C, b, damping=damping, tol=tol, maxiter=checkpoints[-1], x0=x0, callback=keep)
+    return [(t, xt) for t, xt in saved if t < info.num_iters] + [(info.num_iters, x)]
