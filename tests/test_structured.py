@@ -1214,3 +1214,67 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield
+
+
+class _PositionalLM(nn.Module):
+    """Token plus positional embedding: ``pos(arange(T))`` has T rows, which equal N below."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(11, 6), nn.Embedding(4, 6), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.fc(torch.tanh(h)).transpose(1, 2)
+
+
+class _ClassTable(nn.Module):
+    """Image-text logits against a learned table of C classes (C = N below): rows not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.img, self.labels, self.txt = nn.Linear(5, 6), nn.Embedding(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.img(x)) @ self.txt(self.labels(torch.arange(4))).T
+
+
+class _FirstTokenSequenceFirst(nn.Module):
+    """A sequence-first Linear [T, N, D] read at t = 0 only (a CLS token), T = N below."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x.transpose(0, 1)))[0])
+
+
+@pytest.mark.parametrize("make", [_PositionalLM, _ClassTable, _FirstTokenSequenceFirst])
+def test_rows_that_are_not_the_samples_when_their_count_equals_n(make):
+    """Shapes cannot tell these layers' rows from the N samples: the diagonal and norms stay exact."""
+    torch.manual_seed(0)
+    model = make().double()
+    if make is _PositionalLM:
+        x, y = torch.randint(0, 11, (4, 4)), torch.randint(0, 11, (4, 4))
+    elif make is _ClassTable:
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
+    else:
+        x, y = torch.randn(4, 4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    ce = nn.CrossEntropyLoss()
+    G = curvfx.ggn(model, ce, (x, y))
+    assert_close_rel(curvfx.diagonal(G), G.to_dense().diagonal(), tol=1e-10)
+    params = dict(model.named_parameters())
+    loop = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(ce(model(x[n : n + 1]), y[n : n + 1]), list(params.values()))
+                ]
+            )
+            for n in range(4)
+        ]
+    ).norm(dim=1)
+    fn, detached = curvfx.make_functional(model)
+    assert_close_rel(curvfx.per_sample_grad_norms(fn, ce, detached, x, y), loop, tol=1e-10)

@@ -280,28 +280,40 @@ def sequence_first(
     """Layers called on a sequence-first input [T, N, ...] with T = N, which shapes cannot tell apart.
 
     Only features-last layers (linear, layer and RMS norm: input [N, N, ..., D]; embedding:
-    ids [N, N, ...]) are ambiguous; for them one backward pass of sample 0's outputs
-    decides: a batch-first layer's output gradient is zero outside row 0.
+    ids [N, N, ...]) are ambiguous; for them backward passes of the first and of the last
+    sample's outputs decide: a batch-first layer's output gradient for sample k lies in
+    row k. One sample would not do: a sequence-first layer read at one position t only
+    (a CLS token, t = 0, or the last token) has sample k's gradient in row t, which is row
+    k for k = t.
     """
     ambiguous = [(m, z) for m, calls in records.items() for a, z in calls if features_last_square(m, a, n)]
     if not ambiguous or not outputs.requires_grad:
         return set()
-    grads = torch.autograd.grad(
-        outputs[0].sum(), [z for _, z in ambiguous], retain_graph=True, allow_unused=True
-    )
-    return {m for (m, _), g in zip(ambiguous, grads) if g is not None and bool(g[1:].any())}
+    zs = [z for _, z in ambiguous]
+    first = torch.autograd.grad(outputs[0].sum(), zs, retain_graph=True, allow_unused=True)
+    last = torch.autograd.grad(outputs[-1].sum(), zs, retain_graph=True, allow_unused=True)
+    return {
+        m
+        for (m, _), g0, g1 in zip(ambiguous, first, last)
+        if (g0 is not None and bool(g0[1:].any())) or (g1 is not None and bool(g1[:-1].any()))
+    }
 
 
 def tracked_batch(x: Any) -> tuple[Any, list[Tensor]]:
     """``x`` with each float tensor replaced by a copy of a new leaf requiring grad, and the leaves.
 
     The copies are what the model reads (it may write them in place); the leaves are what
-    :func:`not_from_batch` looks for in the graph.
+    :func:`not_from_batch` looks for in the graph. The batch's integer tensors (token ids)
+    are listed as they are (they cannot require grad): :func:`not_from_batch` recognizes
+    them by their storage.
     """
     found: list[Tensor] = []
 
     def track(t: Any) -> Any:
-        if not (isinstance(t, Tensor) and t.is_floating_point()):
+        if not isinstance(t, Tensor):
+            return t
+        if not t.is_floating_point():
+            found.append(t)
             return t
         found.append(t.detach().requires_grad_())
         return found[-1].clone()
@@ -313,18 +325,33 @@ def tracked_batch(x: Any) -> tuple[Any, list[Tensor]]:
 def not_from_batch(
     batch: list[Tensor], records: dict[nn.Module, list[tuple[Tensor, Tensor]]], raw: dict[int, Any]
 ) -> set[nn.Module]:
-    """Layers with a call whose input has N rows but an autograd graph that misses the batch.
+    """Layers with a call whose input has N rows but is not computed from the batch.
 
-    E.g. ``txt(class_embeddings)`` with a learned [M, D] table of M = N classes, or a
-    projection of a learned query: their rows are not the samples. ``batch``: the leaves of
-    :func:`tracked_batch`, made to require grad; the outputs of embedding calls count as
-    computed from the batch too (their ids cannot require grad). ``raw``: each call's input
-    with its graph, by ``id`` of its output (:func:`curvfx._capture.captured`). An input
-    without a graph (computed under ``torch.no_grad``, detached, or a constant such as a
-    buffer) cannot be told apart and is taken as read per sample. One memoized walk over
-    the graph (:func:`curvfx._graph.depend_on`).
+    E.g. a positional embedding ``pos(arange(T))`` with T = N, ``txt(class_embeddings)``
+    with a learned [M, D] table of M = N classes, or a projection of a learned query: their
+    rows are not the samples. ``batch``: the tensors of :func:`tracked_batch`. An
+    embedding's ids come from the batch when they share storage with one of its integer
+    tensors (the ids themselves or a view, e.g. ``ids[:, :-1]``; ids computed from them,
+    ``ids + 1``, count as not from the batch); the outputs of those calls then count as
+    batch tensors. Any other layer's input must have an autograd graph that reaches the
+    batch's float tensors or those outputs. ``raw``: each call's input with its graph, by
+    ``id`` of its output (:func:`curvfx._capture.captured`). An input without a graph
+    (computed under ``torch.no_grad``, detached, or a constant such as a buffer) cannot be
+    told apart and is taken as read per sample. One memoized walk over the graph
+    (:func:`curvfx._graph.depend_on`).
     """
-    sources = batch + [z for m, calls in records.items() if layer_kind(m) == "embedding" for _, z in calls]
+    ids = {t.untyped_storage().data_ptr() for t in batch if not t.is_floating_point()}
+    embedded, misread = [], set()
+    for m, calls in records.items():
+        if layer_kind(m) != "embedding":
+            continue
+        for _, z in calls:
+            a = raw.get(id(z))
+            if isinstance(a, Tensor) and a.untyped_storage().data_ptr() in ids:
+                embedded.append(z)
+            else:
+                misread.add(m)
+    sources = [t for t in batch if t.is_floating_point()] + embedded
     checked = [
         (m, raw[id(z)])
         for m, calls in records.items()
@@ -333,9 +360,9 @@ def not_from_batch(
         if isinstance(raw.get(id(z)), Tensor) and raw[id(z)].requires_grad
     ]
     if not sources or not checked:
-        return set()
+        return misread
     found = depend_on([a for _, a in checked], sources)
-    return {m for (m, _), ok in zip(checked, found) if not ok}
+    return misread | {m for (m, _), ok in zip(checked, found) if not ok}
 
 
 def features_last_square(module: nn.Module, a: Tensor, n: int) -> bool:

@@ -109,10 +109,10 @@ def sample_axes(
 ) -> dict[nn.Module, list[int]]:
     """Per layer and call, the axis of the input holding the N samples: 0, or 1 (sequence-first).
 
-    By shape (:func:`_sample_axis`); a linear layer's input ``[N, N, ...]`` (T = N) by one
-    backward pass of sample 0's outputs over all such calls
-    (:func:`curvfx._structured.sequence_first`: a batch-first call's output gradient is
-    zero outside row 0), and one more per call only for a layer with several such calls
+    By shape (:func:`_sample_axis`); a linear layer's input ``[N, N, ...]`` (T = N) by
+    backward passes of the first and the last sample's outputs over all such calls
+    (:func:`curvfx._structured.sequence_first`: a batch-first call's output gradient for
+    sample k lies in row k), and more per call only for a layer with several such calls
     of which some are not batch-first.
     """
     axes = {m: [_sample_axis(m, a, z, n, names[m], reader) for a, z in calls] for m, calls in records.items()}
