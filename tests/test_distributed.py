@@ -7,6 +7,7 @@ here by the same code in float64. Shards are uneven, and one rank holds two batc
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import socket
@@ -196,6 +197,17 @@ def _scenarios(rank: int, world: int, results: dict) -> None:
     G_other = curvfx.ggn(other, nn.CrossEntropyLoss(), data(X, y_cls), process_group=True)
     results["params differ"] = _outcome(lambda: G_other @ v)
 
+    # ranks that make products of different shapes: ValueError everywhere (not a gloo abort)
+    results["shapes differ"] = _outcome(lambda: G @ V[:, : 3 + (rank == last)])
+    # float16 with Σ Z = N·C beyond its range: the exchange and the division stay in float32
+    half = curvfx.ggn(
+        copy.deepcopy(model).half(),
+        nn.MSELoss(),
+        [(x.half().repeat(1000, 1), y.half().repeat(1000, 1)) for x, y in data(X, y_reg)],
+        process_group=True,
+    )
+    results["half ggn-vp MSE"] = (half @ v.half()).double()
+
     # a rank that never reaches the all-reduce: the others raise after the group's timeout
     short = dist.new_group(timeout=datetime.timedelta(seconds=SHORT_TIMEOUT))
     G_short = curvfx.ggn(model, nn.CrossEntropyLoss(), data(X, y_cls), process_group=short)
@@ -315,6 +327,21 @@ def test_failing_rank_raises_on_every_rank(runs, reference):
         assert f"rank(s) [{last}]" in outcome[2]
     for res in results:
         assert relerr(res["after failure"], reference["ggn-vp CE"]) < TOL
+
+
+def test_products_of_different_shapes_raise_everywhere(runs):
+    _world, results = runs
+    for res in results:
+        outcome = res["shapes differ"]
+        assert outcome[0] == "raised" and outcome[1] == "ValueError", outcome
+        assert "different shapes or dtypes" in outcome[2]
+
+
+def test_half_precision_normalizers_beyond_float16_range(runs, reference):
+    """Σ Z = 23000·3 > 65504: a float16 operator still matches float64 (repeated data: same mean)."""
+    _world, results = runs
+    for res in results:
+        assert relerr(res["half ggn-vp MSE"], reference["ggn-vp MSE"]) < 2e-2
 
 
 @pytest.mark.parametrize("scenario", ["v differs", "params differ"])

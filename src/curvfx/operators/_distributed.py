@@ -152,7 +152,8 @@ def summed_over_ranks(
     One all-reduce (sum) of the buffer ``[total (numel of shape), z, failed [W], (value,
     scale) [W] per entry of agree]``, W the group size; each rank writes only its own slots,
     so after the sum every rank holds every rank's flag and fingerprints. Cost: one
-    all-reduce of ``numel + 1 + W · (1 + 2·len(agree))`` numbers, plus O(size) work per
+    all-reduce of ``numel + 1 + W · (1 + 2·len(agree))`` numbers, one of four numbers
+    before it (the ranks' buffers must agree in size and dtype), plus O(size) work per
     entry of ``agree`` for its fingerprint.
 
     Args:
@@ -167,13 +168,15 @@ def summed_over_ranks(
         who: Operator name for the messages.
 
     Returns:
-        ``(total [shape], z [])``, identical on every rank.
+        ``(total [shape], z [])``, identical on every rank, in the exchange dtype (float32
+        for a 16-bit ``dtype``: the caller divides before casting back).
 
     Raises:
         Exception: On a rank whose ``local()`` raised, that exception.
         RuntimeError: On the other ranks, naming the ranks that failed.
-        ValueError: On every rank, if an entry of ``agree`` is not the same on all ranks, or when
-            called inside a ``torch.func`` transform (a collective cannot be vmapped).
+        ValueError: On every rank, if an entry of ``agree`` is not the same on all ranks, the
+            ranks' products differ in shape or dtype, or when called inside a ``torch.func``
+            transform (a collective cannot be vmapped).
     """
     if inside_transform():
         raise ValueError(
@@ -184,6 +187,7 @@ def summed_over_ranks(
     numel = math.prod(shape)
     exchange_dtype = dtype if torch.finfo(dtype).bits >= 32 else torch.float32  # Σ Z exact in half
     buf = torch.zeros(numel + 1 + W * (1 + 2 * len(agree)), dtype=exchange_dtype, device=device)
+    _check_same_buffers(buf, process_group, who)
     slots = buf[numel + 1 :].view(1 + 2 * len(agree), W)  # failed; (value, scale) per entry
     error = None
     try:
@@ -219,7 +223,28 @@ def summed_over_ranks(
                 "identically on every rank, and keep the model replicas in sync (e.g. with "
                 "DistributedDataParallel)"
             )
-    return buf[:numel].reshape(shape).to(dtype), buf[numel].to(dtype)
+    return buf[:numel].reshape(shape), buf[numel]  # float32 for a 16-bit dtype: Σ Z would overflow
+
+
+def _check_same_buffers(buf: Tensor, process_group: dist.ProcessGroup, who: str) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks exchange buffers of one size and dtype.
+
+    An all-reduce of buffers that differ (a product with another number of columns, another
+    dtype, a diagonal on one rank and a product on another) aborts the process (gloo) or
+    hangs (nccl): one all-reduce (max) of ``[size, -size, dtype, -dtype]`` first.
+    """
+    code = float(list(_DTYPE_CODES).index(buf.dtype)) if buf.dtype in _DTYPE_CODES else -1.0
+    header = torch.tensor([buf.numel(), -buf.numel(), code, -code], dtype=torch.float64, device=buf.device)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX, group=process_group)
+    if header[0] != -header[1] or header[2] != -header[3]:
+        raise ValueError(
+            f"{who}: the ranks of the process group apply it to different shapes or dtypes "
+            f"(buffer sizes {int(-header[1])}..{int(header[0])}); every rank must make the same "
+            "product (the same number of columns, the same dtype, a diagonal on every rank)"
+        )
+
+
+_DTYPE_CODES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fingerprint(tree: PyTree) -> tuple[Tensor, Tensor]:
