@@ -1278,3 +1278,58 @@ def test_rows_that_are_not_the_samples_when_their_count_equals_n(make):
     ).norm(dim=1)
     fn, detached = curvfx.make_functional(model)
     assert_close_rel(curvfx.per_sample_grad_norms(fn, ce, detached, x, y), loop, tol=1e-10)
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(3, 5), nn.Dropout(0.0), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(input=x))))
+
+
+def test_layers_called_by_keyword_and_dropout_without_probability():
+    """``layer(input=x)`` is read like ``layer(x)``; Dropout(p=0) in train mode draws nothing."""
+    torch.manual_seed(0)
+    model = _KeywordCall().double().train()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    G = curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y))
+    assert_close_rel(curvfx.diagonal(G), G.to_dense().diagonal(), tol=1e-10)
+    assert_close_rel(
+        curvfx.diagonal(curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y))).sum(),
+        curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y)).to_dense().trace(),
+        tol=1e-10,
+    )
+
+
+def test_max_norm_embeddings_leave_the_model_weight_alone():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, max_norm=0.5).double()
+    with torch.no_grad():
+        emb.weight.mul_(3)  # rows above max_norm: the forward pass would renormalize them in place
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(8, 3)).double()
+    before = emb.weight.detach().clone()
+    ids, y = torch.randint(0, 10, (5, 2)), torch.randint(0, 3, (5,))
+    G = curvfx.ggn(model, nn.CrossEntropyLoss(), (ids, y))
+    curvfx.diagonal(G)
+    G @ torch.ones(G.shape[0], dtype=torch.float64)
+    assert torch.equal(emb.weight, before)
+
+
+def test_a_model_returning_a_tuple_is_named():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    for compute in (
+        lambda G: G @ torch.ones(G.shape[0]),
+        lambda G: curvfx.diagonal(G),
+    ):
+        with pytest.raises(ValueError, match="model: returned tuple; curvature needs one output tensor"):
+            compute(curvfx.ggn(Pair(), nn.CrossEntropyLoss(), (x, y)))

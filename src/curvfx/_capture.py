@@ -110,13 +110,16 @@ def captured(records: dict[nn.Module, list[tuple[Tensor, Tensor]]], inputs: dict
     (optional): also keep each call's input as given, with its graph, under ``id(output)``.
     """
 
-    def hook(module, args, output):
-        records[module].append((_layer_input(module, args[0]), output))
+    def hook(module, args, kwargs, output):
+        given = args[0] if args else kwargs.get("input")  # layer(x) or layer(input=x)
+        if not isinstance(given, Tensor):  # not recorded: the layer takes the generic route
+            return None
+        records[module].append((_layer_input(module, given), output))
         if inputs is not None:
-            inputs[id(output)] = args[0]
+            inputs[id(output)] = given
         return output.clone()
 
-    handles = [m.register_forward_hook(hook) for m in records]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in records]
     try:
         yield records
     finally:

@@ -14,6 +14,7 @@ __all__ = [
     "all_finite",
     "check_autograd",
     "check_batch",
+    "check_output",
     "check_real",
     "describe",
     "inside_transform",
@@ -84,6 +85,16 @@ def check_real(tree: Any, name: str) -> None:
             "complex parameters is not a complex-linear map); split them into real and "
             "imaginary parts"
         )
+
+
+def check_output(outputs: Any) -> Tensor:
+    """``outputs`` if the model returned one tensor; else ``ValueError`` saying what to do."""
+    if not isinstance(outputs, Tensor):
+        raise ValueError(
+            f"model: returned {describe(outputs)}; curvature needs one output tensor [N, ...] "
+            "(the loss's input): wrap the model to return it, e.g. lambda p, x: fn(p, x)[0]"
+        )
+    return outputs
 
 
 def check_batch(x: Any, y: Tensor | None) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, layer_kind, output_grads, parameter_uses, supported_layers
-from curvfx._errors import check_autograd, inside_transform, needs_graph
+from curvfx._errors import check_autograd, check_output, inside_transform, needs_graph
 from curvfx._factors import factor_diagonal
 from curvfx._graph import depend_on
 from curvfx._layers import layer_grads, layer_squares, reads_per_sample
@@ -256,7 +256,7 @@ def _layer_pass(
     raw: dict[int, Any] = {}  # id(z) -> the call's input, with its graph
     with torch.enable_grad(), captured(records, raw):
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        outputs = fn(p, inputs)
+        outputs = check_output(fn(p, inputs))
     if callable(S):
         with torch.no_grad():  # this route's results carry no graph (see _structured_route)
             S = S(outputs.detach())

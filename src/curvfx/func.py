@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from curvfx import _engines
-from curvfx._errors import check_batch, check_real, needs_graph
+from curvfx._errors import check_batch, check_output, check_real, needs_graph
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
 from curvfx._pytree import as_columns, as_tree, leaves, ravel
@@ -259,7 +259,7 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
         return _vmapped_columns(
             lambda c: _gauss_newton(fn, loss, params, x, y, c, strategy, output_product), v
         )
-    model_at = lambda p: fn(p, x)  # noqa: E731
+    model_at = lambda p: check_output(fn(p, x))  # noqa: E731
     product_at = partial(output_product, loss)
     check = partial(loss.check, targets=y)
     if columns is not None:

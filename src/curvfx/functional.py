@@ -39,7 +39,9 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
     * the module's mode (``train()``/``eval()``) at call time decides its behaviour,
       as in ``model(x)``;
     * embeddings with ``scale_grad_by_freq=True`` are refused (``ValueError``): their
-      backward is not the derivative of the forward pass;
+      backward is not the derivative of the forward pass; those with ``max_norm`` (which
+      renormalize the rows they read in place) get a copy of their weight, so the model's
+      weight is not changed;
     * attention runs with the math ``scaled_dot_product_attention`` kernel and recurrent
       layers without cuDNN during the call (:mod:`curvfx._kernels`): fused kernels have no
       second derivatives. Your global settings are restored afterwards.
@@ -67,7 +69,10 @@ def make_functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor
                 "gradients by id counts in the batch: not a derivative, so its curvature is not "
                 "defined; set scale_grad_by_freq=False for curvature computations"
             )
-    fn = FunctionalModel(model)
+    renormed = {
+        f"{name}.weight" if name else "weight" for name, m in model.named_modules() if _renormalizes(m)
+    }
+    fn = FunctionalModel(model, renormed)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return fn, params
 
@@ -78,14 +83,18 @@ class FunctionalModel:
     Attributes:
         module: The wrapped module (not copied; its frozen parameters and buffers are read
             at call time).
+        renormed: Names of the weights of embeddings with ``max_norm``, copied at each call.
     """
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, renormed: frozenset[str] | set[str] = frozenset()):
+        self.module, self.renormed = module, frozenset(renormed)
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
         frozen = {name: p.detach() for name, p in self.module.named_parameters() if name not in params}
+        if self.renormed:  # embeddings with max_norm write their weight: give them copies
+            params = {k: v.clone() if k in self.renormed else v for k, v in params.items()}
+            frozen = {k: v.clone() if k in self.renormed else v for k, v in frozen.items()}
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
         with derivable_kernels(self.module):
             return call_with_inputs(
@@ -159,3 +168,8 @@ def _with_derivable_kernels(fn):
             return fn(params, x)
 
     return pure
+
+
+def _renormalizes(module: nn.Module) -> bool:
+    """Whether ``module`` is an embedding that renormalizes its weight in place (``max_norm``)."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, output_grads, positions, supported_layers
-from curvfx._errors import check_autograd
+from curvfx._errors import check_autograd, check_output
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import unsqueeze_leaves
 from curvfx._structured import tracked_batch
@@ -323,7 +323,7 @@ def _layer_batches(
         raw: dict[int, Any] = {}  # id(z) -> the call's input, with its graph
         with torch.enable_grad(), captured(records, raw):
             p = {k: v.detach().requires_grad_() for k, v in params.items()}
-            outputs = model_fn(p, inputs)
+            outputs = check_output(model_fn(p, inputs))
         check_called_with_gradient(records, names)
         check_used_in_calls(outputs, p, layers, records, names)
         generator = torch.Generator(device).manual_seed(seed + b) if fisher_type == "mc" else None

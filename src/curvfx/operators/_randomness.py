@@ -97,9 +97,9 @@ def replay_batch_seed(device: torch.device) -> None:
 
 
 def active_dropout(module: nn.Module) -> list[nn.Module]:
-    """The dropout modules of ``module`` in train mode."""
+    """The dropout modules of ``module`` in train mode with p > 0 (p = 0 draws nothing)."""
     dropout = (nn.modules.dropout._DropoutNd,)
-    return [m for m in module.modules() if isinstance(m, dropout) and m.training]
+    return [m for m in module.modules() if isinstance(m, dropout) and m.training and m.p > 0]
 
 
 def check_diagonal_masks(model_fn: Callable, params, randomness: str, backend: str) -> None:
