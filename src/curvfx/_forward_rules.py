@@ -18,7 +18,8 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   Normalization layers, softmax, log-softmax, logsumexp and attention run as
   :mod:`curvfx._decompositions` (the same values from checked operations) when listed
   in ``decompose``; otherwise they raise :class:`UntrustedTangents` like the cases below.
-  Any other operation with a tangent input and a scalar output (a loss) gets
+  ``F.mse_loss`` gets the tangent of its closed form, ``(2/Z) Σ (x - t)(ẋ - ṫ)``. Any
+  other operation with a tangent input and a scalar output (a loss) gets
   ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph, differentiable wherever double
   backprop is. Any other operation with a tangent input and a tensor output, an in-place
   or ``out=`` call of an operation outside :data:`TRUSTED`, or a ``torch.func`` transform
@@ -109,6 +110,8 @@ class ForwardRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.embedding:
             return _embedding(args, kwargs)
+        if func is F.mse_loss and self.differentiable and not inside_transform():
+            return _mse_loss(args, kwargs)
         if inside_transform():
             if self.differentiable:
                 raise UntrustedTangents("a torch.func transform inside the function")
@@ -160,6 +163,30 @@ def _constant_input(func, args, kwargs) -> Tensor | None:
     else:
         tangent = func(args[0], w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
     return fwad.make_dual(out, tangent)
+
+
+def _mse_loss(args, kwargs) -> Tensor:
+    """``F.mse_loss`` with the tangent of its closed form: ``(2/Z) Σ d ḋ``, d = input - target.
+
+    Z is the number of entries for ``reduction="mean"``, 1 for ``"sum"``; ``"none"`` gives
+    ``2 d ḋ`` entrywise. Differentiable as the formula is; the same tangent
+    :func:`_scalar_tangent` would get from the loss's backward pass, without that pass.
+    """
+    names = ("input", "target", "size_average", "reduce", "reduction", "weight")
+    given = dict(zip(names, args)) | kwargs
+    if any(given.get(option) is not None for option in ("size_average", "reduce", "weight")):
+        return _scalar_tangent(F.mse_loss, args, kwargs)
+    reduction = given.get("reduction", "mean")
+    x, x_tangent = fwad.unpack_dual(given["input"])
+    t, t_tangent = fwad.unpack_dual(given["target"])
+    out = F.mse_loss(x, t, reduction=reduction)
+    if x_tangent is None and t_tangent is None:
+        return out
+    d = x - t
+    d_tangent = (x_tangent if x_tangent is not None else 0) - (t_tangent if t_tangent is not None else 0)
+    entries = 2 * d * d_tangent
+    tangent = entries if reduction == "none" else entries.sum() / (d.numel() if reduction == "mean" else 1)
+    return fwad.make_dual(out, tangent.expand_as(out) if reduction == "none" else tangent.reshape(out.shape))
 
 
 def _scalar_tangent(func, args, kwargs):
