@@ -44,6 +44,7 @@ __all__ = [
 PyTree = Any
 AUTO_DECOMPOSED = frozenset({F.batch_norm})  # what "auto" lets rev-fwd decompose
 EAGER_STRATEGIES = ("rev-fwd", "autograd", "forward-ad")  # results without an autograd graph
+_FALLBACKS = {"auto-eager": ("forward-ad", "autograd"), "auto-func": ("func", "func-vjp")}  # GGN engines
 OutputProduct = Callable[[Tensor], Callable[[Tensor], Tensor]]  # outputs f -> (u -> M(f) u)
 OutputCheck = Callable[[Tensor], None]
 
@@ -234,15 +235,6 @@ def gauss_newton_vp(
         check(outputs)
         jv = vjp(vjp_fn, torch.zeros_like(outputs))[1]((v,))[0]  # Jv: transpose of u ↦ Jᵀu
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
-    if engine == "auto-func":  # "func", or "func-vjp" for a model without forward-mode rules
-        rng = rng_state()
-        try:
-            return gauss_newton_vp(model_at, params, v, output_product, check, "func")
-        except (NotImplementedError, RuntimeError) as err:
-            if not _no_forward_mode(err):
-                raise
-            set_rng_state(rng)
-            return gauss_newton_vp(model_at, params, v, output_product, check, "func-vjp")
     if engine == "func":
         rng = rng_state()
         outputs, jv = func_jvp(model_at, params, v)  # f, Jv
@@ -250,13 +242,16 @@ def gauss_newton_vp(
         set_rng_state(rng)  # the second pass draws the same dropout masks as the first
         _, vjp_fn = vjp(model_at, params)
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
-    if engine == "auto-eager":
+    if engine in _FALLBACKS:  # a forward-mode engine, or its fallback for a model without the rules
+        first, second = _FALLBACKS[engine]
+        rng = rng_state()
         try:
-            return gauss_newton_vp(model_at, params, v, output_product, check, "forward-ad")
+            return gauss_newton_vp(model_at, params, v, output_product, check, first)
         except (NotImplementedError, RuntimeError) as err:
             if not _no_forward_mode(err):
                 raise
-            return gauss_newton_vp(model_at, params, v, output_product, check, "autograd")
+            set_rng_state(rng)  # the fallback draws the same dropout masks
+            return gauss_newton_vp(model_at, params, v, output_product, check, second)
     p_leaves, spec = flatten(params)
     v_leaves = spec.flatten_up_to(v)
     with torch.enable_grad():
