@@ -442,3 +442,34 @@ def test_mse_loss_closed_form_tangent_gives_the_hessian(reduction):
         warnings.simplefilter("ignore", UserWarning)  # broadcasting in mse_loss
         Hv = curvfx.hvp(lambda p: loss(fn(p, x)), params, v, strategy="rev-fwd")
     assert torch.allclose(Hv, H @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "case", ["mean", "sum", "ignored", "sequence", "weight", "smoothing", "probabilities", "none"]
+)
+def test_cross_entropy_tangent_gives_the_hessian(case):
+    """rev-fwd HVP through F.cross_entropy, whose tangent comes from its backward pass, for its options."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 6)).double()
+    fn, params = curvfx.make_functional(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2, 0])
+    w = torch.arange(1.0, 4.0, dtype=torch.float64)
+    loss = {
+        "mean": lambda o: F.cross_entropy(o[:, :3], y),
+        "sum": lambda o: F.cross_entropy(o[:, :3], y, reduction="sum"),
+        "ignored": lambda o: F.cross_entropy(o[:, :3], torch.tensor([0, -100, 1, 2, -100])),
+        "sequence": lambda o: F.cross_entropy(
+            o.reshape(5, 3, 2), torch.tensor([[0, 1], [2, 2], [1, 0], [0, 0], [2, 1]])
+        ),
+        "weight": lambda o: F.cross_entropy(o[:, :3], y, weight=w),
+        "smoothing": lambda o: F.cross_entropy(o[:, :3], y, label_smoothing=0.2),
+        "probabilities": lambda o: F.cross_entropy(o[:, :3], torch.softmax(o[:, 3:].detach(), 1)),
+        "none": lambda o: (F.cross_entropy(o[:, :3], y, reduction="none") * w[:1]).sum(),
+    }[case]
+    theta = curvfx.ravel(params)
+    v = torch.randn_like(theta)
+    H = torch.autograd.functional.hessian(lambda t: loss(fn(curvfx.unravel(t, params), x)), theta)
+    strategy = "auto" if case == "none" else "rev-fwd"  # per-entry losses: auto's double backprop
+    Hv = curvfx.hvp(lambda p: loss(fn(p, x)), params, v, strategy=strategy)
+    assert torch.allclose(Hv, H @ v, rtol=1e-10, atol=1e-12)
