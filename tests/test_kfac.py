@@ -1011,3 +1011,16 @@ def test_parameter_used_outside_its_layer_is_refused():
     params = {k: v.detach() for k, v in model.named_parameters() if k != "fc.weight"}
     op = kfac(model, nn.CrossEntropyLoss(), (x, y), params=params)  # fc.bias alone: a block of its own
     assert op.to_dense().shape == (sum(v.numel() for v in params.values()),) * 2
+
+
+def test_a_loss_linear_in_the_outputs_gives_zero_kronecker_blocks():
+    """NLL after log_softmax: the output Hessian's factor has no columns, so type-2 KFAC and
+    EKFAC are zero, as the GGN is (a linear and a convolution layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3), nn.LogSoftmax(dim=1)
+    ).double()
+    x, y = torch.randn(5, 1, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert curvfx.ggn(model, nn.NLLLoss(), (x, y)).to_dense().count_nonzero() == 0
+    assert curvfx.kfac(model, nn.NLLLoss(), (x, y)).to_dense().count_nonzero() == 0
+    assert curvfx.ekfac(model, nn.NLLLoss(), (x, y)).to_dense().count_nonzero() == 0

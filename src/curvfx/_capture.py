@@ -187,8 +187,8 @@ def positions(module: nn.Module, a: Tensor, blocks: list[Tensor]) -> tuple[Tenso
     those of :func:`output_grads`, both with the positions T flattened (views).
     """
     if type(module) is nn.Linear:
-        a = a.reshape(a.shape[0], -1, a.shape[-1])
-        return a, [g.reshape(*g.shape[:2], -1, g.shape[-1]) for g in blocks]
+        a = a.reshape(a.shape[0], -1, a.shape[-1])  # T explicit below: a block may have no columns
+        return a, [g.reshape(*g.shape[:2], a.shape[1], g.shape[-1]) for g in blocks]
     return unfold(module, a).transpose(1, 2), [g.flatten(3).transpose(2, 3) for g in blocks]
 
 

@@ -271,7 +271,8 @@ def eigenvalue_corrections(
                 if a_rot.shape[1] == 1:  # one position: (Q_Bᵀ G Q_A)² = (Q_Bᵀ g)² (Q_Aᵀ ã)²ᵀ
                     e = torch.einsum("kno,ni->oi", g_rot[:, :, 0] ** 2, a_rot[:, 0] ** 2)
                 else:
-                    e = sum((torch.einsum("nto,nti->noi", gk, a_rot) ** 2).sum(0) for gk in g_rot)
+                    zero = a_rot.new_zeros(g_rot.shape[-1], a_rot.shape[-1])  # a block may have no columns
+                    e = sum(((torch.einsum("nto,nti->noi", gk, a_rot) ** 2).sum(0) for gk in g_rot), zero)
                 sums[module] = e * z if sums[module] is None else sums[module].add_(e, alpha=z)
         z_total += z
     norm = _normalizer(loss, z_total)
