@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx._engines import draw_seed
 from curvfx.operators._distributed import broadcast_seed, resolve_process_group
 
 __all__ = ["DISTRIBUTIONS", "make_generator", "probes"]
@@ -98,7 +99,7 @@ def make_generator(
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         return generator
-    seed = int(torch.randint(0, 2**62, ()).item())
+    seed = draw_seed(None)
     group = resolve_process_group(process_group)
     if group is not None:
         seed = broadcast_seed(seed, group, device)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from curvfx._capture import supported_layers
+from curvfx._engines import draw_seed
 from curvfx.functional import FunctionalModel
 from curvfx.operators._distributed import rank_stream_seed
 
@@ -59,7 +60,7 @@ def fixed_seed(randomness: str, process_group, device: torch.device) -> int | No
     if randomness != "fixed":
         return None
     with torch.random.fork_rng(devices=[]):
-        seed = int(torch.randint(0, 2**62, (1,)))
+        seed = draw_seed(None)
     return seed if process_group is None else rank_stream_seed(seed, process_group, device)
 
 
