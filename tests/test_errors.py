@@ -245,7 +245,7 @@ def test_per_sample_gradients_refuse_a_bce_weight_with_a_batch_dimension():
     loss = nn.BCEWithLogitsLoss(weight=torch.rand(6, 3, dtype=torch.float64))
     fn, params = curvfx.make_functional(model)
     for transform in (curvfx.per_sample_grad, curvfx.per_sample_grad_norms):
-        with pytest.raises(ValueError, match=r"weight of shape \[6, 3\] does not broadcast to the outputs"):
+        with pytest.raises(ValueError, match=r"weight: shape \[6, 3\] does not broadcast to the outputs"):
             transform(fn, loss, params, x, y)
     G = curvfx.ggn(model, loss, (x, y)).to_dense()  # the batch loss itself is fine
     assert torch.allclose(G, G.T)

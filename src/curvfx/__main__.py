@@ -233,18 +233,24 @@ def _parser() -> argparse.ArgumentParser:
         help="module:factory; factory() returns (X, y), a list of (X, y), or {'data': ..., 'loss': ...}",
     )
     parser.add_argument("--loss", choices=sorted(LOSSES), help="loss when the data factory gives none")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--plot", metavar="OUT.png", help="save the spectral density and per-layer curvature")
     parser.add_argument("--json", metavar="OUT.json", help="also write the numbers as JSON")
     parser.add_argument("--top-k", type=int, default=5, help="eigenvalues of H and GGN to report (5)")
     parser.add_argument("--probes", type=int, default=30, help="Hutchinson probes for tr(H) (30)")
-    parser.add_argument("--steps", type=int, help="training steps (built-in model: 300; yours: 0)")
-    parser.add_argument("--samples", type=int, default=2048, help="built-in data: samples (2048)")
-    parser.add_argument("--batch-size", type=int, default=512, help="built-in data: batch size (512)")
+    parser.add_argument(
+        "--steps", type=_int_at_least(0), help="training steps (built-in model: 300; yours: 0)"
+    )
+    parser.add_argument(
+        "--samples", type=_int_at_least(1), default=2048, help="built-in data: samples (2048)"
+    )
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=512, help="built-in data: batch size (512)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the probes")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_int_at_least(1),
         help="torch threads (default: 1 for the built-in model, torch's choice for yours)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
@@ -276,6 +282,32 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.close()
+
+
+def _int_at_least(low: int):
+    """An argparse ``type``: an int ≥ ``low`` (argparse names the option in its usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _device(text: str) -> torch.device:
+    """An argparse ``type``: a ``torch.device`` (cpu, cuda, cuda:1, ...)."""
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a device such as cpu, cuda or cuda:1, got {text!r}"
+        ) from None
 
 
 def _call(factory, what: str):

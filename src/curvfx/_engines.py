@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from curvfx._decompositions import DECOMPOSITIONS
-from curvfx._errors import check_autograd, describe, inside_transform, needs_graph
+from curvfx._errors import check_autograd, check_generator, describe, inside_transform, needs_graph
 from curvfx._forward_rules import ForwardRules, UntrustedTangents
 from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
@@ -111,9 +111,14 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
         return hessian_vps(f, params, [v])[0]
     f = _in_derivable_kernels(f)
     if engine == "rev-rev":  # vjp of grad: Hᵀv = Hv
-        return vjp(grad(_scalar(f)), params)[1](v)[0]
+        _, vjp_fn, value = vjp(grad(_with_value(f), has_aux=True), params, has_aux=True)
+        _check_finite(value)
+        return vjp_fn(v)[0]
     try:
-        return jvp(grad(_scalar(_in_forward_rules(f))), (params,), (v,))[1]
+        gradient = grad(_with_value(_in_forward_rules(f)), has_aux=True)
+        _, hv, value = jvp(gradient, (params,), (v,), has_aux=True)
+        _check_finite(value)
+        return hv
     except RuntimeError as err:
         if "ZeroTensors are immutable" not in str(err):
             raise
@@ -353,7 +358,7 @@ def rng_state() -> tuple:
 
 def draw_seed(generator: torch.Generator | None) -> int:
     """A seed drawn from ``generator`` (on its own device) or, if None, from torch's global RNG."""
-    device = generator.device if generator is not None else None
+    device = generator.device if check_generator(generator) is not None else None
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
 
 
@@ -399,10 +404,36 @@ def _fill_zeros(spec, p: list[Tensor], grads) -> PyTree:
 
 
 def _scalar(f):
+    """``f`` checked to return a scalar, and (outside transforms) a finite one.
+
+    A non-finite value (the mean over an empty batch is nan) has no Hessian, although
+    autograd would return zeros for it.
+    """
+
     def checked(p):
         value = f(p)
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError(f"f: must return a scalar tensor, got {describe(value)}")
+        _check_finite(fwad.unpack_dual(value).primal)
         return value.reshape(())
 
     return checked
+
+
+def _with_value(f):
+    """``p -> (f(p), f(p))`` (checked scalar) for ``torch.func.grad(..., has_aux=True)``."""
+
+    def both(p):
+        value = _scalar(f)(p)
+        return value, value
+
+    return both
+
+
+def _check_finite(value: Tensor) -> None:
+    """Raise ``ValueError`` for a non-finite function value (checked eagerly only)."""
+    if inside_transform() or torch.compiler.is_compiling() or bool(torch.isfinite(value)):
+        return
+    raise ValueError(
+        f"f: the value is {value.item()} (a mean over an empty batch?); a non-finite function has no Hessian"
+    )

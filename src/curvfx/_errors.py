@@ -14,9 +14,12 @@ __all__ = [
     "all_finite",
     "check_autograd",
     "check_batch",
+    "check_generator",
     "check_output",
     "check_real",
+    "check_targets",
     "describe",
+    "holds_values",
     "inside_transform",
     "needs_graph",
 ]
@@ -51,6 +54,16 @@ def inside_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def holds_values(t: Tensor) -> bool:
+    """Whether the entries of ``t`` can be read for a check.
+
+    Not while compiling, nor for a tensor wrapped by a ``torch.func`` transform (batched by
+    ``vmap``: its values are per-example); a tensor captured from outside a transform
+    (targets under a vmap over columns) is read as usual.
+    """
+    return not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def check_autograd() -> None:
     """Raise ``ValueError`` under ``torch.inference_mode()``, where autograd cannot run.
 
@@ -78,13 +91,31 @@ def needs_graph(*trees: Any) -> bool:
 
 
 def check_real(tree: Any, name: str) -> None:
-    """Raise ``ValueError`` if a tensor of ``tree`` is complex (products are not C-linear)."""
-    if any(isinstance(leaf, Tensor) and leaf.is_complex() for leaf in leaves(tree)):
+    """Raise unless the tensors of ``tree`` are real floating point (complex: products are not C-linear)."""
+    tensors = [leaf for leaf in leaves(tree) if isinstance(leaf, Tensor)]
+    integer = sorted({str(t.dtype) for t in tensors if not (t.is_floating_point() or t.is_complex())})
+    if integer:
+        raise TypeError(f"{name}: expected floating-point tensors (they are differentiated), got {integer}")
+    if any(t.is_complex() for t in tensors):
         raise ValueError(
             f"{name}: complex tensors are not supported (the curvature of a real loss in "
             "complex parameters is not a complex-linear map); split them into real and "
             "imaginary parts"
         )
+
+
+def check_targets(y: Any) -> Tensor:
+    """``y`` if it is a tensor; ``TypeError`` naming it otherwise (for transforms that need targets)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y: expected a tensor of targets, got {describe(y)}")
+    return y
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    """``generator`` if it is a ``torch.Generator`` or None; TypeError naming it otherwise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
 
 def check_output(outputs: Any) -> Tensor:
@@ -102,6 +133,9 @@ def check_batch(x: Any, y: Tensor | None) -> None:
     x_leaves = leaves(x)
     if not x_leaves:
         raise ValueError("x: expected a tensor or a tuple/mapping of tensors, got no tensors")
+    if not all(isinstance(t, Tensor) for t in x_leaves):
+        kinds = sorted({type(t).__name__ for t in x_leaves if not isinstance(t, Tensor)})
+        raise TypeError(f"x: expected a tensor or a tuple/mapping of tensors, got leaves of type {kinds}")
     n = x_leaves[0].shape[0] if x_leaves[0].dim() > 0 else None
     if n is None or any(t.dim() == 0 or t.shape[0] != n for t in x_leaves):
         raise ValueError("x: every input tensor needs the same leading batch dimension N")

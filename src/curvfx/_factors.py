@@ -52,6 +52,7 @@ def output_factor(
     if kind == "exact":
         return loss.fisher_factor(outputs, y)
     if kind == "empirical":
+        loss.check(outputs, y)
         return _gradient_factor(loss, outputs, [y])
     generator = generator_on(generator, outputs.device)
     draws = [loss.sample_targets(outputs, generator, observed=y) for _ in range(num_samples)]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from curvfx._errors import check_batch
+from curvfx._errors import check_batch, check_targets
 from curvfx._memory import check_fits
 from curvfx._pytree import leaves, num_params, tree_map, unsqueeze_leaves
 from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
@@ -72,7 +72,7 @@ def per_sample_grad(
     """
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
-    check_batch(x, y)
+    check_batch(x, check_targets(y))
     _check_independent_samples(fn, "per_sample_grad")
     structured = sample_grads_route(fn, params, (x, y), backend)  # before any work
     n, p = leaves(x)[0].shape[0], num_params(params)
@@ -116,7 +116,7 @@ def per_sample_grad_norms(
     """
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
-    check_batch(x, y)
+    check_batch(x, check_targets(y))
     _check_independent_samples(fn, "per_sample_grad_norms")
     check_backend(backend)  # before any work
     squares = sample_squares(

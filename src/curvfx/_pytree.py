@@ -64,17 +64,40 @@ def ravel(tree: PyTree) -> Tensor:
     """Concatenate the leaves of ``tree``, each flattened, into a vector [P].
 
     A leading batch dimension can be kept with :func:`torch.func.vmap` over ``ravel``.
+
+    Raises:
+        TypeError: If a leaf of ``tree`` is not a tensor.
+        ValueError: If ``tree`` has no leaves, or its leaves differ in dtype (``torch.cat``
+            would silently promote them).
     """
-    parts = [leaf.reshape(-1) for leaf in leaves(tree)]
+    parts = leaves(tree)
     if not parts:
         raise ValueError("ravel: the pytree has no tensor leaves")
-    return torch.cat(parts)
+    _check_leaves(parts, "tree")
+    return torch.cat([leaf.reshape(-1) for leaf in parts])
 
 
 def unravel(flat: Tensor, like: PyTree) -> PyTree:
-    """Inverse of :func:`ravel`: split ``flat`` [P] into a pytree shaped like ``like``."""
+    """Inverse of :func:`ravel`: split ``flat`` [P] into a pytree shaped like ``like``.
+
+    The leaves keep ``flat``'s dtype (float32 eigenvectors of a bfloat16 operator stay
+    float32). Under :func:`torch.func.vmap` ``flat`` is one example's vector (the checks
+    read only its static shape).
+
+    Raises:
+        TypeError: If ``flat`` is not a tensor, or a leaf of ``like`` is not a tensor.
+        ValueError: If ``flat`` is not 1-D of length P (the leaves' total size), or ``like``
+            has no leaves or leaves of several dtypes.
+    """
     flat_leaves, spec = flatten(like)
+    if not flat_leaves:
+        raise ValueError("like: the pytree has no tensor leaves")
+    _check_leaves(flat_leaves, "like")
+    if not isinstance(flat, Tensor):
+        raise TypeError(f"flat: expected a tensor [P], got {type(flat).__name__}")
     sizes = [leaf.numel() for leaf in flat_leaves]
+    if flat.dim() != 1 or flat.shape[0] != sum(sizes):
+        raise ValueError(f"flat: expected a vector [P] = [{sum(sizes)}], got shape {list(flat.shape)}")
     chunks = torch.split(flat, sizes)
     return unflatten(spec, [c.reshape(leaf.shape) for c, leaf in zip(chunks, flat_leaves)])
 
@@ -142,6 +165,20 @@ def as_columns(V: Any, params: PyTree, name: str = "v") -> list[PyTree] | None:
     _check_dtype_device(V, param_leaves[0], name)
     rows = V.T.contiguous()  # column k as a contiguous vector (strided tangents slow every kernel)
     return [unravel(row, params) for row in rows]
+
+
+def _check_leaves(tree_leaves: list[Any], name: str) -> None:
+    """TypeError unless every leaf is a tensor, ValueError unless they share one dtype (static checks)."""
+    for leaf in tree_leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{name}: expected a pytree of tensors, got a leaf of type {type(leaf).__name__}")
+    dtype = tree_leaves[0].dtype
+    for leaf in tree_leaves:
+        if leaf.dtype != dtype:
+            raise ValueError(
+                f"{name}: the leaves must share one dtype (their concatenation is one vector), "
+                f"got {dtype} and {leaf.dtype}"
+            )
 
 
 def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from curvfx import _engines
-from curvfx._errors import check_batch, check_output, check_real, needs_graph
+from curvfx._errors import check_batch, check_output, check_real, check_targets, describe, needs_graph
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
 from curvfx._pytree import as_columns, as_tree, leaves, ravel
@@ -226,7 +226,8 @@ def model_jvp(
     tree, _ = as_tree(v, params)
     check_batch(x, None)
     check_real(params, "params")
-    return _engines.model_jvp(lambda p: fn(p, x), params, tree, needs_graph((params, tree, x)))[1]
+    model_at = lambda p: check_output(fn(p, x))  # noqa: E731
+    return _engines.model_jvp(model_at, params, tree, needs_graph((params, tree, x)))[1]
 
 
 def model_vjp(
@@ -242,14 +243,16 @@ def model_vjp(
     fn, params = as_function(fn, params)
     check_batch(x, None)
     check_real(params, "params")
-    return _engines.model_vjp(lambda p: fn(p, x), params, u, needs_graph((params, u, x)))
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a tensor shaped like the outputs, got {describe(u)}")
+    return _engines.model_vjp(lambda p: check_output(fn(p, x)), params, u, needs_graph((params, u, x)))
 
 
 def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -> PyTree | Tensor:
     """``Jᵀ M J v`` with ``M = output_product(loss, f)`` (u ↦ M u): validation, engine, form of ``v``."""
     fn, params = as_function(fn, params)
     loss = get_loss(loss_fn)
-    check_batch(x, y)
+    check_batch(x, check_targets(y))
     check_real(params, "params")
     engine = _engines.pick(
         strategy, GGN_STRATEGIES, eager="auto-eager", composable="auto-func", inputs=(params, v, x, y)

@@ -9,6 +9,7 @@ import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvfx._errors import describe
 from curvfx._kernels import derivable_kernels
 
 __all__ = [
@@ -91,6 +92,11 @@ class FunctionalModel:
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"params: a model function takes a dict name -> tensor, got {type(params).__name__} "
+                "(is the argument order fn(params, x)?)"
+            )
         frozen = {name: p.detach() for name, p in self.module.named_parameters() if name not in params}
         if self.renormed:  # embeddings with max_norm write their weight: give them copies
             params = {k: v.clone() if k in self.renormed else v for k, v in params.items()}
@@ -152,7 +158,10 @@ def as_function(fn: Any, params: Any) -> tuple[Any, Any]:
     """
     if isinstance(fn, nn.Module):
         pure, own = make_functional(fn)
-        return pure, own if params is None else params
+        if params is None:
+            return pure, own
+        _check_module_params(fn, params)
+        return pure, params
     if not callable(fn):
         raise TypeError(f"fn: expected an nn.Module or a callable fn(params, x), got {type(fn).__name__}")
     if params is None:
@@ -160,6 +169,28 @@ def as_function(fn: Any, params: Any) -> tuple[Any, Any]:
     if isinstance(fn, FunctionalModel):  # already runs with derivable kernels
         return fn, params
     return _with_derivable_kernels(fn), params
+
+
+def _check_module_params(module: nn.Module, params: Any) -> None:
+    """Raise unless ``params`` maps names of ``module``'s parameters to float tensors of their shapes."""
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError(
+            "params: expected a non-empty dict of the model's parameters (name -> tensor, names "
+            f"from named_parameters()), got {type(params).__name__}"
+        )
+    named = dict(module.named_parameters(remove_duplicate=False))
+    unknown = [name for name in params if name not in named]
+    if unknown:
+        raise ValueError(f"params: {unknown} are not parameters of the model (names from named_parameters())")
+    for name, value in params.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            got = f"dtype {value.dtype}" if isinstance(value, Tensor) else describe(value)
+            raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got {got}")
+        if value.shape != named[name].shape:
+            raise ValueError(
+                f"params[{name!r}]: shape {list(value.shape)} does not match the parameter's "
+                f"{list(named[name].shape)}"
+            )
 
 
 def _with_derivable_kernels(fn):

@@ -358,9 +358,10 @@ def _empirical_fisher(
     fn, params, index = model_parts(model, False)
     _check_independent_samples(fn, caller)
     loss = get_loss(loss_fn)
-    if isinstance(targets, Tensor):
-        with torch.no_grad():
-            loss.check(fn(params, inputs), targets)
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets: {caller} expected a tensor, got {type(targets).__name__}")
+    with torch.no_grad():
+        loss.check(fn(params, inputs), targets)
     return empirical_fisher(fn, loss, (inputs, targets), params=params), params, index
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from curvfx._errors import check_batch
 from curvfx.api._closures import check_callable, param_list, pure_function
 from curvfx.api._vectors import (
     Vector,
@@ -213,6 +214,7 @@ def model_hvp(
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
     check_callable(loss_fn, "loss_fn")
+    check_batch(x, y)
     strategy = "rev-rev" if create_graph else "autograd"
     with graph_if(create_graph):
         out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvfx._errors import all_finite, describe
+from curvfx._errors import all_finite, check_generator, describe
 from curvfx._pytree import as_tree, ravel
+from curvfx.estimators._probes import check_distribution
 from curvfx.operators._base import LinearOperator, as_operator
 
-__all__ = ["check_count", "flat_vector", "products", "square_operator", "working_precision"]
+__all__ = [
+    "check_count",
+    "check_flag",
+    "check_number",
+    "check_options",
+    "check_product",
+    "flat_vector",
+    "products",
+    "square_operator",
+    "working_precision",
+]
 
 OperatorLike = LinearOperator | Tensor | Callable[[Tensor], Tensor]
 
@@ -22,16 +35,35 @@ def square_operator(
 ) -> LinearOperator:
     """``A`` as a square :class:`LinearOperator` (normalized once, by ``as_operator``).
 
+    ``size`` is required for a callable ``A``; for an operator or a dense tensor it may be
+    given only if it equals A's size P.
+
     Raises:
-        ValueError: If ``A`` is not square, or not symmetric where ``symmetric`` is asked;
-            the message names ``who``.
+        ValueError: If ``A`` is not square, empty (P = 0), not floating-point, or not
+            symmetric where ``symmetric`` is asked; if ``size`` is not a positive int or
+            contradicts the size of an operator or tensor ``A``. The message names
+            ``who`` and the argument.
         TypeError: If ``A`` is none of the accepted forms.
     """
+    if size is not None:
+        check_count(size, "size")
     if isinstance(A, Tensor) and (A.dim() != 2 or A.shape[0] != A.shape[1]):
         raise ValueError(f"{who}: A must be a square matrix [P, P], got {describe(A)}")
     op = as_operator(A, size)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"{who}: A must be square, got shape {list(op.shape)}")
+    if op.shape[0] < 1:
+        raise ValueError(f"{who}: A: size P must be ≥ 1, got an empty operator of shape {list(op.shape)}")
+    if not (isinstance(op.dtype, torch.dtype) and op.dtype.is_floating_point):
+        raise ValueError(
+            f"{who}: A: expected a floating-point operator, got dtype {op.dtype}; convert a dense "
+            "matrix with M.double() or M.float()"
+        )
+    if size is not None and isinstance(A, LinearOperator | Tensor) and size != op.shape[0]:
+        raise ValueError(
+            f"size: given as {size} but A ({type(op).__name__}) has size P = {op.shape[0]}; "
+            "size is only needed for a matvec callable"
+        )
     if symmetric and not op.symmetric:
         raise ValueError(
             f"{who}: A must be symmetric ({type(op).__name__}.symmetric is False); a dense "
@@ -76,13 +108,31 @@ class _Float32Vectors(LinearOperator):
 
 
 def products(op: LinearOperator, V: Tensor, who: str, *, transpose: bool = False) -> Tensor:
-    """A V [P, K] (or Aᵀ V) as one ``_matmat``, checked for shape and finite entries."""
+    """A V [P, K] (or Aᵀ V) as one ``_matmat``, checked by :func:`check_product`."""
     out = op._rmatmat(V) if transpose and not op.symmetric else op._matmat(V)
+    return check_product(out, V, who, "A V")
+
+
+def check_product(out: Any, V: Tensor, who: str, what: str) -> Tensor:
+    """``out``, the product ``what`` of A with ``V``, if it is a finite tensor of V's shape and dtype.
+
+    Raises:
+        ValueError: Naming ``who`` and A, if ``out`` is not a tensor of V's shape and
+            dtype (a matvec callable must return its input's dtype) or has inf/nan entries.
+    """
     if not isinstance(out, Tensor) or out.shape != V.shape:
-        raise ValueError(f"{who}: the product A V returned {describe(out)}, expected shape {list(V.shape)}")
+        raise ValueError(
+            f"{who}: the product {what} returned {describe(out)}, expected shape {list(V.shape)}"
+        )
+    if out.dtype != V.dtype:
+        raise ValueError(
+            f"{who}: A: the product {what} returned dtype {out.dtype} for vectors of dtype {V.dtype}; "
+            "A must return its input's dtype (wrap a matvec callable of another dtype in "
+            "FunctionOperator(fn, size, dtype=...))"
+        )
     if not all_finite(out):
         raise ValueError(
-            f"{who}: the product of A with the probe vectors has non-finite entries (inf/nan); "
+            f"{who}: the product {what} has non-finite entries (inf/nan); "
             "check the operator (model, data, loss)"
         )
     return out
@@ -93,6 +143,39 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_number(value: Any, name: str, *, strict: bool = True) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), > 0 (``strict``) or ≥ 0.
+
+    Raises:
+        ValueError: Naming ``name``, for anything else (a str, a bool, inf, nan, a tensor).
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise ValueError(f"{name}: expected a finite float {'>' if strict else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` if it is a bool; TypeError naming ``name`` otherwise (``"False"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def check_options(distribution: str, generator: torch.Generator | None, **flags: Any) -> None:
+    """The probe options and bool flags of an estimator, checked whatever the method uses.
+
+    Raises:
+        ValueError: For an unknown ``distribution``.
+        TypeError: For a ``generator`` that is not a ``torch.Generator`` (or None), or a
+            flag (keyword name = argument name) that is not a bool.
+    """
+    check_distribution(distribution)
+    check_generator(generator)
+    for name, value in flags.items():
+        check_flag(value, name)
 
 
 def flat_vector(op: LinearOperator, v: Any, name: str) -> tuple[Tensor, bool]:

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from curvfx._engines import draw_seed
+from curvfx._errors import check_generator
 from curvfx.operators._distributed import broadcast_seed, resolve_process_group
 
-__all__ = ["DISTRIBUTIONS", "make_generator", "probes"]
+__all__ = ["DISTRIBUTIONS", "check_distribution", "make_generator", "probes"]
 
 DISTRIBUTIONS = ("rademacher", "normal")
 
@@ -47,7 +48,10 @@ def probes(
         Ω [size, num].
 
     Raises:
-        ValueError: If ``distribution`` is unknown or ``size``/``num`` is not a positive int.
+        ValueError: If ``distribution`` is unknown, ``size``/``num`` is not a positive int,
+            or ``device`` is not a device.
+        TypeError: If ``dtype`` is not a floating ``torch.dtype`` (or None), or
+            ``generator`` is not a ``torch.Generator`` (or None).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -55,13 +59,14 @@ def probes(
         >>> V.shape, bool((V.abs() == 1).all())
         (torch.Size([4, 2]), True)
     """
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"distribution: expected one of {', '.join(map(repr, DISTRIBUTIONS))}, got {distribution!r}"
-        )
+    check_distribution(distribution)
     for name, value in (("size", size), ("num", num)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}")
+    if device is not None:
+        device = _as_device(device)
     dtype = dtype or torch.get_default_dtype()
     generator = make_generator(generator, device)
     where = generator.device
@@ -95,12 +100,29 @@ def make_generator(
     returned as is: it must be seeded identically on every rank (a mismatch is caught by
     the operator's next product, which raises on every rank).
     """
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if check_generator(generator) is not None:
         return generator
     seed = draw_seed(None)
     group = resolve_process_group(process_group)
     if group is not None:
         seed = broadcast_seed(seed, group, device)
     return torch.Generator(device=device or "cpu").manual_seed(seed)
+
+
+def check_distribution(distribution: str) -> str:
+    """``distribution`` if it is one of :data:`DISTRIBUTIONS`; ValueError naming it otherwise."""
+    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution: expected one of {', '.join(map(repr, DISTRIBUTIONS))}, got {distribution!r}"
+        )
+    return distribution
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError naming it if torch does not know it."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device: expected a torch.device or a device string such as 'cpu', got {device!r}"
+        ) from err

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from curvfx._errors import all_finite
-from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator, working_precision
+from curvfx.estimators._checks import (
+    OperatorLike,
+    check_count,
+    check_options,
+    products,
+    square_operator,
+    working_precision,
+)
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
 from curvfx.estimators._sketch import leave_one_out_vectors
@@ -85,10 +92,14 @@ def diagonal(
         The diagonal [P], or ``(estimate, standard_error)``, both [P], if ``return_std``.
 
     Raises:
-        ValueError: For an unknown ``method`` or ``distribution``, a bad ``num_samples``,
-            a non-square A, an exact diagonal costlier than ``max_size`` products, or
-            products with non-finite entries.
-        TypeError: For an ``A`` of none of the accepted forms.
+        ValueError: For an unknown ``method`` or ``distribution`` (checked for every
+            method), a bad ``num_samples``, a ``size`` that contradicts an operator or
+            tensor A, a non-square, empty (P = 0) or non-floating A, an exact diagonal
+            costlier than ``max_size`` products, or products with another shape or dtype
+            than the probes or with non-finite entries.
+        TypeError: For an ``A`` of none of the accepted forms, a ``generator`` that is not
+            a ``torch.Generator`` (for every method), or ``return_std``/``progress`` that
+            is not a bool.
 
     Example:
         >>> M = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -102,6 +113,7 @@ def diagonal(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    check_options(distribution, generator, return_std=return_std, progress=progress)
     op = square_operator(A, size, "diagonal")
     P = op.shape[0]
     if method == "exact":

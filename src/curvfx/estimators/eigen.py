@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, products, square_operator, working_precision
+from curvfx.estimators._checks import (
+    OperatorLike,
+    check_count,
+    check_flag,
+    check_number,
+    products,
+    square_operator,
+    working_precision,
+)
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
@@ -87,8 +95,12 @@ def eigsh(
         ``return_eigenvectors`` is False.
 
     Raises:
-        ValueError: For an unknown ``which``, k or ``num_iters`` out of range, a
-            non-square or non-symmetric A, or products with non-finite entries.
+        ValueError: For an unknown ``which``, k or ``num_iters`` out of range, a ``tol``
+            that is not a finite float > 0 (or None), a non-square, non-symmetric, empty or
+            non-floating A, or products with another shape or dtype than their input or
+            with non-finite entries.
+        TypeError: If ``return_eigenvectors`` or ``progress`` is not a bool, or
+            ``generator`` is not a ``torch.Generator`` (or None).
 
     Example:
         >>> M = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
@@ -104,6 +116,8 @@ def eigsh(
     """
     if which not in WHICH:
         raise ValueError(f"which: expected 'largest' or 'smallest', got {which!r}")
+    check_flag(return_eigenvectors, "return_eigenvectors")
+    check_flag(progress, "progress")
     op = square_operator(A, size, "eigsh", symmetric=True)
     P = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= P:
@@ -113,9 +127,7 @@ def eigsh(
     check_count(num_iters, "num_iters", k)
     if num_iters > P:
         raise ValueError(f"num_iters: at most P = {P} Lanczos steps are possible, got {num_iters}")
-    tol = torch.finfo(op.dtype).eps ** 0.5 if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol: expected a positive float, got {tol!r}")
+    tol = torch.finfo(op.dtype).eps ** 0.5 if tol is None else check_number(tol, "tol")
 
     g = make_generator(generator, op.device, process_group_of(op))
     op = working_precision(op)

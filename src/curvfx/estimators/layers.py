@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvfx.estimators._checks import check_count
 from curvfx.estimators.eigen import eigsh
-from curvfx.estimators.trace import trace
+from curvfx.estimators.trace import METHODS, trace
 from curvfx.operators._base import LinearOperator
 from curvfx.operators._restrict import layer_names
 
@@ -71,13 +72,19 @@ def layer_curvature(
 
     Raises:
         TypeError: If ``A`` is not a curvature operator (it has no ``restrict``).
-        ValueError: If ``layers`` or ``k`` is invalid, a layer selects no parameter, or as
+        ValueError: If ``layers``, ``k``, ``trace_method`` or ``num_samples`` (checked
+            for every ``trace_method``) is invalid, a layer selects no parameter, or as
             the estimators.
     """
     if not callable(getattr(A, "restrict", None)):
         raise TypeError(f"A: expected a curvature operator with .restrict, got {type(A).__name__}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
+    if trace_method not in METHODS:
+        raise ValueError(
+            f"trace_method: expected one of {', '.join(map(repr, METHODS))}, got {trace_method!r}"
+        )
+    check_count(num_samples, "num_samples")
     if layers is None:
         if not isinstance(A.params, dict):
             raise ValueError("layers: required when the operator's params are not a dict of named parameters")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,15 @@ from torch import Tensor
 
 from curvfx._errors import describe
 from curvfx._pytree import unravel
-from curvfx.estimators._checks import OperatorLike, check_count, flat_vector, square_operator
+from curvfx.estimators._checks import (
+    OperatorLike,
+    check_count,
+    check_flag,
+    check_number,
+    check_product,
+    flat_vector,
+    square_operator,
+)
 from curvfx.estimators._progress import progress_bar
 from curvfx.operators._base import LinearOperator
 
@@ -91,11 +98,16 @@ def cg(
         :class:`CGInfo`.
 
     Raises:
-        ValueError: For a non-symmetric A, bad ``damping``/``tol``/``maxiter``, a ``b``,
-            ``x0`` or preconditioner of the wrong shape, dtype or device, a non-positive
-            diagonal preconditioner, or non-finite values in b, the products with A or
-            the preconditioned residual.
-        TypeError: If ``b`` is a pytree but A has no ``in_like``.
+        ValueError: For a non-symmetric, empty or non-floating A, a ``damping`` that is
+            not a finite float ≥ 0 or a ``tol`` that is not a finite float > 0 (bools
+            and strings included), a bad ``maxiter``, a ``b``, ``x0`` or preconditioner
+            (diagonal or returned value) of the wrong shape, dtype or device, a
+            non-positive diagonal preconditioner, products with A of another shape or
+            dtype than their input, or non-finite values in b, the products with A or the
+            preconditioned residual.
+        TypeError: If ``b`` is a pytree but A has no ``in_like``, ``callback`` or
+            ``preconditioner`` is of none of the accepted forms, or ``progress`` is not
+            a bool.
 
     Example:
         >>> M = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -108,24 +120,23 @@ def cg(
         Hestenes, Stiefel (1952), Methods of conjugate gradients for solving linear
         systems. Martens (2010), Deep learning via Hessian-free optimization.
     """
+    check_flag(progress, "progress")
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback: expected a callable callback(t, x_t) or None, got {type(callback).__name__}"
+        )
     op = square_operator(A, size, "cg", symmetric=True)
     P = op.shape[0]
     b_flat, was_tree = flat_vector(op, b, "b")
-    if not (isinstance(damping, int | float) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping: expected a finite float >= 0, got {damping!r}")
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol: expected a positive float, got {tol!r}")
+    damping = check_number(damping, "damping", strict=False)
+    tol = check_number(tol, "tol")
     maxiter = check_count(10 * P if maxiter is None else maxiter, "maxiter", 0)
     apply_inverse = _preconditioner(preconditioner, op)
     if not bool(b_flat.isfinite().all()):
         raise ValueError("b: has non-finite entries (inf/nan)")
 
     def B(v: Tensor) -> Tensor:  # (A + λI) v
-        out = op._matvec(v)
-        if not isinstance(out, Tensor) or out.shape != v.shape:
-            raise ValueError(f"cg: the product A v returned {describe(out)}, expected [{P}]")
-        if not bool(out.isfinite().all()):
-            raise ValueError("cg: the product A v has non-finite entries (inf/nan); check the operator")
+        out = check_product(op._matvec(v), v, "cg", "A v")
         return out + damping * v if damping else out
 
     with torch.no_grad():
@@ -217,6 +228,11 @@ def _preconditioner(preconditioner, op: LinearOperator) -> Callable[[Tensor], Te
         z = preconditioner(r)
         if not isinstance(z, Tensor) or z.shape != r.shape or not bool(z.isfinite().all()):
             raise ValueError(f"preconditioner: must return a finite tensor [P] = [{P}], got {describe(z)}")
+        if z.dtype != r.dtype or z.device != r.device:
+            raise ValueError(
+                f"preconditioner: must return the dtype/device of b, {r.dtype}/{r.device}, "
+                f"got {z.dtype}/{z.device}"
+            )
         return z
 
     return apply_inverse

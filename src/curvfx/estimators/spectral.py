@@ -7,7 +7,14 @@ import math
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import OperatorLike, check_count, square_operator, working_precision
+from curvfx.estimators._checks import (
+    OperatorLike,
+    check_count,
+    check_flag,
+    check_number,
+    square_operator,
+    working_precision,
+)
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar
@@ -60,7 +67,9 @@ def spectral_density(
 
     Raises:
         ValueError: For a bad ``num_probes`` or ``num_steps``, an unknown
-            ``distribution``, a non-square or non-symmetric A, or non-finite products.
+            ``distribution``, a non-square, non-symmetric, empty or non-floating A, or
+            products with another shape or dtype than their input or non-finite entries.
+        TypeError: If ``progress`` is not a bool or ``generator`` not a ``torch.Generator``.
 
     Example:
         >>> M = torch.diag(torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64))
@@ -74,6 +83,7 @@ def spectral_density(
         quadrature. Ghorbani, Krishnan, Xiao (2019), An investigation into neural net
         optimization via Hessian eigenvalue density.
     """
+    check_flag(progress, "progress")
     op = square_operator(A, size, "spectral_density", symmetric=True)
     P = op.shape[0]
     check_count(num_probes, "num_probes")
@@ -108,7 +118,9 @@ def density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tenso
         φ_σ(grid) [G].
 
     Raises:
-        ValueError: If the shapes do not match or ``sigma`` is not positive.
+        TypeError: If ``nodes``, ``weights`` or ``grid`` is not a floating-point tensor.
+        ValueError: If ``nodes`` is not [B, m] (or [m]) with B, m ≥ 1, ``weights`` has
+            another shape, ``grid`` is not 1-D, or ``sigma`` is not a finite float > 0.
 
     Example:
         >>> nodes = torch.tensor([[0.0, 1.0]]); weights = torch.tensor([[0.5, 0.5]])
@@ -116,16 +128,26 @@ def density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tenso
         >>> round(float(torch.trapezoid(density(nodes, weights, x, 0.3), x)), 4)
         1.0
     """
-    if nodes.shape != weights.shape or nodes.dim() not in (1, 2):
+    for name, value in (("nodes", nodes), ("weights", weights), ("grid", grid)):
+        if not (isinstance(value, Tensor) and value.is_floating_point()):
+            raise TypeError(f"{name}: expected a floating-point tensor, got {_kind(value)}")
+    if nodes.dim() not in (1, 2) or nodes.numel() == 0:
         raise ValueError(
-            f"nodes, weights: expected equal shapes [B, m] or [m], got {list(nodes.shape)} "
-            f"and {list(weights.shape)}"
+            f"nodes: expected a tensor [B, m] (or [m]) with B, m >= 1, got shape {list(nodes.shape)}"
+        )
+    if weights.shape != nodes.shape:
+        raise ValueError(
+            f"weights: expected the shape of nodes {list(nodes.shape)}, got {list(weights.shape)}"
         )
     if grid.dim() != 1:
         raise ValueError(f"grid: expected a 1-D tensor [G], got shape {list(grid.shape)}")
-    if not (isinstance(sigma, int | float) and sigma > 0):
-        raise ValueError(f"sigma: expected a positive float, got {sigma!r}")
+    sigma = check_number(sigma, "sigma")
     nodes, weights = nodes.reshape(-1, nodes.shape[-1]), weights.reshape(-1, nodes.shape[-1])
     z = (grid[:, None, None] - nodes) / sigma  # [G, B, m]
     kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
     return (weights * kernel).sum((1, 2)) / nodes.shape[0]
+
+
+def _kind(value: object) -> str:
+    """A tensor's dtype, else the type's name (for error messages)."""
+    return f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvfx._errors import all_finite, holds_values
 from curvfx._memory import check_fits
 
 
@@ -123,6 +124,8 @@ def check_same_shape(outputs: Tensor, targets: Tensor, loss: str) -> None:
         )
     if targets.dtype != outputs.dtype:
         raise ValueError(f"targets: dtype {targets.dtype} does not match outputs dtype {outputs.dtype}")
+    if holds_values(targets) and not all_finite(targets):
+        raise ValueError(f"targets: {loss} got non-finite targets (nan or inf)")
 
 
 def diagonal_factor(curvature: Tensor) -> Tensor:

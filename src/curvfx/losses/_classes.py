@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from curvfx._errors import inside_transform
+from curvfx._errors import holds_values
 from curvfx.losses._base import (
     Loss,
     check_batch,
@@ -65,12 +65,18 @@ class CrossEntropyLoss(Loss):
         _check_class_targets(
             outputs, targets, self.name, allow_probabilities=True, ignore_index=self.ignore_index
         )
+        _check_weight(self.weight, outputs)
 
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z: counted positions weighted by ``w_{y_i}`` (class indices) or all positions."""
         if self.reduction == "sum":
             return 1.0
         if targets.is_floating_point():
+            if targets.dim() < 2:
+                raise ValueError(
+                    f"targets: {self.name} needs class indices (int64) or probabilities [N, C, ...], "
+                    f"got {targets.dtype} targets of shape {list(targets.shape)}"
+                )
             return float(targets[:, 0].numel())
         return _counted_weight(targets, self.weight, self.ignore_index)
 
@@ -166,6 +172,7 @@ class NLLLoss(Loss):
         _check_class_targets(
             outputs, targets, self.name, allow_probabilities=False, ignore_index=self.ignore_index
         )
+        _check_weight(self.weight, outputs)
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Zero: the loss is linear in the outputs."""
@@ -206,7 +213,7 @@ def _check_class_targets(
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
             )
-        if not inside_transform():  # the values are concrete (not batched by vmap)
+        if holds_values(targets):  # not batched by vmap
             counted = targets[targets != ignore_index]
             low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
             if not 0 <= low <= high < outputs.shape[1]:
@@ -217,6 +224,28 @@ def _check_class_targets(
     else:
         kinds = "class indices (int64 or uint8)" + (" or probabilities" if allow_probabilities else "")
         raise ValueError(f"targets: {loss} needs {kinds}, got dtype {targets.dtype}")
+
+
+def _check_weight(weight: Tensor | None, outputs: Tensor) -> None:
+    """Raise ``ValueError`` unless ``weight`` is None or finite floating-point class weights [C]."""
+    if weight is None:
+        return
+    c = outputs.shape[1]
+    if not isinstance(weight, Tensor) or weight.shape != (c,) or not weight.is_floating_point():
+        got = (
+            f"shape {list(weight.shape)}, {weight.dtype}"
+            if isinstance(weight, Tensor)
+            else type(weight).__name__
+        )
+        raise ValueError(f"weight: expected floating-point class weights [C] = [{c}], got {got}")
+    if weight.device != outputs.device:
+        raise ValueError(f"weight: on {weight.device}, the outputs on {outputs.device}")
+    _check_finite(weight)
+
+
+def _check_finite(weight: Tensor) -> None:
+    if holds_values(weight) and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight: class weights must be finite")
 
 
 def _softmax_factor(logits: Tensor, coefficients: Tensor) -> Tensor:
@@ -243,7 +272,12 @@ def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -
     counted = targets != ignore_index
     if weight is None:
         return counted.sum()
-    return (weight[torch.where(counted, targets, 0)] * counted).sum()
+    _check_finite(weight)
+    index = torch.where(counted, targets, 0)
+    if holds_values(index) and index.numel() and int(index.max()) >= weight.numel():
+        top = int(index.max())
+        raise ValueError(f"weight: {weight.numel()} class weights, but the targets hold class {top}")
+    return (weight[index] * counted).sum()
 
 
 def _keep_ignored(draws: Tensor, observed: Tensor | None, ignore_index: int) -> Tensor:

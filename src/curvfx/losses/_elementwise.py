@@ -79,14 +79,7 @@ class BCEWithLogitsLoss(Loss):
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Value, equal to ``F.binary_cross_entropy_with_logits``."""
-        for option in ("weight", "pos_weight"):
-            w = getattr(self, option)
-            if w is not None and torch.broadcast_shapes(w.shape, outputs.shape) != outputs.shape:
-                raise ValueError(
-                    f"{self.name}: {option} of shape {list(w.shape)} does not broadcast to the "
-                    f"outputs {list(outputs.shape)} (a {option} with a batch dimension gives one "
-                    "sample alone no loss, so per-sample quantities are not defined for it)"
-                )
+        self._check_weights(outputs)
         return F.binary_cross_entropy_with_logits(
             outputs,
             targets,
@@ -99,10 +92,28 @@ class BCEWithLogitsLoss(Loss):
         """Targets must have the shape and dtype of the logits."""
         check_batch(outputs)
         check_same_shape(outputs, targets, self.name)
+        self._check_weights(outputs)
 
     def normalizer(self, targets: Tensor) -> float:
         """Number of entries for the mean, 1 for the sum."""
         return float(targets.numel()) if self.reduction == "mean" else 1.0
+
+    def _check_weights(self, outputs: Tensor) -> None:
+        """``weight`` and ``pos_weight`` must broadcast to the outputs without growing them."""
+        for option in ("weight", "pos_weight"):
+            w = getattr(self, option)
+            if w is None:
+                continue
+            try:
+                fits = torch.broadcast_shapes(w.shape, outputs.shape) == outputs.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"{option}: shape {list(w.shape)} does not broadcast to the outputs "
+                    f"{list(outputs.shape)} of {self.name} (a {option} with a batch dimension gives "
+                    "one sample alone no loss, so per-sample quantities are not defined for it)"
+                )
 
     def _curvature(self, outputs: Tensor, targets: Tensor | None) -> Tensor:
         s = torch.sigmoid(outputs)

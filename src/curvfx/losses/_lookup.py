@@ -22,13 +22,16 @@ def get_loss(loss_fn) -> Loss:
     callables get :class:`AutogradLoss`.
 
     Raises:
-        TypeError: If ``loss_fn`` is not callable.
+        TypeError: If ``loss_fn`` is not callable, or is a class (not an instance).
         ValueError: On an option that would change the loss in a way curvfx does not
             model (``reduction="none"``, deprecated ``size_average``/``reduce``, unknown
             keywords).
     """
     if isinstance(loss_fn, Loss):
         return loss_fn
+    if isinstance(loss_fn, type):  # nn.MSELoss instead of nn.MSELoss()
+        name = loss_fn.__name__
+        raise TypeError(f"loss_fn: got the class {name}; pass an instance, e.g. {name}()")
     if isinstance(loss_fn, nn.Module) and _overrides_forward(loss_fn):  # its own formula: by autograd
         return AutogradLoss(
             loss_fn, check_reduction(getattr(loss_fn, "reduction", "mean"), type(loss_fn).__name__)

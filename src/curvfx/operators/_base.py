@@ -9,6 +9,8 @@ Everything else is done here once.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +30,10 @@ __all__ = [
     "LinearOperator",
     "apply_columns",
     "as_operator",
+    "check_chunk_size",
     "fixed_params",
     "identity",
+    "real_number",
 ]
 
 PyTree = Any
@@ -100,17 +104,31 @@ class LinearOperator:
 
     # -- products ---------------------------------------------------------------------------
     def matvec(self, v: PyTree | Tensor) -> PyTree | Tensor:
-        """A v, with ``v`` flat [N] or a pytree like ``in_like``; returns the same form."""
+        """A v, with ``v`` flat [N] or a pytree like ``in_like``; returns the same form.
+
+        Raises:
+            ValueError: If ``v`` does not match the operator (length, structure, dtype,
+                device), or the product is not a finite vector [M] of the operator's dtype
+                and device.
+        """
         flat, was_tree = self._flat_input(v, self.shape[1], self.in_like)
-        out = self._checked(self._matvec(flat))
+        out = self._checked(self._matvec(flat), (self.shape[0],))
         return unravel(out, self.out_like) if was_tree and self.out_like is not None else out
 
     def matmat(self, V: Tensor) -> Tensor:
-        """A V for V [N, K] -> [M, K], columns batched by vmap."""
-        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] != self.shape[1]:
-            raise ValueError(f"V: expected a matrix [N, K] with N = {self.shape[1]}, got {describe(V)}")
+        """A V for V [N, K] -> [M, K], columns batched by vmap.
+
+        Raises:
+            ValueError: If ``V`` is not a matrix [N, K] with K ≥ 1 columns (as
+                :func:`curvfx.hvp`) of the operator's dtype and device, or the product is
+                not a finite matrix [M, K] of that dtype and device.
+        """
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] != self.shape[1] or V.shape[1] == 0:
+            raise ValueError(
+                f"V: expected a matrix [N, K] with N = {self.shape[1]} and K ≥ 1, got {describe(V)}"
+            )
         self._check_tensor(V, "V")
-        return self._checked(self._matmat(V))
+        return self._checked(self._matmat(V), (self.shape[0], V.shape[1]))
 
     def _matmat(self, V: Tensor) -> Tensor:
         try:
@@ -148,15 +166,27 @@ class LinearOperator:
 
     # -- arithmetic -------------------------------------------------------------------------
     def __add__(self, other: LinearOperator) -> LinearOperator:
-        return SumOperator([self, _as_operator(other)], [1.0, 1.0])
+        return SumOperator([self, _as_operator(other, self)], [1.0, 1.0])
+
+    __radd__ = __add__  # reached only for a non-operator ``other``, which it refuses
 
     def __sub__(self, other: LinearOperator) -> LinearOperator:
-        return SumOperator([self, _as_operator(other)], [1.0, -1.0])
+        return SumOperator([self, _as_operator(other, self)], [1.0, -1.0])
+
+    def __rsub__(self, other: LinearOperator) -> LinearOperator:
+        return SumOperator([_as_operator(other, self), self], [1.0, -1.0])
 
     def __mul__(self, c: float) -> LinearOperator:
-        if isinstance(c, LinearOperator | Tensor) and not (isinstance(c, Tensor) and c.numel() == 1):
+        """``c · A`` for a real number ``c`` (int, float or 0-dim real tensor, read with ``float``).
+
+        Raises:
+            TypeError: If ``c`` is an operator (use ``@``), a bool, a string, or a tensor
+                that is not 0-dim and real; names ``c``.
+            ValueError: If ``c`` is not finite.
+        """
+        if isinstance(c, LinearOperator):
             raise TypeError("use @ for operator products; * scales by a number")
-        return SumOperator([self], [float(c)])
+        return SumOperator([self], [real_number(c, "c")])
 
     __rmul__ = __mul__
 
@@ -181,28 +211,33 @@ class LinearOperator:
         return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` with this operator's products (float64 numpy)."""
+        """A ``scipy.sparse.linalg.LinearOperator`` with this operator's products (float64 numpy).
+
+        Its products are checked as :meth:`matvec` and :meth:`matmat` check theirs.
+
+        Raises:
+            ValueError: When a product is applied: if it has non-finite entries, or the
+                wrong shape, dtype or device.
+        """
         try:
             from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("to_scipy needs scipy: pip install 'curvfx[scipy]'") from err
 
-        def wrap(product):
+        M, N = self.shape
+
+        def numpy_product(product):  # float64 numpy in and out, through the checked products
             def apply(x):
-                t = torch.as_tensor(x, device=self.device).to(self.dtype).reshape(-1)
+                t = torch.as_tensor(x, device=self.device).to(self.dtype)
                 return product(t).detach().cpu().double().numpy()
 
             return apply
 
-        def matmat(X):
-            t = torch.as_tensor(X, device=self.device).to(self.dtype)
-            return self._matmat(t).detach().cpu().double().numpy()
-
         return ScipyLinearOperator(
             shape=self.shape,
-            matvec=wrap(self._matvec),
-            rmatvec=wrap(self._rmatvec),
-            matmat=matmat,
+            matvec=numpy_product(lambda t: self.matvec(t.reshape(N))),
+            rmatvec=numpy_product(lambda t: self._checked(self._rmatvec(t.reshape(M)), (N,))),
+            matmat=numpy_product(self.matmat),
             dtype="float64",
         )
 
@@ -227,13 +262,32 @@ class LinearOperator:
         if v.device != self.device:
             raise ValueError(f"{name}: device {v.device} does not match the operator's {self.device}")
 
-    def _checked(self, out: Tensor) -> Tensor:
+    _product_name = "the product"  # what computes the products, for error messages
+
+    def _checked(self, out: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``out`` if it is a finite tensor of ``shape`` and the operator's dtype and device."""
+        self._check_result(out, shape)
         if not inside_transform() and not all_finite(out):
             raise ValueError(
                 f"{type(self).__name__}: the product has non-finite entries (inf/nan); "
                 "check the model, data and vector"
             )
         return out
+
+    def _check_result(self, out: Any, shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` naming the product unless ``out`` is a tensor of ``shape``, dtype, device."""
+        if (
+            isinstance(out, Tensor)
+            and tuple(out.shape) == shape
+            and out.dtype == self.dtype
+            and out.device == self.device
+        ):
+            return
+        got = f"{describe(out)}, {out.dtype}, {out.device}" if isinstance(out, Tensor) else describe(out)
+        raise ValueError(
+            f"{type(self).__name__}: {self._product_name} returned {got}; expected a tensor of "
+            f"shape {list(shape)}, {self.dtype}, {self.device}"
+        )
 
 
 class SumOperator(LinearOperator):
@@ -326,11 +380,9 @@ class IdentityOperator(LinearOperator):
     symmetric = True
 
     def __init__(self, n: int, dtype: torch.dtype | None = None, device=None):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive int, got {n!r}")
+        n = _positive_int(n, "n")
         self.shape = (n, n)
-        self.dtype = dtype or torch.get_default_dtype()
-        self.device = torch.device(device or "cpu")
+        self.dtype, self.device = _dtype_device(dtype, device)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return v
@@ -340,7 +392,13 @@ class IdentityOperator(LinearOperator):
 
 
 def identity(n: int, dtype: torch.dtype | None = None, device=None) -> IdentityOperator:
-    """The identity operator I [n, n]; its dtype and device adapt when added to an operator."""
+    """The identity operator I [n, n]; its dtype and device adapt when added to an operator.
+
+    Raises:
+        TypeError: If ``n`` is not an int (a bool is not), or ``dtype`` is not a
+            ``torch.dtype`` (or None).
+        ValueError: If ``n`` < 1, or ``device`` is not a valid device.
+    """
     return IdentityOperator(n, dtype, device)
 
 
@@ -348,8 +406,11 @@ class DenseOperator(LinearOperator):
     """A dense matrix [M, N] seen as a ``LinearOperator``."""
 
     def __init__(self, matrix: Tensor, symmetric: bool | None = None):
+        """``symmetric``: a bool, or None to test ``matrix == matrix.T`` (a TypeError otherwise)."""
         if not isinstance(matrix, Tensor) or matrix.dim() != 2:
             raise ValueError(f"matrix: expected a 2-D tensor, got {describe(matrix)}")
+        if symmetric is not None:
+            _check_flag(symmetric, "symmetric", "a bool or None")
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
         self.dtype, self.device = matrix.dtype, matrix.device
@@ -370,7 +431,17 @@ class DenseOperator(LinearOperator):
 
 
 class FunctionOperator(LinearOperator):
-    """A square operator from a callable ``matvec(v [N]) -> [N]`` (assumed symmetric if told)."""
+    """A square operator from a callable ``matvec(v [N]) -> [N]`` (assumed symmetric if told).
+
+    Raises:
+        TypeError: If ``matvec`` is not callable, ``size`` not an int, ``dtype`` not a
+            ``torch.dtype`` (or None) or ``symmetric`` not a bool.
+        ValueError: If ``size`` < 1 or ``device`` is not a valid device; when a product is
+            applied, if ``matvec`` returns anything but a finite tensor [N] of ``dtype`` on
+            ``device``.
+    """
+
+    _product_name = "its matvec callable"
 
     def __init__(
         self,
@@ -383,18 +454,20 @@ class FunctionOperator(LinearOperator):
     ):
         if not callable(matvec):
             raise TypeError(f"matvec: expected a callable, got {type(matvec).__name__}")
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size: expected a positive int, got {size!r}")
+        size = _positive_int(size, "size")
         self.fn, self.shape = matvec, (size, size)
-        self.dtype = dtype or torch.get_default_dtype()
-        self.device = torch.device(device or "cpu")
-        self.symmetric = symmetric
+        self.dtype, self.device = _dtype_device(dtype, device)
+        self.symmetric = _check_flag(symmetric, "symmetric")
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self.fn(v)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return torch.stack([self.fn(V[:, k]) for k in range(V.shape[1])], dim=1)
+        columns = [self.fn(V[:, k]) for k in range(V.shape[1])]
+        for column in columns:  # the caller checks the stacked result's shape and dtype
+            if not isinstance(column, Tensor):  # torch.stack's error would not name matvec
+                self._check_result(column, (self.shape[0],))
+        return torch.stack(columns, dim=1)
 
 
 def as_operator(
@@ -434,10 +507,87 @@ def apply_columns(matvec: Callable[[Tensor], Tensor], V: Tensor, chunk_size: int
         return torch.stack([matvec(V[:, k]) for k in range(V.shape[1])], dim=1)
 
 
-def _as_operator(other) -> LinearOperator:
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """``chunk_size`` if it is None or a positive int (not a bool); else an error naming it.
+
+    Raises:
+        TypeError: If ``chunk_size`` is neither None nor an int.
+        ValueError: If it is an int < 1.
+    """
+    if chunk_size is None:
+        return None
+    return _positive_int(chunk_size, "chunk_size", "None or a positive int")
+
+
+def real_number(c: Any, name: str) -> float:
+    """``c`` as a float: a finite real number (int, float, or a 0-dim real tensor read with ``float``).
+
+    Raises:
+        TypeError: If ``c`` is a bool, a string, a bool or complex tensor, a tensor with
+            dimensions, or anything else that is not a real number; names ``name``.
+        ValueError: If ``c`` is inf or nan; names ``name``.
+    """
+    if isinstance(c, Tensor) and c.dim() == 0 and c.dtype != torch.bool and not c.is_complex():
+        c = c.item()
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(
+            f"{name}: expected a real number (int, float or 0-dim tensor), got {_describe_value(c)}"
+        )
+    if not math.isfinite(c):
+        raise ValueError(f"{name}: expected a finite number, got {c!r}")
+    return float(c)
+
+
+def _describe_value(value: Any) -> str:
+    """A short description of a scalar argument: the value of a str, bool or number, else the type."""
+    if isinstance(value, str | bool | numbers.Number):
+        return f"{value!r} ({type(value).__name__})"
+    return describe(value)
+
+
+def _positive_int(value: Any, name: str, expected: str = "a positive int") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected {expected}, got {_describe_value(value)}")
+    if value < 1:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def _check_flag(value: Any, name: str, expected: str = "a bool") -> bool:
+    """``value`` if it is a bool; else a ``TypeError`` naming ``name`` (truthiness would turn "no" on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected {expected}, got {_describe_value(value)}")
+    return value
+
+
+def _dtype_device(dtype: Any, device: Any) -> tuple[torch.dtype, torch.device]:
+    """``dtype`` (default: torch's default dtype) and ``device`` (default: cpu), validated."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float64, got {_describe_value(dtype)}")
+    if isinstance(device, bool) or not isinstance(device, str | int | torch.device | None):
+        raise TypeError(f"device: expected a torch.device, a str or an int, got {_describe_value(device)}")
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except RuntimeError:
+        raise ValueError(
+            f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+    return dtype or torch.get_default_dtype(), device
+
+
+def _as_operator(other: Any, partner: LinearOperator) -> LinearOperator:
+    """``other`` if it is an operator; else a ``TypeError`` (for a number: how to add damping)."""
     if isinstance(other, LinearOperator):
         return other
-    raise TypeError(f"expected a LinearOperator, got {type(other).__name__}")
+    hint = ""
+    if isinstance(other, numbers.Real | Tensor) and not isinstance(other, bool):
+        c = other if not isinstance(other, Tensor) else "c"
+        hint = (
+            f"; to add a multiple c of the identity (damping), add {c} * curvfx.identity({partner.shape[0]})"
+        )
+    raise TypeError(
+        f"other: + and - combine operators, expected a LinearOperator, got {_describe_value(other)}{hint}"
+    )
 
 
 def _adapted(op: LinearOperator, partner: LinearOperator) -> LinearOperator:

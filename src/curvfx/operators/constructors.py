@@ -43,8 +43,9 @@ def hessian(
             ``loss_fn(outputs, targets) -> scalar``.
         data: One ``(X, y)`` batch or a re-iterable of batches (list, DataLoader).
         params: Parameter pytree (default: the module's trainable parameters).
-        factor: Scale of the whole operator.
-        chunk_size: Columns per vmap call in ``matmat`` (None: all).
+        factor: Scale of the whole operator: a finite real number (int, float, or a 0-dim
+            tensor, read with ``float``; a bool or a string is refused).
+        chunk_size: Columns per vmap call in ``matmat``: None (all) or a positive int.
         compile: ``True`` or a dict of ``torch.compile`` options (plus ``"check": False`` to
             skip the self-check): products are compiled once and checked against eager on
             first use (see :mod:`curvfx.operators._compile`); ``False``: eager.
@@ -62,6 +63,13 @@ def hessian(
         batch_size_fn: Optional ``(X, y) -> N``: each batch read is checked to hold N
             samples along dim 0 of every input leaf and of ``y`` (a ``ValueError`` naming
             the leaf otherwise; see :mod:`curvfx.operators._data`).
+
+    Raises:
+        TypeError: If ``factor`` is not a real number or ``chunk_size`` is neither None
+            nor an int; the message names the argument.
+        ValueError: If ``factor`` is not finite or ``chunk_size`` < 1; in a product, if a
+            batch's ``x`` and ``y`` do not share a leading N > 0 or the loss does not
+            accept the targets (as :func:`curvfx.ggn_vp`).
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return HessianOperator(

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
 from curvfx._engines import draw_seed
-from curvfx._errors import inside_transform
+from curvfx._errors import check_batch, check_output, inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
@@ -51,7 +51,15 @@ from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.functional import check_independent_samples
 from curvfx.losses import Loss, get_loss
-from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
+from curvfx.operators._base import (
+    PARAMS_DEVICE,
+    PARAMS_DTYPE,
+    LinearOperator,
+    apply_columns,
+    check_chunk_size,
+    fixed_params,
+    real_number,
+)
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
 from curvfx.operators._distributed import rank_stream_seed, resolve_process_group, summed_over_ranks
@@ -105,10 +113,16 @@ class CurvatureOperator(LinearOperator):
         randomness="fixed",
         batch_size_fn=None,
     ):
-        """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn)."""
+        """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn).
+
+        Raises:
+            TypeError: If ``factor`` is not a real number (int, float or 0-dim tensor; a
+                bool or a string is not) or ``chunk_size`` is neither None nor an int.
+            ValueError: If ``factor`` is not finite or ``chunk_size`` < 1.
+        """
         self.model_fn, self.params = model_fn, fixed_params(params)
         self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
-        self.factor, self.chunk_size = float(factor), chunk_size
+        self.factor, self.chunk_size = real_number(factor, "factor"), check_chunk_size(chunk_size)
         self.process_group = resolve_process_group(process_group)
         self.randomness = check_randomness(randomness, model_fn)
         self.model_seed = fixed_seed(randomness, self.process_group, self.device)
@@ -214,13 +228,19 @@ class CurvatureOperator(LinearOperator):
         per_batch = self._with_randomness(per_batch)
         accumulated = torch.promote_types(self.dtype, torch.float32)  # Z_b · term overflows 16 bits
 
+        shape = (self.shape[0],) if v is None else tuple(v.shape)
+
         def local() -> tuple[Tensor, Any]:
             total, z_total = None, 0.0
             for b, (x, y) in enumerate(self.data):
                 z = self.loss.normalizer(y) if mean else 1.0
+                if mean and not bool(z > 0):
+                    continue  # every position ignored: Z_b = 0 weighs out its (0/0 = nan) mean loss
                 term = per_batch(b, x, y).to(accumulated) * z
                 total = term if total is None else total + term
                 z_total = z_total + z
+            if total is None:  # no batch counted (an error below unless other ranks count some)
+                total = torch.zeros(shape, dtype=accumulated, device=self.device)
             return total, z_total
 
         if self.process_group is None:
@@ -234,7 +254,6 @@ class CurvatureOperator(LinearOperator):
                 return out if self.factor == 1.0 else self.factor * out
             total, z_total = local()
         else:
-            shape = (self.shape[0],) if v is None else tuple(v.shape)
             agree = {"the parameters": self.params} if v is None else {"v": v, "the parameters": self.params}
             total, z_total = summed_over_ranks(
                 local,
@@ -265,6 +284,11 @@ class HessianOperator(CurvatureOperator):
     """Hessian of the loss as written, ``H = ∇²_θ L(θ)``, over all batches of ``data``.
 
     Cost per product: one HVP per batch (:func:`curvfx.hvp`, about 2–3 gradients).
+
+    Raises:
+        ValueError: In a product, for a batch :func:`curvfx.ggn_vp` refuses, with its
+            message: ``x`` and ``y`` without a common leading N > 0, a model that does not
+            return one tensor, targets the loss does not accept (shape, dtype, class range).
     """
 
     compiled_strategy = "rev-rev"
@@ -273,7 +297,7 @@ class HessianOperator(CurvatureOperator):
     shares_graph = True
 
     def _product(self, b, x, y, v, strategy):
-        return hvp(lambda p: self.loss(self.model_fn(p, x), y), self.params, v, strategy=strategy)
+        return hvp(_checked_loss(self.model_fn, self.loss, x, y), self.params, v, strategy=strategy)
 
 
 class GGNOperator(CurvatureOperator):
@@ -372,6 +396,24 @@ class FisherOperator(CurvatureOperator):
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
         return _factored_diagonal(self, self.kind, self.num_samples, self._generator, backend)
+
+
+def _checked_loss(model_fn: Callable, loss: Loss, x: Any, y: Tensor) -> Callable[[PyTree], Tensor]:
+    """``θ ↦ loss(f(x; θ), y)``, with the checks :func:`curvfx.ggn_vp` makes of a batch.
+
+    ``x`` and ``y`` must share a leading N > 0 (checked now); the model must return one
+    tensor and ``loss.check`` must accept it with ``y`` (checked on each evaluation), so
+    that the Hessian refuses the batches the GGN refuses, with the same messages, instead
+    of broadcasting mismatched targets.
+    """
+    check_batch(x, y)
+
+    def loss_at(p: PyTree) -> Tensor:
+        outputs = check_output(model_fn(p, x))
+        loss.check(outputs, y)
+        return loss(outputs, y)
+
+    return loss_at
 
 
 def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:

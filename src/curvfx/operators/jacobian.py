@@ -12,7 +12,14 @@ from curvfx._engines import func_jvp
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.func import model_jvp, model_vjp
 from curvfx.functional import as_function
-from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
+from curvfx.operators._base import (
+    PARAMS_DEVICE,
+    PARAMS_DTYPE,
+    LinearOperator,
+    apply_columns,
+    check_chunk_size,
+    fixed_params,
+)
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._distributed import unwrap_ddp
 from curvfx.operators._randomness import batch_randomness, check_randomness, fixed_seed, replay_batch_seed
@@ -38,13 +45,17 @@ class JacobianOperator(LinearOperator):
     ``randomness`` as for the curvature operators (:mod:`curvfx.operators._randomness`):
     with "fixed" (default) every product, J v and Jᵀ u alike, sees the same dropout masks,
     so ``J.T`` is the transpose of ``J``.
+
+    Raises:
+        TypeError: If ``chunk_size`` is neither None nor an int (a bool is not).
+        ValueError: If ``chunk_size`` < 1.
     """
 
     compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
 
     def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False, randomness="fixed"):
         self.model_fn, self.params, self.x = model_fn, fixed_params(params), x
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.compile_options = compile_options(compile)
         self.randomness = check_randomness(randomness, model_fn)
         self.model_seed = fixed_seed(randomness, None, self.device)
@@ -156,6 +167,10 @@ def jacobian(
     use (see :class:`JacobianOperator`); ``randomness``: "fixed" (default: the same dropout
     masks in every product), "off" or "sample" (:mod:`curvfx.operators._randomness`);
     other arguments as :func:`curvfx.hessian`.
+
+    Raises:
+        TypeError: If ``chunk_size`` is neither None nor an int (a bool is not).
+        ValueError: If ``chunk_size`` < 1.
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return JacobianOperator(

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._engines import draw_seed
+from curvfx._errors import check_generator
 from curvfx._pytree import num_params
 from curvfx.functional import FunctionalModel, as_function
 from curvfx.losses import AutogradLoss, get_loss
@@ -110,6 +111,7 @@ class KFACOperator(LinearOperator):
                 "or a torch loss curvfx knows (MSE, cross-entropy, BCE with logits, NLL)"
             )
         self.fisher_type, self.kfac_approx, self.num_samples = fisher_type, kfac_approx, num_samples
+        check_generator(generator)  # used by "mc" only
         self.seed = draw_seed(generator) if fisher_type == "mc" else 0
         self._factors: KroneckerFactors | None = None
         self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
@@ -404,12 +406,6 @@ def _representation(model_fn: FunctionalModel, params: dict[str, Tensor]) -> dic
 def _check_options(model_fn, params, fisher_type, kfac_approx, num_samples) -> None:
     if not isinstance(model_fn, FunctionalModel):
         raise TypeError("model: KFAC needs an nn.Module (its layers give the Kronecker structure)")
-    if not isinstance(params, dict) or not params:
-        raise ValueError("params: expected a non-empty dict of the model's parameters (name -> tensor)")
-    named = dict(model_fn.module.named_parameters())
-    unknown = [name for name in params if name not in named]
-    if unknown:
-        raise ValueError(f"params: {unknown} are not parameters of the model (names from named_parameters())")
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {fisher_type!r}")
     if kfac_approx not in KFAC_APPROXIMATIONS:

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from curvfx._pytree import unravel
 from curvfx.estimators import diagonal
 from curvfx.estimators.diagonal import METHODS
-from curvfx.optim.curvature_optimizer import CURVATURES, CurvatureOptimizer, check_options, shared_options
+from curvfx.optim.curvature_optimizer import (
+    CURVATURES,
+    CurvatureOptimizer,
+    check_options,
+    check_samples_used,
+    shared_options,
+)
 
 __all__ = ["AdaHessian"]
 
@@ -89,7 +95,9 @@ class AdaHessian(CurvatureOptimizer):
     which schedules the updates of D).
 
     Raises:
-        ValueError: For an invalid option, or shared options that differ between groups.
+        ValueError: For an invalid option, shared options that differ between groups, or
+            ``num_samples`` other than 1 where nothing draws samples (``method="exact"``
+            without ``curvature="mc_fisher"``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -139,12 +147,12 @@ class AdaHessian(CurvatureOptimizer):
             update_each=update_each,
             spatial_average=spatial_average,
         )
-        check_options(defaults, _RULES)
+        _check(defaults)
         super().__init__(params, defaults, model=model, loss_fn=loss_fn, generator=generator)
         self._options()
 
     def _options(self) -> dict[str, Any]:
-        return shared_options(self.param_groups, _SHARED, "AdaHessian", lambda g: check_options(g, _RULES))
+        return shared_options(self.param_groups, _SHARED, "AdaHessian", _check)
 
     @torch.no_grad()
     def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]
@@ -195,6 +203,12 @@ class AdaHessian(CurvatureOptimizer):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
         return loss
+
+
+def _check(group: dict[str, Any]) -> None:
+    check_options(group, _RULES)
+    draws = group["method"] != "exact" or group["curvature"] == "mc_fisher"
+    check_samples_used(group["num_samples"], draws, "method='hutchinson'/'xdiag' or curvature='mc_fisher'")
 
 
 def _spatial_average(d: Tensor) -> Tensor:

@@ -16,14 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvfx._errors import describe
+from curvfx import _errors
+from curvfx._errors import check_generator, describe
 from curvfx._pytree import ravel, unravel
 from curvfx.functional import call_with_inputs, make_functional
 from curvfx.losses import get_loss
 from curvfx.operators import LinearOperator, fisher, ggn, hessian, identity
 from curvfx.optim._least_squares import trainable
 
-__all__ = ["CURVATURES", "Curvature", "CurvatureOptimizer", "check_batch", "check_options", "shared_options"]
+__all__ = [
+    "CURVATURES",
+    "Curvature",
+    "CurvatureOptimizer",
+    "check_batch",
+    "check_options",
+    "check_samples_used",
+    "shared_options",
+]
 
 CURVATURES = ("ggn", "hessian", "mc_fisher", "exact_fisher", "empirical_fisher")
 _FISHER_KINDS = {"mc_fisher": "mc", "exact_fisher": "exact", "empirical_fisher": "empirical"}
@@ -139,9 +148,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "rank's batch only), so the ranks of a DistributedDataParallel model would drift "
                 "apart; pass model.module in a single process"
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
-        self.model, self.loss_fn, self.generator = model, loss_fn, generator
+        self.model, self.loss_fn, self.generator = model, loss_fn, check_generator(generator)
         self.loss = get_loss(loss_fn)
         self.model_fn, _ = make_functional(model)
         super().__init__(params, defaults)
@@ -169,13 +176,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Raises:
             TypeError: If ``batch`` is a callable (a closure) or not a pair.
-            ValueError: If ``batch`` is not an ``(X, y)`` pair with tensor targets, or the
+            ValueError: If ``batch`` is not an ``(X, y)`` pair with tensor targets of the
+                inputs' batch size N, the targets do not fit the loss and the model's
+                outputs (e.g. class indices out of range; the loss's ``check``), or the
                 loss is not a finite scalar that depends on the trainable parameters.
         """
         x, y = check_batch(batch, type(self).__name__)
         params = self.trainable()
         with torch.enable_grad():
-            loss = self.loss(call_with_inputs(self.model, x), y)
+            loss = _checked_loss(self.loss, call_with_inputs(self.model, x), y)
             _check_loss(loss)
             if not loss.requires_grad:
                 raise ValueError(
@@ -241,6 +250,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """L(θ + d) on ``batch`` (d flat [P], None for d = 0), without changing parameters or buffers.
 
         Returns ``inf`` where the loss is not finite.
+
+        Raises:
+            ValueError: For a bad batch or targets that do not fit the loss, as
+                :meth:`gradient`; for a ``d`` that is not [P] in the parameters' dtype.
         """
         x, y = check_batch(batch, type(self).__name__)
         params = self.trainable()
@@ -248,7 +261,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         values = {
             self._names[id(p)]: p.detach() if s is None else p.detach() + s for p, s in zip(params, steps)
         }
-        loss = self.loss(self.model_fn(values, x), y)
+        loss = _checked_loss(self.loss, self.model_fn(values, x), y)
         _check_loss(loss, finite=False)
         value = float(loss)
         return value if math.isfinite(value) else math.inf
@@ -286,7 +299,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
 
 def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
-    """``batch`` as ``(X, y)``; a clear error for a closure or a malformed batch."""
+    """``batch`` as ``(X, y)``; a clear error for a closure or a malformed batch.
+
+    Raises:
+        TypeError: If ``batch`` is a callable (a closure).
+        ValueError: If ``batch`` is not a pair ``(X, y)`` with tensor targets, or the
+            tensors of X and y do not share one leading batch size N ≥ 1
+            (:func:`curvfx._errors.check_batch`).
+    """
     if callable(batch) and not isinstance(batch, Tensor):
         raise TypeError(
             f"{who}.step takes one batch (X, y), not a closure: the optimizer evaluates "
@@ -298,6 +318,7 @@ def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
         raise ValueError(
             f"{who}.step: the targets y of the batch (X, y) must be a tensor, got {describe(batch[1])}"
         )
+    _errors.check_batch(batch[0], batch[1])
     return batch[0], batch[1]
 
 
@@ -341,6 +362,16 @@ def check_options(group: dict[str, Any], rules: dict[str, tuple]) -> None:
                 raise ValueError(f"{key}: expected a pair of floats in [0, 1), got {value!r}")
 
 
+def check_samples_used(num_samples: int, used: bool, sampler: str) -> None:
+    """ValueError unless ``num_samples`` is 1 or the options draw samples (``used``).
+
+    ``sampler`` names the settings that draw samples, e.g. ``"fisher_type='mc'"``: a
+    ``num_samples`` that nothing uses is refused rather than silently ignored.
+    """
+    if not used and num_samples != 1:
+        raise ValueError(f"num_samples: only {sampler} draws samples, got {num_samples}")
+
+
 def shared_options(
     groups: list[dict[str, Any]], keys: tuple[str, ...], who: str, check: Callable[[dict], None]
 ) -> dict[str, Any]:
@@ -374,6 +405,13 @@ def _split(d: Any, params: list[Tensor]) -> list[Tensor]:
             f"d: dtype/device {d.dtype}/{d.device} do not match the parameters' {like.dtype}/{like.device}"
         )
     return list(unravel(d, params))
+
+
+def _checked_loss(loss: Any, outputs: Any, y: Tensor) -> Tensor:
+    """``loss(outputs, y)`` after the checks the operators make: one output tensor, ``loss.check``."""
+    outputs = _errors.check_output(outputs)
+    loss.check(outputs, y)
+    return loss(outputs, y)
 
 
 def _check_loss(loss: Any, *, finite: bool = True) -> None:

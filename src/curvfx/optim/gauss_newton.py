@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx.estimators._checks import check_number
 from curvfx.optim._least_squares import (
     SOLVERS,
     Closure,
@@ -87,9 +88,10 @@ class GaussNewton(torch.optim.Optimizer):
     keeps its state); it contains only Python numbers, so ``state_dict`` pickles.
 
     Raises:
-        ValueError: For reg < 0 or non-finite, an unknown ``solver`` or ``line_search``,
-            options other than ``reg`` that differ between param groups, or no trainable
-            parameters; in :meth:`step` as described there.
+        ValueError: For reg < 0 or non-finite, a ``cg_tol`` that is not a finite float > 0
+            or None, an unknown ``solver`` or ``line_search``, options other than ``reg``
+            that differ between param groups, or no trainable parameters; in :meth:`step`
+            as described there.
 
     Example:
         >>> A = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
@@ -182,9 +184,8 @@ def _check_options(group: dict[str, Any]) -> None:
         raise ValueError(f"line_search: expected one of {LINE_SEARCHES}, got {group['line_search']!r}")
     if group["solver"] not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {group['solver']!r}")
-    tol = group["cg_tol"]
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0):
-        raise ValueError(f"cg_tol: expected a positive float or None, got {tol!r}")
+    if group["cg_tol"] is not None:
+        check_number(group["cg_tol"], "cg_tol")
     maxiter = group["cg_maxiter"]
     if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
         raise ValueError(f"cg_maxiter: expected an int >= 1 or None, got {maxiter!r}")

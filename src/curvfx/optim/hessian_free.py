@@ -20,6 +20,7 @@ from curvfx.optim.curvature_optimizer import (
     CurvatureOptimizer,
     check_batch,
     check_options,
+    check_samples_used,
     shared_options,
 )
 
@@ -120,8 +121,9 @@ class HessianFree(CurvatureOptimizer):
 
     Raises:
         TypeError: If ``compile`` is not a bool or a dict.
-        ValueError: For an invalid option, options that differ between groups, or
-            ``compile`` with ``curvature="mc_fisher"``.
+        ValueError: For an invalid option, options that differ between groups,
+            ``num_samples`` other than 1 without ``curvature="mc_fisher"`` (nothing else
+            draws samples), or ``compile`` with ``curvature="mc_fisher"``.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -284,6 +286,7 @@ _CONSTRUCTORS = {  # the operators that compile, by curvature kind (as Curvature
 
 def _check(group: dict[str, Any]) -> None:
     check_options(group, _RULES)
+    check_samples_used(group["num_samples"], group["curvature"] == "mc_fisher", "curvature='mc_fisher'")
     ratio = group["checkpoint_ratio"]
     if ratio is not None and (
         isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 1 < ratio < math.inf

@@ -25,7 +25,13 @@ from curvfx.operators._kronecker import (
     kfac_inverse,
 )
 from curvfx.operators.kfac import kfac
-from curvfx.optim.curvature_optimizer import CurvatureOptimizer, check_batch, check_options, shared_options
+from curvfx.optim.curvature_optimizer import (
+    CurvatureOptimizer,
+    check_batch,
+    check_options,
+    check_samples_used,
+    shared_options,
+)
 
 __all__ = ["KFAC"]
 
@@ -298,5 +304,4 @@ def _check(group: dict[str, Any]) -> None:
     kl = group["kl_clip"]
     if kl is not None and (isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 < kl < math.inf):
         raise ValueError(f"kl_clip: expected a positive float or None, got {kl!r}")
-    if group["fisher_type"] != "mc" and group["num_samples"] != 1:
-        raise ValueError(f"num_samples: only fisher_type='mc' draws samples, got {group['num_samples']}")
+    check_samples_used(group["num_samples"], group["fisher_type"] == "mc", "fisher_type='mc'")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx.estimators._checks import check_number
 from curvfx.optim._least_squares import (
     SOLVERS,
     Closure,
@@ -88,8 +89,9 @@ class LevenbergMarquardt(torch.optim.Optimizer):
     its part of s as ``scale``. ``state_dict`` round-trips all of it.
 
     Raises:
-        ValueError: For invalid options, options that differ between groups, or no
-            trainable parameters; in :meth:`step` as :class:`GaussNewton` does.
+        ValueError: For invalid options (``cg_tol`` must be a finite float > 0 or None),
+            options that differ between groups, or no trainable parameters; in
+            :meth:`step` as :class:`GaussNewton` does.
 
     Example:
         >>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
@@ -217,9 +219,8 @@ class LevenbergMarquardt(torch.optim.Optimizer):
 
 def _check(group: dict[str, Any]) -> None:
     check_options(group, _RULES)
-    tol = group["cg_tol"]
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0):
-        raise ValueError(f"cg_tol: expected a positive float or None, got {tol!r}")
+    if group["cg_tol"] is not None:
+        check_number(group["cg_tol"], "cg_tol")
     maxiter = group["cg_maxiter"]
     if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
         raise ValueError(f"cg_maxiter: expected an int >= 1 or None, got {maxiter!r}")

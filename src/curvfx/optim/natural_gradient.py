@@ -10,7 +10,12 @@ from torch import Tensor, nn
 
 from curvfx._pytree import unravel
 from curvfx.estimators import diagonal
-from curvfx.optim.curvature_optimizer import CurvatureOptimizer, check_options, shared_options
+from curvfx.optim.curvature_optimizer import (
+    CurvatureOptimizer,
+    check_options,
+    check_samples_used,
+    shared_options,
+)
 
 __all__ = ["FISHER_TYPES", "DiagonalNaturalGradient"]
 
@@ -132,8 +137,7 @@ class DiagonalNaturalGradient(CurvatureOptimizer):
         options = shared_options(
             self.param_groups, _SHARED, "DiagonalNaturalGradient", lambda g: check_options(g, _RULES)
         )
-        if options["fisher_type"] != "mc" and options["num_samples"] != 1:
-            raise ValueError("num_samples: only fisher_type='mc' draws samples")
+        check_samples_used(options["num_samples"], options["fisher_type"] == "mc", "fisher_type='mc'")
         return options
 
     @torch.no_grad()

@@ -1,0 +1,184 @@
+"""Bad input at the core's public boundary: a clear error naming the argument, never a silent number.
+
+Each case here used to return a wrong number (a misspelled parameter name read as a zero
+block, an empty batch's Hessian as zeros, class weights of the wrong length ignored) or to
+fail deep inside torch with a message that named no argument.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvfx
+from curvfx.api import empirical_fisher_diagonal, model_hvp
+
+
+def _model_and_batch(classes: int = 2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, classes)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, classes, (5,))
+    return model, x, y
+
+
+def _params(model):
+    return {k: p.detach() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("constructor", [curvfx.ggn, curvfx.hessian, curvfx.empirical_fisher])
+def test_operators_refuse_params_that_are_not_the_models(constructor):
+    """A misspelled name used to give a zero block (the model read its own weight)."""
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    typo = {("0.weigth" if k == "0.weight" else k): p for k, p in _params(model).items()}
+    with pytest.raises(ValueError, match=r"params: \['0.weigth'\] are not parameters of the model"):
+        constructor(model, ce, (x, y), params=typo)
+    with pytest.raises(
+        ValueError, match=r"params\['2.bias'\]: shape \[3\] does not match the parameter's \[2\]"
+    ):
+        constructor(
+            model, ce, (x, y), params={**_params(model), "2.bias": torch.zeros(3, dtype=torch.float64)}
+        )
+    with pytest.raises(TypeError, match=r"params\['0.weight'\]: expected a floating-point tensor, got dtype"):
+        constructor(model, ce, (x, y), params={"0.weight": torch.zeros(4, 3, dtype=torch.int64)})
+    with pytest.raises(TypeError, match="params: expected a non-empty dict"):
+        constructor(model, ce, (x, y), params=list(model.parameters()))
+
+
+def test_a_subset_of_the_parameters_is_still_accepted():
+    """The check only refuses names and shapes that are not the model's: a subset stays a sub-block."""
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    sub = {"2.weight": _params(model)["2.weight"]}
+    full = curvfx.ggn(model, ce, (x, y)).to_dense()
+    block = curvfx.ggn(model, ce, (x, y), params=sub).to_dense()
+    start = sum(p.numel() for p in list(model.parameters())[:2])
+    assert torch.allclose(block, full[start : start + 8, start : start + 8], rtol=1e-12, atol=1e-14)
+
+
+def test_model_function_refuses_swapped_arguments():
+    """fn(x, params) instead of fn(params, x) used to fail inside torch's functional_call."""
+    model, x, _ = _model_and_batch()
+    fn, params = curvfx.make_functional(model)
+    with pytest.raises(TypeError, match=r"params: a model function takes a dict .* fn\(params, x\)"):
+        fn(x, params)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "rev-fwd", "autograd", "rev-rev"])
+def test_hvp_refuses_a_non_finite_function_value(strategy):
+    """The mean over an empty batch is nan, and autograd's Hessian-vector product of it is zeros."""
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    fn, params = curvfx.make_functional(model)
+    v = torch.randn(26, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"f: the value is nan .* no Hessian"):
+        curvfx.hvp(lambda p: ce(fn(p, x[:0]), y[:0]), params, v, strategy=strategy)
+    hv = curvfx.hvp(lambda p: ce(fn(p, x), y), params, v, strategy=strategy)  # a finite value is fine
+    assert torch.isfinite(hv).all() and hv.abs().sum() > 0
+
+
+def test_hvp_value_check_does_not_break_vmap():
+    """Under vmap the value is batched: the check is skipped there, not turned into an error."""
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    fn, params = curvfx.make_functional(model)
+    V = torch.randn(3, 26, dtype=torch.float64)
+    batched = torch.func.vmap(lambda v: curvfx.hvp(lambda p: ce(fn(p, x), y), params, v))(V)
+    looped = torch.stack([curvfx.hvp(lambda p: ce(fn(p, x), y), params, v) for v in V])
+    assert torch.allclose(batched, looped, rtol=1e-10, atol=1e-12)
+
+
+def test_model_hvp_refuses_an_empty_batch():
+    model, x, y = _model_and_batch()
+    with pytest.raises(ValueError, match=r"x: the batch is empty"):
+        model_hvp(model, nn.CrossEntropyLoss(), x[:0], y[:0], torch.ones(26, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_cls", [nn.CrossEntropyLoss, nn.NLLLoss])
+def test_class_weights_must_fit_the_classes(loss_cls):
+    """A weight longer than C used to be read only at the first C entries (torch refuses it)."""
+    model, x, y = _model_and_batch()
+    v = torch.randn(26, dtype=torch.float64)
+    for weight in (torch.tensor([2.0, 3.0, 100.0]), torch.tensor([2.0]), torch.tensor([1, 2])):
+        G = curvfx.ggn(
+            model, loss_cls(weight=weight.double() if weight.is_floating_point() else weight), (x, y)
+        )
+        with pytest.raises(
+            ValueError, match=r"weight: (expected floating-point class weights \[C\] = \[2\]|1 class)"
+        ):
+            G @ v
+    G = curvfx.ggn(model, loss_cls(weight=torch.tensor([1.0, float("nan")], dtype=torch.float64)), (x, y))
+    with pytest.raises(ValueError, match="weight: class weights must be finite"):
+        G @ v
+
+
+def test_non_finite_targets_are_refused():
+    """The GGN of MSE does not read y, but a nan target makes the loss itself nan."""
+    model, x, _ = _model_and_batch()
+    y = torch.randn(5, 2, dtype=torch.float64)
+    y[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"targets: .* non-finite targets"):
+        curvfx.ggn(model, nn.MSELoss(), (x, y)) @ torch.ones(26, dtype=torch.float64)
+
+
+def test_bce_weights_must_broadcast_to_the_outputs():
+    model, x, _ = _model_and_batch()
+    y = torch.rand(5, 2, dtype=torch.float64)
+    loss = nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"pos_weight: shape \[3\] does not broadcast to the outputs \[5, 2\]"
+    ):
+        curvfx.ggn(model, loss, (x, y)) @ torch.ones(26, dtype=torch.float64)
+
+
+def test_a_loss_class_instead_of_an_instance():
+    model, x, y = _model_and_batch()
+    with pytest.raises(TypeError, match=r"loss_fn: got the class CrossEntropyLoss; pass an instance"):
+        curvfx.ggn(model, nn.CrossEntropyLoss, (x, y)) @ torch.ones(26, dtype=torch.float64)
+
+
+def test_generators_of_the_wrong_type():
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator or None, got int"):
+        curvfx.fisher(model, ce, (x, y), kind="mc", generator=0)
+    with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator or None, got str"):
+        curvfx.kfac(model, ce, (x, y), generator="abc")
+
+
+def test_empirical_kfac_checks_the_targets():
+    """Out-of-range class indices used to reach torch's cross-entropy (an IndexError)."""
+    model, x, y = _model_and_batch()
+    K = curvfx.kfac(model, nn.CrossEntropyLoss(), (x, y + 5), fisher_type="empirical")
+    with pytest.raises(ValueError, match=r"targets: .* class indices in \[0, C = 2\)"):
+        K @ torch.ones(26, dtype=torch.float64)
+
+
+def test_transforms_name_missing_or_misformed_arguments():
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    fn, params = curvfx.make_functional(model)
+    v = torch.ones(26, dtype=torch.float64)
+    with pytest.raises(TypeError, match="y: expected a tensor of targets, got NoneType"):
+        curvfx.ggn_vp(fn, ce, params, x, None, v)
+    with pytest.raises(TypeError, match="y: expected a tensor of targets, got NoneType"):
+        curvfx.per_sample_grad(fn, ce, params, x, None)
+    with pytest.raises(
+        TypeError, match=r"x: expected a tensor or a tuple/mapping of tensors, got leaves of type \['float'\]"
+    ):
+        curvfx.ggn_vp(fn, ce, params, x.tolist(), y, v)
+    with pytest.raises(TypeError, match="u: expected a tensor shaped like the outputs, got list"):
+        curvfx.model_vjp(fn, params, x, [[0.0, 1.0]] * 5)
+    with pytest.raises(ValueError, match="model: returned tuple"):
+        curvfx.model_jvp(lambda p, xb: (fn(p, xb), 0), params, x, v)
+    integer = {k: torch.zeros(p.shape, dtype=torch.int64) for k, p in params.items()}
+    with pytest.raises(TypeError, match=r"params: expected floating-point tensors .*torch.int64"):
+        curvfx.hvp(lambda p: sum(t.sum() for t in p.values()), integer, integer)
+
+
+def test_seed_empirical_fisher_names_its_targets():
+    model, x, y = _model_and_batch()
+    with pytest.raises(TypeError, match="targets: empirical_fisher_diagonal expected a tensor, got list"):
+        empirical_fisher_diagonal(model, nn.CrossEntropyLoss(), x, y.tolist())
