@@ -145,7 +145,9 @@ def output_grads(outputs: Tensor, zs: list[Tensor], S: Tensor) -> list[list[Tens
         if k == 1:  # one column: a plain backward pass (no vmap overhead), same numbers
             return _blocks(zs, [_one_column(torch.autograd.grad(outputs, zs, S[0], allow_unused=True))], 1)
         if k * largest <= _chunking.COLUMN_NUMBERS:
-            batched = torch.autograd.grad(outputs, zs, S, is_grads_batched=True, allow_unused=True)
+            batched = torch.autograd.grad(  # the graph kept for the loop if a batching rule is missing
+                outputs, zs, S, is_grads_batched=True, allow_unused=True, retain_graph=True
+            )
             return _blocks(zs, [batched], k)
     except RuntimeError:  # an operation without a batching rule: the loop below
         pass

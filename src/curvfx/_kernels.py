@@ -7,6 +7,13 @@ attention kernel (and, for a module with recurrent layers, the native RNN instea
 cuDNN), whose derivatives are composed of ordinary operations, so every product that later
 differentiates that pass works. The user's settings are restored on exit.
 
+Two operations have torch derivatives that are wrong without an error: the double backward
+of ``torch._weight_norm`` (weight normalization, new and old API: a Hessian 28 % off and
+not symmetric) and the ``vmap`` rule of PReLU's backward (per-sample Jacobians and exact
+diagonals wrong whenever the samples and factor columns vmapped together are equally many).
+:class:`ComposedOps` runs them as compositions of operations with correct rules; a model
+function enters it for modules that contain them (:func:`needs_composed_ops`).
+
 The attention flags are switched directly (the getter/setter pairs of
 ``torch.backends.cuda``, and torch's private pair for the "overrideable" backend of
 out-of-tree devices) rather than through ``torch.nn.attention.sdpa_kernel``, whose
@@ -17,13 +24,16 @@ MLP, paid by every product.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["derivable_kernels"]
+__all__ = ["ComposedOps", "derivable_kernels", "needs_composed_ops"]
 
 _active = threading.local()  # .attention: an enclosing derivable_kernels chose the SDPA kernel
 _cuda = torch.backends.cuda
@@ -80,3 +90,38 @@ def _cudnn_on() -> bool:
 
 def _has_rnn(module: nn.Module) -> bool:
     return any(isinstance(m, nn.RNNBase) for m in module.modules())
+
+
+def _prelu(input: Tensor, weight: Tensor) -> Tensor:
+    """``F.prelu``: ``max(0, x) + w min(0, x)``, w over the channels (dim 1, or one weight)."""
+    if input.dim() >= 2 and weight.numel() > 1:
+        weight = weight.reshape(-1, *([1] * (input.dim() - 2)))
+    return torch.relu(input) - weight * torch.relu(-input)
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm``: ``g v / ‖v‖`` with the norm over every dim but ``dim`` (all for -1)."""
+    others = tuple(d for d in range(v.dim()) if d != dim) if dim != -1 else tuple(range(v.dim()))
+    return v * (g / (v * v).sum(others, keepdim=True).sqrt())
+
+
+_COMPOSED = {torch.prelu: _prelu, Tensor.prelu: _prelu, torch._weight_norm: _weight_norm}
+_OLD_WEIGHT_NORM = importlib.import_module("torch.nn.utils.weight_norm").WeightNorm
+
+
+class ComposedOps(TorchFunctionMode):
+    """Runs PReLU and weight normalization as compositions (module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        composed = _COMPOSED.get(func)
+        return (composed or func)(*args, **(kwargs or {}))
+
+
+def needs_composed_ops(module: nn.Module) -> bool:
+    """Whether ``module`` has a PReLU or a weight normalization (parametrization or old hook)."""
+    for m in module.modules():
+        if isinstance(m, (nn.PReLU, parametrizations._WeightNorm)):
+            return True
+        if any(isinstance(hook, _OLD_WEIGHT_NORM) for hook in m._forward_pre_hooks.values()):
+            return True
+    return False

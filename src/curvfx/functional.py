@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from curvfx._errors import describe
-from curvfx._kernels import derivable_kernels
+from curvfx._kernels import ComposedOps, derivable_kernels, needs_composed_ops
 
 __all__ = [
     "FunctionalModel",
@@ -89,6 +91,7 @@ class FunctionalModel:
 
     def __init__(self, module: nn.Module, renormed: frozenset[str] | set[str] = frozenset()):
         self.module, self.renormed = module, frozenset(renormed)
+        self.composed = needs_composed_ops(module)  # PReLU, weight norm: see curvfx._kernels
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
@@ -102,7 +105,9 @@ class FunctionalModel:
             params = {k: v.clone() if k in self.renormed else v for k, v in params.items()}
             frozen = {k: v.clone() if k in self.renormed else v for k, v in frozen.items()}
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        with derivable_kernels(self.module):
+        _check_uncached(self.module)
+        composed = ComposedOps() if self.composed else contextlib.nullcontext()
+        with derivable_kernels(self.module), composed:
             return call_with_inputs(
                 lambda *args, **kwargs: functional_call(
                     self.module, (dict(params), frozen, buffers), args, kwargs
@@ -123,6 +128,21 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+def _check_uncached(module: nn.Module) -> None:
+    """Refuse a call inside ``torch.nn.utils.parametrize.cached()`` for a parametrized module.
+
+    The cache keeps the first call's parametrized weights (computed from that call's
+    parameter values), and later calls at other values would silently reuse them.
+    """
+    if getattr(parametrize, "_cache_enabled", 0) and any(
+        parametrize.is_parametrized(m) for m in module.modules()
+    ):
+        raise ValueError(
+            "model: curvature inside torch.nn.utils.parametrize.cached() would reuse weights cached "
+            "at other parameter values; compute it outside the cached() block"
+        )
 
 
 def check_independent_samples(fn: Any, what: str, advice: str) -> None:
