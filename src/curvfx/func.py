@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from curvfx import _engines
+from curvfx._arguments import check_count
 from curvfx._errors import check_batch, check_output, check_real, check_targets, describe, needs_graph
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
@@ -290,5 +291,4 @@ def check_fisher_kind(kind: str, num_samples: int) -> None:
     """Validate a Fisher ``kind`` and ``num_samples`` (public-boundary check)."""
     if kind not in FISHER_KINDS:
         raise ValueError(f"kind: expected one of {FISHER_KINDS}, got {kind!r}")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    check_count(num_samples, "num_samples")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from curvfx._arguments import check_flag
 from curvfx._errors import describe
 from curvfx._pytree import as_tree, leaves, ravel, tree_map
 from curvfx.func import ggn_vp, hvp
@@ -109,8 +110,7 @@ def create_ggn_mv_without_data(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn: expected a callable model_fn(input, params), got {describe(model_fn)}")
-    if not isinstance(vmap_over_data, bool):
-        raise TypeError(f"vmap_over_data: expected a bool, got {describe(vmap_over_data)}")
+    check_flag(vmap_over_data, "vmap_over_data")
     scale = _check_factor(factor)
     loss = _output_loss(loss_fn, loss_hessian_mv, per_datum=vmap_over_data)
     fn = _per_datum(model_fn) if vmap_over_data else lambda p, x: model_fn(x, p)

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_flag
 from curvfx._engines import jv_by_transposition
 from curvfx._errors import UnsupportedInputError, check_autograd, describe
 from curvfx._factors import factor_product
 from curvfx._graph import leaf_inputs
 from curvfx._pytree import num_params, ravel, unravel
-from curvfx.api._vectors import check_bool, model_parts
+from curvfx.api._vectors import model_parts
 from curvfx.losses import CrossEntropyLoss, Loss
 from curvfx.operators import LinearOperator
 
@@ -86,7 +87,7 @@ def recorded_fisher(
     model: nn.Module, outputs: Any, targets: Any, loss_type: Any, create_graph: Any
 ) -> tuple[RecordedFisher, dict[str, Tensor], dict[int, str]]:
     """Validate the generalized-Fisher arguments; the operator, its parameters and their names."""
-    check_bool(create_graph, "create_graph")
+    check_flag(create_graph, "create_graph")
     check_autograd()
     if loss_type not in LOSS_TYPES:
         raise UnsupportedInputError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")

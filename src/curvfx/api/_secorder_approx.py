@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_count, check_flag
 from curvfx._pytree import num_params, unravel
 from curvfx.api._closures import param_list, pure_function
 from curvfx.api._recorded_fisher import recorded_fisher
 from curvfx.api._secorder_hvp import graph_if
-from curvfx.api._vectors import check_bool, model_parts, model_result
+from curvfx.api._vectors import model_parts, model_result
 from curvfx.estimators import diagonal, trace
-from curvfx.estimators._checks import check_count
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.func import hvp
 from curvfx.functional import check_independent_samples
@@ -95,8 +95,8 @@ def hessian_trace(
     params = param_list(params)
     pure = pure_function(func, params)
     m = check_count(num_samples, "num_samples")
-    check_bool(create_graph, "create_graph")
-    check_bool(sparse, "sparse")
+    check_flag(create_graph, "create_graph")
+    check_flag(sparse, "sparse")
     first = params[0]
     op = FunctionOperator(
         lambda w: _value_hvp(pure, params, w),
@@ -163,7 +163,7 @@ def gauss_newton_matrix_approximation(
             couples samples (BatchNorm in train mode: call ``model.eval()``).
         TypeError: If ``model`` is not an ``nn.Module``.
     """
-    check_bool(create_graph, "create_graph")
+    check_flag(create_graph, "create_graph")
     loss = get_loss(loss_fn)
     if not isinstance(loss, MSELoss):
         raise ValueError(

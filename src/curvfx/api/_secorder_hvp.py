@@ -28,18 +28,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_count, check_flag
 from curvfx._errors import check_batch
 from curvfx.api._closures import check_callable, param_list, pure_function
 from curvfx.api._vectors import (
     Vector,
-    check_bool,
     model_parts,
     model_result,
     model_vector,
     vector_as_list,
     vector_from_list,
 )
-from curvfx.estimators._checks import check_count
 from curvfx.func import ggn_vp, hvp
 
 __all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "graph_if", "model_hvp"]
@@ -91,7 +90,7 @@ def exact_hvp(
     params = param_list(params)
     pure = pure_function(func, params)
     v_list, form = vector_as_list(v, params)
-    check_bool(create_graph, "create_graph")
+    check_flag(create_graph, "create_graph")
     if create_graph:  # torch.func on θ itself keeps the outer autograd graph
         with torch.enable_grad():
             pure([p.detach().requires_grad_() for p in params])  # checks the substitution
@@ -210,7 +209,7 @@ def model_hvp(
         TypeError: If ``model`` is not an ``nn.Module`` or ``loss_fn`` not callable.
         ValueError: If ``v`` does not match the parameters or the loss is not scalar.
     """
-    check_bool(create_graph, "create_graph")
+    check_flag(create_graph, "create_graph")
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
     check_callable(loss_fn, "loss_fn")
@@ -258,7 +257,7 @@ def gauss_newton_product(
         ValueError: If ``v`` does not match the parameters, the batch is empty or ``y``
             does not fit the loss.
     """
-    check_bool(create_graph, "create_graph")
+    check_flag(create_graph, "create_graph")
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
     strategy = "func" if create_graph else "auto"

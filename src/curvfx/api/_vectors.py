@@ -76,8 +76,3 @@ def model_result(out: dict[str, Tensor], form: str, like: list[Tensor], index: d
     return vector_from_list(
         [out[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in like], form
     )
-
-
-def check_bool(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {describe(value)}")

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_count, check_flag
 from curvfx._errors import all_finite, check_generator, describe
 from curvfx._pytree import as_tree, ravel
 from curvfx.estimators._probes import check_distribution
 from curvfx.operators._base import LinearOperator, as_operator
 
 __all__ = [
-    "check_count",
-    "check_flag",
-    "check_number",
     "check_options",
     "check_product",
     "flat_vector",
@@ -136,32 +132,6 @@ def check_product(out: Any, V: Tensor, who: str, what: str) -> Tensor:
             "check the operator (model, data, loss)"
         )
     return out
-
-
-def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_number(value: Any, name: str, *, strict: bool = True) -> float:
-    """``value`` as a float if it is a finite real number (not a bool), > 0 (``strict``) or ≥ 0.
-
-    Raises:
-        ValueError: Naming ``name``, for anything else (a str, a bool, inf, nan, a tensor).
-    """
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (real and math.isfinite(value) and (value > 0 if strict else value >= 0)):
-        raise ValueError(f"{name}: expected a finite float {'>' if strict else '>='} 0, got {value!r}")
-    return float(value)
-
-
-def check_flag(value: Any, name: str) -> bool:
-    """``value`` if it is a bool; TypeError naming ``name`` otherwise (``"False"`` is truthy)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")
-    return value
 
 
 def check_options(distribution: str, generator: torch.Generator | None, **flags: Any) -> None:

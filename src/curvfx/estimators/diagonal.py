@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_count
 from curvfx._errors import all_finite
 from curvfx.estimators._checks import (
     OperatorLike,
-    check_count,
     check_options,
     products,
     square_operator,

@@ -9,15 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import (
-    OperatorLike,
-    check_count,
-    check_flag,
-    check_number,
-    products,
-    square_operator,
-    working_precision,
-)
+from curvfx._arguments import check_count, check_flag, check_number
+from curvfx.estimators._checks import OperatorLike, products, square_operator, working_precision
 from curvfx.estimators._lanczos import lanczos, tridiagonal
 from curvfx.estimators._probes import make_generator, probes
 from curvfx.estimators._progress import progress_bar

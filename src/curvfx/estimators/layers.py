@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import check_count
+from curvfx._arguments import check_count
 from curvfx.estimators.eigen import eigsh
 from curvfx.estimators.trace import METHODS, trace
 from curvfx.operators._base import LinearOperator

@@ -9,17 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_count, check_flag, check_number
 from curvfx._errors import describe
 from curvfx._pytree import unravel
-from curvfx.estimators._checks import (
-    OperatorLike,
-    check_count,
-    check_flag,
-    check_number,
-    check_product,
-    flat_vector,
-    square_operator,
-)
+from curvfx.estimators._checks import OperatorLike, check_product, flat_vector, square_operator
 from curvfx.estimators._progress import progress_bar
 from curvfx.operators._base import LinearOperator
 

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_count
 from curvfx.estimators._checks import (
     OperatorLike,
-    check_count,
     check_options,
     products,
     square_operator,

@@ -9,7 +9,6 @@ Everything else is done here once.
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from curvfx._arguments import check_count, check_flag, describe_value, real_number
 from curvfx._errors import all_finite, check_real, describe, inside_transform
 from curvfx._memory import check_fits
 from curvfx._pytree import as_tree, leaves, ravel, tree_map, unravel
@@ -30,10 +30,8 @@ __all__ = [
     "LinearOperator",
     "apply_columns",
     "as_operator",
-    "check_chunk_size",
     "fixed_params",
     "identity",
-    "real_number",
 ]
 
 PyTree = Any
@@ -380,7 +378,7 @@ class IdentityOperator(LinearOperator):
     symmetric = True
 
     def __init__(self, n: int, dtype: torch.dtype | None = None, device=None):
-        n = _positive_int(n, "n")
+        n = check_count(n, "n")
         self.shape = (n, n)
         self.dtype, self.device = _dtype_device(dtype, device)
 
@@ -410,7 +408,7 @@ class DenseOperator(LinearOperator):
         if not isinstance(matrix, Tensor) or matrix.dim() != 2:
             raise ValueError(f"matrix: expected a 2-D tensor, got {describe(matrix)}")
         if symmetric is not None:
-            _check_flag(symmetric, "symmetric", "a bool or None")
+            check_flag(symmetric, "symmetric")
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
         self.dtype, self.device = matrix.dtype, matrix.device
@@ -454,10 +452,10 @@ class FunctionOperator(LinearOperator):
     ):
         if not callable(matvec):
             raise TypeError(f"matvec: expected a callable, got {type(matvec).__name__}")
-        size = _positive_int(size, "size")
+        size = check_count(size, "size")
         self.fn, self.shape = matvec, (size, size)
         self.dtype, self.device = _dtype_device(dtype, device)
-        self.symmetric = _check_flag(symmetric, "symmetric")
+        self.symmetric = check_flag(symmetric, "symmetric")
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self.fn(v)
@@ -507,65 +505,12 @@ def apply_columns(matvec: Callable[[Tensor], Tensor], V: Tensor, chunk_size: int
         return torch.stack([matvec(V[:, k]) for k in range(V.shape[1])], dim=1)
 
 
-def check_chunk_size(chunk_size: Any) -> int | None:
-    """``chunk_size`` if it is None or a positive int (not a bool); else an error naming it.
-
-    Raises:
-        TypeError: If ``chunk_size`` is neither None nor an int.
-        ValueError: If it is an int < 1.
-    """
-    if chunk_size is None:
-        return None
-    return _positive_int(chunk_size, "chunk_size", "None or a positive int")
-
-
-def real_number(c: Any, name: str) -> float:
-    """``c`` as a float: a finite real number (int, float, or a 0-dim real tensor read with ``float``).
-
-    Raises:
-        TypeError: If ``c`` is a bool, a string, a bool or complex tensor, a tensor with
-            dimensions, or anything else that is not a real number; names ``name``.
-        ValueError: If ``c`` is inf or nan; names ``name``.
-    """
-    if isinstance(c, Tensor) and c.dim() == 0 and c.dtype != torch.bool and not c.is_complex():
-        c = c.item()
-    if isinstance(c, bool) or not isinstance(c, numbers.Real):
-        raise TypeError(
-            f"{name}: expected a real number (int, float or 0-dim tensor), got {_describe_value(c)}"
-        )
-    if not math.isfinite(c):
-        raise ValueError(f"{name}: expected a finite number, got {c!r}")
-    return float(c)
-
-
-def _describe_value(value: Any) -> str:
-    """A short description of a scalar argument: the value of a str, bool or number, else the type."""
-    if isinstance(value, str | bool | numbers.Number):
-        return f"{value!r} ({type(value).__name__})"
-    return describe(value)
-
-
-def _positive_int(value: Any, name: str, expected: str = "a positive int") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected {expected}, got {_describe_value(value)}")
-    if value < 1:
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return value
-
-
-def _check_flag(value: Any, name: str, expected: str = "a bool") -> bool:
-    """``value`` if it is a bool; else a ``TypeError`` naming ``name`` (truthiness would turn "no" on)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected {expected}, got {_describe_value(value)}")
-    return value
-
-
 def _dtype_device(dtype: Any, device: Any) -> tuple[torch.dtype, torch.device]:
     """``dtype`` (default: torch's default dtype) and ``device`` (default: cpu), validated."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype: expected a torch.dtype such as torch.float64, got {_describe_value(dtype)}")
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float64, got {describe_value(dtype)}")
     if isinstance(device, bool) or not isinstance(device, str | int | torch.device | None):
-        raise TypeError(f"device: expected a torch.device, a str or an int, got {_describe_value(device)}")
+        raise TypeError(f"device: expected a torch.device, a str or an int, got {describe_value(device)}")
     try:
         device = torch.device("cpu" if device is None else device)
     except RuntimeError:
@@ -586,7 +531,7 @@ def _as_operator(other: Any, partner: LinearOperator) -> LinearOperator:
             f"; to add a multiple c of the identity (damping), add {c} * curvfx.identity({partner.shape[0]})"
         )
     raise TypeError(
-        f"other: + and - combine operators, expected a LinearOperator, got {_describe_value(other)}{hint}"
+        f"other: + and - combine operators, expected a LinearOperator, got {describe_value(other)}{hint}"
     )
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_chunk_size, real_number
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
 from curvfx._engines import draw_seed
 from curvfx._errors import check_batch, check_output, inside_transform
@@ -51,15 +52,7 @@ from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.functional import check_independent_samples
 from curvfx.losses import Loss, get_loss
-from curvfx.operators._base import (
-    PARAMS_DEVICE,
-    PARAMS_DTYPE,
-    LinearOperator,
-    apply_columns,
-    check_chunk_size,
-    fixed_params,
-    real_number,
-)
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
 from curvfx.operators._distributed import rank_stream_seed, resolve_process_group, summed_over_ranks

@@ -8,18 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_chunk_size
 from curvfx._engines import func_jvp
 from curvfx._pytree import num_params, ravel, unravel
 from curvfx.func import model_jvp, model_vjp
 from curvfx.functional import as_function
-from curvfx.operators._base import (
-    PARAMS_DEVICE,
-    PARAMS_DTYPE,
-    LinearOperator,
-    apply_columns,
-    check_chunk_size,
-    fixed_params,
-)
+from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._distributed import unwrap_ddp
 from curvfx.operators._randomness import batch_randomness, check_randomness, fixed_seed, replay_batch_seed

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_count
 from curvfx._engines import draw_seed
 from curvfx._errors import check_generator
 from curvfx._pytree import num_params
@@ -410,8 +411,7 @@ def _check_options(model_fn, params, fisher_type, kfac_approx, num_samples) -> N
         raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {fisher_type!r}")
     if kfac_approx not in KFAC_APPROXIMATIONS:
         raise ValueError(f"kfac_approx: expected one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    check_count(num_samples, "num_samples")
     if fisher_type != "mc" and num_samples != 1:
         raise ValueError(
             f"num_samples: only fisher_type='mc' draws samples; got {num_samples} for {fisher_type!r}"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import check_number
+from curvfx._arguments import check_count, check_flag, check_number
 from curvfx.optim._least_squares import (
     SOLVERS,
     Closure,
@@ -175,20 +174,16 @@ class GaussNewton(torch.optim.Optimizer):
 
 
 def _check_options(group: dict[str, Any]) -> None:
-    reg = group["reg"]
-    if isinstance(reg, bool) or not isinstance(reg, int | float) or not math.isfinite(reg) or reg < 0:
-        raise ValueError(f"reg: expected a finite float >= 0, got {reg!r}")
-    if not isinstance(group["batched"], bool):
-        raise ValueError(f"batched: expected a bool, got {group['batched']!r}")
+    check_number(group["reg"], "reg", strict=False)
+    check_flag(group["batched"], "batched")
     if group["line_search"] not in LINE_SEARCHES:
         raise ValueError(f"line_search: expected one of {LINE_SEARCHES}, got {group['line_search']!r}")
     if group["solver"] not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {group['solver']!r}")
     if group["cg_tol"] is not None:
         check_number(group["cg_tol"], "cg_tol")
-    maxiter = group["cg_maxiter"]
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
-        raise ValueError(f"cg_maxiter: expected an int >= 1 or None, got {maxiter!r}")
+    if group["cg_maxiter"] is not None:
+        check_count(group["cg_maxiter"], "cg_maxiter")
 
 
 def _shared_options(groups: list[dict[str, Any]]) -> dict[str, Any]:

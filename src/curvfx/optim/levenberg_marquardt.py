@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvfx.estimators._checks import check_number
+from curvfx._arguments import check_count, check_number
 from curvfx.optim._least_squares import (
     SOLVERS,
     Closure,
@@ -221,6 +221,5 @@ def _check(group: dict[str, Any]) -> None:
     check_options(group, _RULES)
     if group["cg_tol"] is not None:
         check_number(group["cg_tol"], "cg_tol")
-    maxiter = group["cg_maxiter"]
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
-        raise ValueError(f"cg_maxiter: expected an int >= 1 or None, got {maxiter!r}")
+    if group["cg_maxiter"] is not None:
+        check_count(group["cg_maxiter"], "cg_maxiter")
