@@ -42,6 +42,7 @@ from torch.func import functional_call, jacrev
 from torch.nn.utils import parametrizations, parametrize
 
 import curvfx
+from curvfx._kernels import ComposedOps
 
 DTYPE = torch.float64
 CE = nn.CrossEntropyLoss()
@@ -538,3 +539,62 @@ def test_group_norm_channels_last_kfac():
     assert dense.shape == _group_norm_truth().shape
     assert torch.isfinite(dense).all() and dense.abs().sum() > 0
     assert_close_rel(dense, dense.T)
+
+
+# -- EmbeddingBag: no forward-mode rule and no double backward in torch ---------------------
+
+
+_BAGS = {  # (input, offsets, include_last_offset)
+    "rows": (torch.tensor([[1, 2, 4], [2, 2, 2], [0, 6, 5]]), None, False),
+    "offsets": (torch.tensor([1, 2, 4, 2, 2, 0, 6, 5]), torch.tensor([0, 3, 3, 5]), False),
+    "last-offset": (torch.tensor([1, 2, 4, 2, 2, 0, 6, 5]), torch.tensor([0, 3, 3, 5, 8]), True),
+}
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("bags", list(_BAGS))
+def test_composed_embedding_bag_has_torchs_values(bags, mode, padding_idx):
+    """The composition curvfx runs (empty bags and padding rows included) equals torch's kernel."""
+    ids, offsets, last = _BAGS[bags]
+    torch.manual_seed(0)
+    weight = torch.randn(7, 3, dtype=DTYPE)
+    psw = torch.rand(ids.shape, dtype=DTYPE) if mode == "sum" else None
+    options = {
+        "mode": mode,
+        "padding_idx": padding_idx,
+        "include_last_offset": last,
+        "per_sample_weights": psw,
+    }
+    with ComposedOps():
+        composed = F.embedding_bag(ids, weight, offsets, **options)
+    assert torch.equal(composed, F.embedding_bag(ids, weight, offsets, **options))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_curvature_products(mode):
+    """Products through an EmbeddingBag used to raise (torch has no double backward for it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.EmbeddingBag(7, 3, mode=mode, padding_idx=0), nn.Tanh(), nn.Linear(3, 2)
+    ).double()
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 2, (5,))
+    names, shapes, flat = _named(model)
+
+    def outputs_of(theta: Tensor) -> Tensor:  # the bag mean written out, padding rows left out
+        p = _split(theta, names, shapes)
+        kept = (ids != 0).to(DTYPE).unsqueeze(-1)
+        bag = (p["0.weight"][ids] * kept).sum(1)
+        bag = bag / kept.sum(1).clamp(min=1) if mode == "mean" else bag
+        return torch.tanh(bag) @ p["2.weight"].T + p["2.bias"]
+
+    assert torch.allclose(outputs_of(flat), model(ids), rtol=1e-12, atol=1e-14)
+    H_true = torch.autograd.functional.hessian(lambda t: CE(outputs_of(t), y), flat)
+    G_true = _ggn(_jacobian(outputs_of, flat), outputs_of(flat), y)
+    v = torch.randn(flat.numel(), dtype=DTYPE)
+    with unchanged(SimpleNamespace(model=model)):
+        H = curvfx.hessian(model, CE, (ids, y))
+        G = curvfx.ggn(model, CE, (ids, y))
+        assert_close_rel(H @ v, H_true @ v)
+        assert_close_rel(G.to_dense(), G_true)
+        assert_close_rel(curvfx.diagonal(G, "exact"), G_true.diagonal())

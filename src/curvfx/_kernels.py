@@ -11,8 +11,10 @@ Two operations have torch derivatives that are wrong without an error: the doubl
 of ``torch._weight_norm`` (weight normalization, new and old API: a Hessian 28 % off and
 not symmetric) and the ``vmap`` rule of PReLU's backward (per-sample Jacobians and exact
 diagonals wrong whenever the samples and factor columns vmapped together are equally many).
-:class:`ComposedOps` runs them as compositions of operations with correct rules; a model
-function enters it for modules that contain them (:func:`needs_composed_ops`).
+``F.embedding_bag`` has neither a forward-mode rule nor a double backward, so no
+curvature product could pass through it. :class:`ComposedOps` runs these operations as
+compositions of operations with correct rules; a model function enters it for modules
+that contain them (:func:`needs_composed_ops`).
 
 The attention flags are switched directly (the getter/setter pairs of
 ``torch.backends.cuda``, and torch's private pair for the "overrideable" backend of
@@ -29,6 +31,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.overrides import TorchFunctionMode
@@ -105,7 +108,61 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / (v * v).sum(others, keepdim=True).sqrt())
 
 
-_COMPOSED = {torch.prelu: _prelu, Tensor.prelu: _prelu, torch._weight_norm: _weight_norm}
+def _embedding_bag(
+    input: Tensor,
+    weight: Tensor,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """``F.embedding_bag`` with ``mode`` "sum" or "mean": ``Σ_{i∈bag} w_i E[id_i]`` (/ the bag's size).
+
+    Rows at ``padding_idx`` are left out of the bags (and of the mean's count); an empty
+    bag gives zeros. Options this does not cover ("max", ``max_norm``) run torch's kernel.
+    """
+    if mode not in ("sum", "mean") or max_norm is not None:
+        return F.embedding_bag(
+            input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+            per_sample_weights, include_last_offset, padding_idx,
+        )  # fmt: skip
+    if input.dim() == 2:  # fixed-size bags, one per row
+        bags, size = (
+            torch.arange(input.shape[0], device=input.device).repeat_interleave(input.shape[1]),
+            input.shape[0],
+        )
+        input = input.reshape(-1)
+        per_sample_weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    else:  # bag b holds input[offsets[b]:offsets[b + 1]]
+        starts = offsets[:-1] if include_last_offset else offsets
+        size = starts.shape[0]
+        bags = torch.bucketize(torch.arange(input.shape[0], device=input.device), starts, right=True) - 1
+    kept = (
+        torch.ones_like(input, dtype=weight.dtype)
+        if padding_idx is None
+        else (input != padding_idx).to(weight.dtype)
+    )
+    rows = F.embedding(input, weight) * (
+        kept if per_sample_weights is None else kept * per_sample_weights
+    ).unsqueeze(1)
+    out = weight.new_zeros(size, weight.shape[1]).index_add(0, bags, rows)
+    if mode == "mean":
+        counts = weight.new_zeros(size).index_add(0, bags, kept)
+        out = out / counts.clamp(min=1).unsqueeze(1)
+    return out
+
+
+_COMPOSED = {
+    torch.prelu: _prelu,
+    Tensor.prelu: _prelu,
+    torch._weight_norm: _weight_norm,
+    F.embedding_bag: _embedding_bag,
+}
 _OLD_WEIGHT_NORM = importlib.import_module("torch.nn.utils.weight_norm").WeightNorm
 
 
@@ -118,9 +175,9 @@ class ComposedOps(TorchFunctionMode):
 
 
 def needs_composed_ops(module: nn.Module) -> bool:
-    """Whether ``module`` has a PReLU or a weight normalization (parametrization or old hook)."""
+    """Whether ``module`` has a PReLU, an EmbeddingBag or a weight normalization (parametrization or hook)."""
     for m in module.modules():
-        if isinstance(m, (nn.PReLU, parametrizations._WeightNorm)):
+        if isinstance(m, (nn.PReLU, nn.EmbeddingBag, parametrizations._WeightNorm)):
             return True
         if any(isinstance(hook, _OLD_WEIGHT_NORM) for hook in m._forward_pre_hooks.values()):
             return True
