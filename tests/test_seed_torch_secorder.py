@@ -963,3 +963,13 @@ def test_batchnorm_in_train_mode_message_names_the_function_and_no_method_argume
     assert "method=" not in str(err.value).split("curvfx.diagonal(")[0]  # no argument it lacks
     model.eval()  # the advice works
     getattr(curvfx, which)(model, nn.MSELoss(), x, y)
+
+
+def test_generalized_fisher_loss_type_is_case_insensitive():
+    """torch-secorder lower-cases loss_type ("NLL" works there); so does curvfx."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    lower = curvfx.generalized_fisher_diagonal(model, model(x), y, loss_type="nll")
+    upper = curvfx.generalized_fisher_diagonal(model, model(x), y, loss_type="NLL")
+    assert all(torch.equal(a, b) for a, b in zip(lower, upper))

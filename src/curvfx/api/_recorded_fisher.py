@@ -89,7 +89,7 @@ def recorded_fisher(
     """Validate the generalized-Fisher arguments; the operator, its parameters and their names."""
     check_flag(create_graph, "create_graph")
     check_autograd()
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type.lower() not in LOSS_TYPES:  # any case, as torch-secorder
         raise UnsupportedInputError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if not isinstance(outputs, Tensor) or outputs.dim() < 2:
         raise UnsupportedInputError(
