@@ -101,26 +101,31 @@ def test_class_weights_must_fit_the_classes(loss_cls):
     """A weight longer than C used to be read only at the first C entries (torch refuses it)."""
     model, x, y = _model_and_batch()
     v = torch.randn(26, dtype=torch.float64)
-    for weight in (torch.tensor([2.0, 3.0, 100.0]), torch.tensor([2.0]), torch.tensor([1, 2])):
-        G = curvfx.ggn(
-            model, loss_cls(weight=weight.double() if weight.is_floating_point() else weight), (x, y)
-        )
-        with pytest.raises(
-            ValueError, match=r"weight: (expected floating-point class weights \[C\] = \[2\]|1 class)"
-        ):
+    for weight in (torch.tensor([2.0, 3.0, 100.0]), torch.tensor([2.0])):
+        G = curvfx.ggn(model, loss_cls(weight=weight.double()), (x, y))
+        with pytest.raises(ValueError, match=r"weight: expected floating-point class weights \[C\] = \[2\]"):
             G @ v
-    G = curvfx.ggn(model, loss_cls(weight=torch.tensor([1.0, float("nan")], dtype=torch.float64)), (x, y))
-    with pytest.raises(ValueError, match="weight: class weights must be finite"):
-        G @ v
+    for weight, match in (
+        (torch.tensor([1, 2]), "floating-point"),
+        (torch.tensor([1.0, float("nan")]), "finite"),
+    ):
+        with pytest.raises(ValueError, match=f"weight: .*{match}"):  # checked once, when the loss is read
+            curvfx.ggn(model, loss_cls(weight=weight), (x, y))
 
 
-def test_non_finite_targets_are_refused():
-    """The GGN of MSE does not read y, but a nan target makes the loss itself nan."""
+def test_non_finite_targets():
+    """A nan target makes the loss nan: the Hessian's product is refused, the GGN (which does
+    not read the targets of MSE) is the GGN at any targets."""
     model, x, _ = _model_and_batch()
     y = torch.randn(5, 2, dtype=torch.float64)
-    y[1, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"targets: .* non-finite targets"):
-        curvfx.ggn(model, nn.MSELoss(), (x, y)) @ torch.ones(26, dtype=torch.float64)
+    bad = y.clone()
+    bad[1, 0] = float("nan")
+    v = torch.randn(26, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-finite"):
+        curvfx.hessian(model, nn.MSELoss(), (x, bad)) @ v
+    assert torch.equal(
+        curvfx.ggn(model, nn.MSELoss(), (x, bad)) @ v, curvfx.ggn(model, nn.MSELoss(), (x, y)) @ v
+    )
 
 
 def test_bce_weights_must_broadcast_to_the_outputs():
@@ -166,7 +171,7 @@ def test_transforms_name_missing_or_misformed_arguments():
     with pytest.raises(TypeError, match="y: expected a tensor of targets, got NoneType"):
         curvfx.per_sample_grad(fn, ce, params, x, None)
     with pytest.raises(
-        TypeError, match=r"x: expected a tensor or a tuple/mapping of tensors, got leaves of type \['float'\]"
+        ValueError, match=r"x: expected a tensor or a tuple/mapping of tensors, got list without tensors"
     ):
         curvfx.ggn_vp(fn, ce, params, x.tolist(), y, v)
     with pytest.raises(TypeError, match="u: expected a tensor shaped like the outputs, got list"):
@@ -182,3 +187,136 @@ def test_seed_empirical_fisher_names_its_targets():
     model, x, y = _model_and_batch()
     with pytest.raises(TypeError, match="targets: empirical_fisher_diagonal expected a tensor, got list"):
         empirical_fisher_diagonal(model, nn.CrossEntropyLoss(), x, y.tolist())
+
+
+# -- inputs that must stay accepted (the Hessian is the loss as written) ----------------------
+
+
+def _flat_hessian(model: nn.Module, loss_of_outputs, x) -> torch.Tensor:
+    """Dense Hessian of ``loss_of_outputs(model(x))`` in the flat parameters (named_parameters order)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(theta):
+        parts = torch.split(theta, [s.numel() for s in shapes])
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return loss_of_outputs(torch.func.functional_call(model, params, (x,)))
+
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+def test_hessian_of_a_model_with_an_auxiliary_output_and_a_callable_loss():
+    """A callable loss gets the model's outputs as returned (here a tuple), as before."""
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            out = self.body(x)
+            return out, (out**2).mean()
+
+    torch.manual_seed(0)
+    model = WithAux().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+
+    def loss(outputs, targets):
+        logits, aux = outputs
+        return nn.functional.cross_entropy(logits, targets) + 0.1 * aux
+
+    H = curvfx.hessian(model, loss, (x, y)).to_dense()
+    assert torch.allclose(H, _flat_hessian(model, lambda out: loss(out, y), x), rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_of_a_sequence_model_with_flattened_targets():
+    """Logits [N·T, V] for inputs [N, T] and targets [N·T]: x and y need not share N."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids))).reshape(-1, 7)
+
+    torch.manual_seed(0)
+    model = LM().double()
+    ids, y = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (15,))
+    ce = nn.CrossEntropyLoss()
+    truth = _flat_hessian(model, lambda out: ce(out, y), ids)
+    assert torch.allclose(curvfx.hessian(model, ce, (ids, y)).to_dense(), truth, rtol=1e-10, atol=1e-12)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    hv = torch.cat([t.reshape(-1) for t in model_hvp(model, ce, ids, y, v)])
+    assert torch.allclose(hv, truth @ torch.cat([t.reshape(-1) for t in v]), rtol=1e-10, atol=1e-12)
+
+
+def test_targets_of_another_float_dtype_and_inputs_with_non_tensor_leaves():
+    """torch promotes float32 targets; a scale passed with the inputs is the model's business."""
+    from collections import UserDict
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+        def forward(self, x, scale=1.0):
+            return self.net(x) * scale
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    mse = nn.MSELoss()
+    v = torch.randn(26, dtype=torch.float64)
+    reference = curvfx.ggn(model, mse, (x, y)) @ v
+    assert torch.allclose(curvfx.ggn(model, mse, (x, y.float())) @ v, reference, rtol=1e-6)
+    scaled = curvfx.ggn(model, mse, ((x, 2.0), y)) @ v
+    assert torch.allclose(curvfx.ggn(model, mse, (UserDict(x=x, scale=2.0), y)) @ v, scaled)
+    assert torch.allclose(scaled, 4 * reference, rtol=1e-10)  # the outputs scale by 2, the GGN by 4
+    truth = _flat_hessian(model, lambda out: mse(out * 2.0, y), x)
+    assert torch.allclose(curvfx.hessian(model, mse, ((x, 2.0), y)) @ v, truth @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_scalar_arguments_from_numpy_and_one_element_tensors():
+    np = pytest.importorskip("numpy")
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    v = torch.randn(26, dtype=torch.float64)
+    G = curvfx.ggn(model, ce, (x, y))
+    assert torch.allclose(curvfx.ggn(model, ce, (x, y), factor=torch.tensor([2.0])) @ v, 2 * (G @ v))
+    assert torch.allclose((G * np.float64(2.0)) @ v, 2 * (G @ v))
+    assert torch.allclose(curvfx.ggn(model, ce, (x, y), chunk_size=np.int64(2)) @ v, G @ v)
+    _, std = curvfx.trace(G, "hutchinson", num_samples=4, return_std=np.True_)
+    assert std.dim() == 0
+    top = curvfx.eigsh(G, k=1, tol=torch.tensor(1e-8, dtype=torch.float64), return_eigenvectors=np.False_)
+    assert torch.allclose(top, torch.linalg.eigvalsh(G.to_dense())[-1:], rtol=1e-6)
+
+
+def test_batches_with_negative_weight_sums_still_count():
+    """Only batches whose mean normalizer is exactly 0 are skipped (class weights may be negative)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 2, 1, 1, 1, 2, 0, 1])
+    ce = nn.CrossEntropyLoss(weight=torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
+    batches = [(x[:4], y[:4]), (x[4:6], y[4:6]), (x[6:], y[6:])]  # the middle batch has Z_b = -1
+    H = curvfx.hessian(model, ce, batches).to_dense()
+    assert torch.allclose(H, _flat_hessian(model, lambda out: ce(out, y), x), rtol=1e-10, atol=1e-12)
+
+
+def test_sums_of_operators_and_tied_parameter_names():
+    model, x, y = _model_and_batch()
+    ce = nn.CrossEntropyLoss()
+    H, G = curvfx.hessian(model, ce, (x, y)), curvfx.ggn(model, ce, (x, y))
+    v = torch.randn(26, dtype=torch.float64)
+    assert torch.allclose(sum([H, G]) @ v, H @ v + G @ v)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"second names of tied parameters: use their first names"):
+        curvfx.ggn(
+            tied,
+            nn.MSELoss(),
+            (x, torch.zeros(5, 3, dtype=torch.float64)),
+            params={"2.weight": tied[0].weight},
+        )

@@ -233,9 +233,11 @@ def test_errors_name_the_problem():
         opt.step(lambda backward=True: w * math.inf)
     with pytest.raises(ValueError, match="depend"):
         opt.step(lambda backward=True: w.detach() - 1)
-    for bad in (dict(damping=0.0), dict(solver="qr"), dict(max_trials=0), dict(cg_tol=-1.0), dict(batched=1)):
+    for bad in (dict(damping=0.0), dict(solver="qr"), dict(max_trials=0), dict(cg_tol=-1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LevenbergMarquardt([w], **bad)
+    with pytest.raises(TypeError, match="batched: expected a bool"):
+        LevenbergMarquardt([w], batched=1)
     v = torch.ones(2, dtype=DTYPE, requires_grad=True)
     with pytest.raises(ValueError, match="every param group"):
         LevenbergMarquardt([{"params": [w]}, {"params": [v], "damping": 1.0}])

@@ -336,9 +336,12 @@ def test_errors_name_the_problem(name):
         (HessianFree, dict(curvature="fisher")),
         (HessianFree, dict(cg_maxiter=0)),
         (HessianFree, dict(warm_start=1.5)),
+        (HessianFree, dict(warm_start=float("nan"))),
         (HessianFree, dict(checkpoint_ratio=1.0)),
         (HessianFree, dict(line_search="wolfe")),
         (AdaHessian, dict(betas=(0.9, 1.0))),
+        (AdaHessian, dict(betas=(0.9,))),
+        (AdaHessian, dict(betas=(0.9, "0.99"))),
         (AdaHessian, dict(hessian_power=2.0)),
         (AdaHessian, dict(method="lanczos")),
         (AdaHessian, dict(update_each=0)),
@@ -355,6 +358,31 @@ def test_invalid_options_name_the_option(cls, bad):
     model = make()
     with pytest.raises(ValueError, match=next(iter(bad))):
         cls(model.parameters(), model=model, loss_fn=nn.MSELoss(), **bad)
+
+
+@pytest.mark.parametrize(
+    "cls, bad", [(HessianFree, dict(adapt_damping=1)), (AdaHessian, dict(spatial_average="False"))]
+)
+def test_non_bool_flags_are_a_type_error(cls, bad):
+    make, _, _ = problem()
+    model = make()
+    with pytest.raises(TypeError, match=f"{next(iter(bad))}: expected a bool"):
+        cls(model.parameters(), model=model, loss_fn=nn.MSELoss(), **bad)
+
+
+@pytest.mark.parametrize(
+    "cls, edge",
+    [
+        (HessianFree, dict(warm_start=1.0, checkpoint_ratio=None)),
+        (HessianFree, dict(warm_start=0, min_damping=0)),
+        (AdaHessian, dict(betas=[0, 0.5], hessian_power=1)),
+        (DiagonalNaturalGradient, dict(momentum=0.0, damping=1e-300)),
+    ],
+)
+def test_options_on_the_closed_ends_of_their_ranges_are_accepted(cls, edge):
+    make, _, _ = problem()
+    model = make()
+    cls(model.parameters(), model=model, loss_fn=nn.MSELoss(), **edge)
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,18 @@ def test_without_data_scales_by_factor(loss, data_form):
     assert relerr(flat(ggn_mv(v, batch)), 0.37 * G @ flat(v)) < TOL
 
 
+def test_tensor_factor_scales_as_the_number_and_passes_gradients():
+    params, data, v = make_params(), make_data("mse"), random_like(make_params())
+    expected = flat(create_ggn_mv_without_data(model_fn, params, "mse", 0.37)(v, data))
+    factor = torch.tensor(0.37, dtype=DTYPE, requires_grad=True)
+    out = flat(create_ggn_mv_without_data(model_fn, params, "mse", factor)(v, data))
+    assert relerr(out.detach(), expected) < TOL
+    (grad,) = torch.autograd.grad(out.sum(), factor)  # d(factor · G v)/d factor = Σ G v
+    assert relerr(grad * 0.37, expected.sum()) < TOL
+    with pytest.raises(TypeError, match="factor"):
+        create_ggn_mv_without_data(model_fn, params, "mse", torch.tensor(True))
+
+
 def test_without_data_sums_over_batches():
     """No data is hardcoded: products on the parts of a split batch add up to the whole."""
     params, data, v = make_params(), make_data("cross_entropy"), random_like(make_params())
@@ -376,13 +388,13 @@ def test_errors():
         ggn_mv(v, {"input": data["input"], "target": data["target"][:, 0]})
     with pytest.raises(ValueError, match="batch is empty"):
         create_ggn_mv(model_fn, params, {"input": torch.zeros(0, D), "target": torch.zeros(0, C)}, "mse")
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="num_total_samples: expected an int >= 1"):
         create_ggn_mv(model_fn, params, data, "mse", num_total_samples=0)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="num_curv_samples: expected an int >= 1"):
         create_ggn_mv(model_fn, params, data, "mse", num_curv_samples=2.5)
     with pytest.raises(TypeError, match="factor"):
         create_ggn_mv_without_data(model_fn, params, "mse", "1")
-    with pytest.raises(ValueError, match="factor: must be finite"):
+    with pytest.raises(ValueError, match="factor: expected a finite number"):
         create_ggn_mv_without_data(model_fn, params, "mse", float("nan"))
 
 

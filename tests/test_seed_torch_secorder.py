@@ -301,6 +301,11 @@ def test_approximate_hvp_validates_its_arguments():
         curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], torch.ones(2, dtype=DT), num_samples=0)
     with pytest.raises(ValueError, match="damping"):
         curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], torch.ones(2, dtype=DT), damping=float("nan"))
+    with pytest.raises(ValueError, match="damping"):
+        curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], torch.ones(2, dtype=DT), damping=True)
+    v = torch.ones(2, dtype=DT)  # any finite damping, negative too: λ v is added
+    shifted = curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], v, damping=-2.0)
+    assert torch.allclose(shifted - curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], v), -2 * v)
     zero = curvfx.approximate_hvp(lambda: w.pow(3).sum(), [w], torch.zeros(2, dtype=DT), damping=1.0)
     assert torch.equal(zero, torch.zeros(2, dtype=DT))
 

@@ -598,3 +598,58 @@ def test_embedding_bag_curvature_products(mode):
         assert_close_rel(H @ v, H_true @ v)
         assert_close_rel(G.to_dense(), G_true)
         assert_close_rel(curvfx.diagonal(G, "exact"), G_true.diagonal())
+
+
+@pytest.mark.parametrize(
+    ("api", "name", "dim"),
+    [
+        ("new", "weight", -2),
+        ("old", "weight", -2),
+        ("new", "bias", 0),
+        ("new", "weight", -1),
+        ("old", "weight", None),
+    ],
+)
+def test_weight_norm_values_for_every_dim(api, name, dim):
+    """The composed weight norm takes torch's `dim` convention (negative dims, -1/None: the whole tensor)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4).double()
+    if api == "new":
+        layer = parametrizations.weight_norm(layer, name=name, dim=dim)
+    else:
+        layer = torch.nn.utils.weight_norm(layer, name=name, dim=dim)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=DTYPE)
+    fn, params = curvfx.make_functional(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API's deprecation
+        assert torch.allclose(fn(params, x), model(x), rtol=1e-12, atol=1e-14)
+
+
+def test_compile_with_composed_ops_runs_eagerly():
+    """torch.compile does not trace curvfx's function mode: such models warn and run eagerly."""
+    model = _prelu_model("linear")
+    x, y = _prelu_data("linear", 3)
+    with pytest.warns(RuntimeWarning, match="run eagerly"):
+        G = curvfx.ggn(model, CE, (x, y), compile=True)
+    assert G.compile_options is None
+    assert_close_rel(G.to_dense().diagonal(), curvfx.diagonal(curvfx.ggn(model, CE, (x, y)), "exact"))
+
+
+def test_a_genuine_model_error_recurs_without_a_chained_forward_mode_error():
+    """The forward-mode attempt's error is dropped: the fallback's own error is the one raised."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.lin(x).reshape(7, -1)
+
+    model = Broken().double()
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.randn(5, 4, dtype=DTYPE)
+    fn, params = curvfx.make_functional(model)
+    with pytest.raises(RuntimeError, match="invalid for input of size") as caught:
+        curvfx.ggn_vp(fn, nn.MSELoss(), params, x, y, torch.ones(16, dtype=DTYPE))
+    assert caught.value.__context__ is None and caught.value.__cause__ is None

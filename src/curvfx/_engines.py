@@ -95,13 +95,11 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
     the same with GroupNorm 4.3 against 3.8, a GPT-style model (layer norm, softmax
     attention) 3.8–4.0 against 3.3–3.4.
     """
-    if engine == "auto-eager":
-        rng = rng_state()
-        try:
-            return _reverse_over_forward(f, params, v, decompose=AUTO_DECOMPOSED)
-        except (NotImplementedError, RuntimeError):  # UntrustedTangents is a RuntimeError
-            set_rng_state(rng)  # the fallback draws the same dropout masks
-            return hessian_vps(f, params, [v])[0]
+    if engine == "auto-eager":  # UntrustedTangents is a RuntimeError
+        return _with_fallback(
+            lambda: _reverse_over_forward(f, params, v, decompose=AUTO_DECOMPOSED),
+            lambda: hessian_vps(f, params, [v])[0],
+        )
     if engine == "rev-fwd":
         try:
             return _reverse_over_forward(f, params, v)
@@ -226,8 +224,8 @@ def gauss_newton_vp(
 
     Engines: "forward-ad" (dual parameters give f and Jv in one forward pass, then one
     backward pass), "autograd" (Jv as the derivative of u ↦ Jᵀu by double backprop),
-    "auto-eager" ("forward-ad", falling back to "autograd" when an operation of the model
-    has no forward-mode derivative) each evaluate the model once; "auto-func" is "func",
+    "auto-eager" ("forward-ad", falling back to "autograd" where it raises: see
+    :func:`_with_fallback`) each evaluate the model once; "auto-func" is "func",
     falling back to "func-vjp" likewise; "func" (``torch.func.jvp``
     then ``torch.func.vjp``) evaluates it twice, which under ``vmap`` over tangents is
     twice as fast per column as a double-vjp; the random number state is replayed for the
@@ -251,12 +249,10 @@ def gauss_newton_vp(
         return vjp_fn(output_product(outputs)(jv))[0]  # Jᵀ M Jv
     if engine in _FALLBACKS:  # a forward-mode engine, or its fallback for a model without the rules
         first, second = _FALLBACKS[engine]
-        rng = rng_state()
-        try:
-            return gauss_newton_vp(model_at, params, v, output_product, check, first)
-        except (NotImplementedError, RuntimeError):  # see _FALLBACKS
-            set_rng_state(rng)  # the fallback draws the same dropout masks
-            return gauss_newton_vp(model_at, params, v, output_product, check, second)
+        return _with_fallback(
+            lambda: gauss_newton_vp(model_at, params, v, output_product, check, first),
+            lambda: gauss_newton_vp(model_at, params, v, output_product, check, second),
+        )
     p_leaves, spec = flatten(params)
     v_leaves = spec.flatten_up_to(v)
     with torch.enable_grad():
@@ -343,6 +339,27 @@ def _forward_ad(model_at, spec, p: list[Tensor], v_leaves: list[Tensor]) -> tupl
             out = model_at(unflatten(spec, duals))
         outputs, jv = fwad.unpack_dual(out)  # f, Jv
     return outputs, torch.zeros_like(outputs) if jv is None else jv.detach()
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _with_fallback(first: Callable[[], Any], second: Callable[[], Any]) -> Any:
+    """``first()``, or ``second()`` from the same random state where ``first`` raises.
+
+    Retried: a ``NotImplementedError`` or ``RuntimeError`` (an operation without a
+    forward-mode rule, say), not a ``ValueError`` (a refused input) nor running out of
+    memory. A genuine error then recurs from ``second``, with its own traceback alone.
+    """
+    rng = rng_state()
+    try:
+        return first()
+    except (ValueError, _OUT_OF_MEMORY):
+        raise
+    except (NotImplementedError, RuntimeError):
+        pass
+    set_rng_state(rng)  # the fallback draws the same dropout masks
+    return second()
 
 
 def rng_state() -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -129,13 +130,16 @@ def check_output(outputs: Any) -> Tensor:
 
 
 def check_batch(x: Any, y: Tensor | None) -> None:
-    """Raise ``ValueError`` unless the tensors of ``x`` (and ``y``, if given) share a leading N > 0."""
-    x_leaves = leaves(x)
+    """Raise ``ValueError`` unless the tensors of ``x`` (and ``y``, if given) share a leading N > 0.
+
+    Other leaves of ``x`` (a flag or a scale passed to the model) are left alone; a mapping
+    optree does not know (a ``UserDict``, such as a tokenizer's batch) is read as a dict.
+    """
+    x_leaves = [t for t in leaves(dict(x) if isinstance(x, Mapping) else x) if isinstance(t, Tensor)]
     if not x_leaves:
-        raise ValueError("x: expected a tensor or a tuple/mapping of tensors, got no tensors")
-    if not all(isinstance(t, Tensor) for t in x_leaves):
-        kinds = sorted({type(t).__name__ for t in x_leaves if not isinstance(t, Tensor)})
-        raise TypeError(f"x: expected a tensor or a tuple/mapping of tensors, got leaves of type {kinds}")
+        raise ValueError(
+            f"x: expected a tensor or a tuple/mapping of tensors, got {describe(x)} without tensors"
+        )
     n = x_leaves[0].shape[0] if x_leaves[0].dim() > 0 else None
     if n is None or any(t.dim() == 0 or t.shape[0] != n for t in x_leaves):
         raise ValueError("x: every input tensor needs the same leading batch dimension N")

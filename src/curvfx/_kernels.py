@@ -97,15 +97,24 @@ def _has_rnn(module: nn.Module) -> bool:
 
 def _prelu(input: Tensor, weight: Tensor) -> Tensor:
     """``F.prelu``: ``max(0, x) + w min(0, x)``, w over the channels (dim 1, or one weight)."""
-    if input.dim() >= 2 and weight.numel() > 1:
+    if weight.numel() == 1:
+        weight = weight.reshape(())
+    elif input.dim() >= 2:
         weight = weight.reshape(-1, *([1] * (input.dim() - 2)))
+    else:  # channels without a channel dim: torch's error
+        return torch.prelu(input, weight)
     return torch.relu(input) - weight * torch.relu(-input)
 
 
 def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     """``torch._weight_norm``: ``g v / ‖v‖`` with the norm over every dim but ``dim`` (all for -1)."""
-    others = tuple(d for d in range(v.dim()) if d != dim) if dim != -1 else tuple(range(v.dim()))
-    return v * (g / (v * v).sum(others, keepdim=True).sqrt())
+    if dim == -1:
+        norm = (v * v).sum().sqrt()
+    else:
+        kept = dim % v.dim()
+        others = tuple(d for d in range(v.dim()) if d != kept)
+        norm = (v * v).sum(others, keepdim=True).sqrt() if others else (v * v).sqrt()
+    return v * (g / norm)
 
 
 def _embedding_bag(

@@ -23,6 +23,8 @@ from contextvars import ContextVar
 
 import torch
 
+from curvfx._arguments import check_count
+
 __all__ = [
     "DEFAULT_BUDGET",
     "MemoryBudgetError",
@@ -107,6 +109,4 @@ def format_bytes(n: int) -> str:
 
 
 def _checked_budget(nbytes: int) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
-        raise ValueError(f"nbytes: expected a positive int (bytes), got {nbytes!r}")
-    return nbytes
+    return check_count(nbytes, "nbytes")

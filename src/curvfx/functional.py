@@ -198,10 +198,15 @@ def _check_module_params(module: nn.Module, params: Any) -> None:
             "params: expected a non-empty dict of the model's parameters (name -> tensor, names "
             f"from named_parameters()), got {type(params).__name__}"
         )
-    named = dict(module.named_parameters(remove_duplicate=False))
+    named = dict(module.named_parameters())
     unknown = [name for name in params if name not in named]
     if unknown:
-        raise ValueError(f"params: {unknown} are not parameters of the model (names from named_parameters())")
+        aliases = {name for name, _ in module.named_parameters(remove_duplicate=False)} - set(named)
+        tied = [name for name in unknown if name in aliases]
+        hint = f" ({tied} are second names of tied parameters: use their first names)" if tied else ""
+        raise ValueError(
+            f"params: {unknown} are not parameters of the model (names from named_parameters()){hint}"
+        )
     for name, value in params.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
             got = f"dtype {value.dtype}" if isinstance(value, Tensor) else describe(value)

@@ -14,16 +14,14 @@ whose Hessian is ``blockdiag_n(H_n)``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor
 from torch.func import vmap
 
-from curvfx._arguments import check_flag
+from curvfx._arguments import check_count, check_flag, real_number
 from curvfx._errors import describe
 from curvfx._pytree import as_tree, leaves, ravel, tree_map
 from curvfx.func import ggn_vp, hvp
@@ -111,7 +109,9 @@ def create_ggn_mv_without_data(
     if not callable(model_fn):
         raise TypeError(f"model_fn: expected a callable model_fn(input, params), got {describe(model_fn)}")
     check_flag(vmap_over_data, "vmap_over_data")
-    scale = _check_factor(factor)
+    scale = real_number(factor, "factor")
+    if isinstance(factor, Tensor):  # a tensor factor stays one (0-dim), so gradients reach it
+        scale = factor.reshape(())
     loss = _output_loss(loss_fn, loss_hessian_mv, per_datum=vmap_over_data)
     fn = _per_datum(model_fn) if vmap_over_data else lambda p, x: model_fn(x, p)
 
@@ -187,10 +187,10 @@ def create_ggn_mv(
     x, _ = _unpack(data)
     if num_curv_samples is None:
         num_curv_samples = _batch_size(x)
-    _check_count(num_curv_samples, "num_curv_samples")
+    num_curv_samples = check_count(num_curv_samples, "num_curv_samples")
     if num_total_samples is None:
         num_total_samples = num_curv_samples
-    _check_count(num_total_samples, "num_total_samples")
+    num_total_samples = check_count(num_total_samples, "num_total_samples")
     ggn_mv = create_ggn_mv_without_data(
         model_fn,
         params,
@@ -336,23 +336,3 @@ def _batch_size(x: Any) -> int:
     if x_leaves[0].shape[0] == 0:
         raise ValueError("data['input']: the batch is empty (N = 0)")
     return int(x_leaves[0].shape[0])
-
-
-def _check_count(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _check_factor(factor: Any) -> float | Tensor:
-    """``factor`` as a number or a 0-dim tensor, after checking it is real and finite."""
-    if isinstance(factor, Tensor):
-        if factor.numel() != 1 or factor.is_complex():
-            raise TypeError(f"factor: expected a real number or a one-element tensor, got {describe(factor)}")
-        finite = bool(torch.isfinite(factor).all())
-    elif isinstance(factor, numbers.Real) and not isinstance(factor, bool):
-        finite = math.isfinite(factor)
-    else:
-        raise TypeError(f"factor: expected a real number, got {describe(factor)}")
-    if not finite:
-        raise ValueError(f"factor: must be finite, got {factor!r}")
-    return factor.reshape(()) if isinstance(factor, Tensor) else factor

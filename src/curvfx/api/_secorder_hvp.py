@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from curvfx._arguments import check_count, check_flag
+from curvfx._arguments import check_count, check_flag, check_number
 from curvfx._errors import check_batch
 from curvfx.api._closures import check_callable, param_list, pure_function
 from curvfx.api._vectors import (
@@ -157,8 +156,7 @@ def approximate_hvp(
     pure = pure_function(func, params)
     v_list, form = vector_as_list(v, params)
     m = check_count(num_samples, "num_samples")
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(damping):
-        raise ValueError(f"damping: expected a finite number, got {damping!r}")
+    damping = check_number(damping, "damping", low=-math.inf)
     theta = [p.detach() for p in params]
     v_list = [vi.detach() for vi in v_list]
     total = [torch.zeros_like(t) for t in theta]
@@ -213,7 +211,7 @@ def model_hvp(
     fn, params, index = model_parts(model, create_graph)
     v_tree, form, like = model_vector(v, model, params, index)
     check_callable(loss_fn, "loss_fn")
-    check_batch(x, y)
+    check_batch(x, None)  # an empty batch has a nan loss; y is the loss's, as written
     strategy = "rev-rev" if create_graph else "autograd"
     with graph_if(create_graph):
         out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)

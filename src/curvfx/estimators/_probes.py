@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_count
 from curvfx._engines import draw_seed
 from curvfx._errors import check_generator
 from curvfx.operators._distributed import broadcast_seed, resolve_process_group
@@ -60,9 +61,7 @@ def probes(
         (torch.Size([4, 2]), True)
     """
     check_distribution(distribution)
-    for name, value in (("size", size), ("num", num)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    size, num = check_count(size, "size"), check_count(num, "num")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}")
     if device is not None:

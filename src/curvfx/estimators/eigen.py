@@ -113,11 +113,12 @@ def eigsh(
     check_flag(progress, "progress")
     op = square_operator(A, size, "eigsh", symmetric=True)
     P = op.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= P:
+    k = check_count(k, "k")
+    if k > P:
         raise ValueError(f"k: expected an int with 1 <= k <= P = {P}, got {k!r}")
     if num_iters is None:
         num_iters = min(P, 4 * max(2 * k + 1, 20))
-    check_count(num_iters, "num_iters", k)
+    num_iters = check_count(num_iters, "num_iters", k)
     if num_iters > P:
         raise ValueError(f"num_iters: at most P = {P} Lanczos steps are possible, got {num_iters}")
     tol = torch.finfo(op.dtype).eps ** 0.5 if tol is None else check_number(tol, "tol")

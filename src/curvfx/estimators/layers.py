@@ -78,8 +78,7 @@ def layer_curvature(
     """
     if not callable(getattr(A, "restrict", None)):
         raise TypeError(f"A: expected a curvature operator with .restrict, got {type(A).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    k = check_count(k, "k")
     if trace_method not in METHODS:
         raise ValueError(
             f"trace_method: expected one of {', '.join(map(repr, METHODS))}, got {trace_method!r}"

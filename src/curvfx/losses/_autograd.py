@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,10 @@ class AutogradLoss(Loss):
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``loss_fn(outputs, targets)``."""
         return self.loss_fn(outputs, targets)
+
+    def checked_call(self, outputs: Any, targets: Tensor) -> Tensor:
+        """The value as written: a callable loss may take any outputs (a tuple with an auxiliary term)."""
+        return self(outputs, targets)
 
     def normalizer(self, targets: Tensor) -> float:
         """Entries of ``targets`` ("mean"), samples N ("batchmean"), or 1 ("sum")."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from curvfx._errors import all_finite, holds_values
+from curvfx._errors import check_output
 from curvfx._memory import check_fits
 
 
@@ -26,6 +28,11 @@ class Loss:
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         """Raise ``ValueError`` if ``targets`` cannot be the targets of ``outputs``."""
         check_batch(outputs)
+
+    def checked_call(self, outputs: Any, targets: Tensor) -> Tensor:
+        """The value after :meth:`check` (outputs must be one tensor the targets fit)."""
+        self.check(check_output(outputs), targets)
+        return self(outputs, targets)
 
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z, the denominator of ``reduction="mean"`` (1 for ``"sum"``): ``L = (1/Z) Σ_i ℓ_i``.
@@ -122,10 +129,8 @@ def check_same_shape(outputs: Tensor, targets: Tensor, loss: str) -> None:
             f"targets: {loss} needs targets shaped like the outputs {list(outputs.shape)}, "
             f"got {list(targets.shape)}"
         )
-    if targets.dtype != outputs.dtype:
-        raise ValueError(f"targets: dtype {targets.dtype} does not match outputs dtype {outputs.dtype}")
-    if holds_values(targets) and not all_finite(targets):
-        raise ValueError(f"targets: {loss} got non-finite targets (nan or inf)")
+    if not targets.is_floating_point():  # a float dtype other than the outputs' is promoted, as by torch
+        raise ValueError(f"targets: {loss} needs floating-point targets, got {targets.dtype}")
 
 
 def diagonal_factor(curvature: Tensor) -> Tensor:

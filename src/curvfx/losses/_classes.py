@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from curvfx._errors import holds_values
+from curvfx._errors import describe, holds_values
 from curvfx.losses._base import (
     Loss,
     check_batch,
@@ -45,7 +47,7 @@ class CrossEntropyLoss(Loss):
         self.reduction = check_reduction(reduction, "CrossEntropyLoss")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
-        self.weight, self.ignore_index = weight, ignore_index
+        self.weight, self.ignore_index = _class_weight(weight), ignore_index
         self.label_smoothing = float(label_smoothing)
         self.name = f"CrossEntropyLoss(reduction={reduction!r})"
 
@@ -154,7 +156,7 @@ class NLLLoss(Loss):
 
     def __init__(self, reduction: str = "mean", weight: Tensor | None = None, ignore_index: int = -100):
         self.reduction = check_reduction(reduction, "NLLLoss")
-        self.weight, self.ignore_index = weight, ignore_index
+        self.weight, self.ignore_index = _class_weight(weight), ignore_index
         self.name = f"NLLLoss(reduction={reduction!r})"
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -227,7 +229,7 @@ def _check_class_targets(
 
 
 def _check_weight(weight: Tensor | None, outputs: Tensor) -> None:
-    """Raise ``ValueError`` unless ``weight`` is None or finite floating-point class weights [C]."""
+    """Raise ``ValueError`` unless ``weight`` is None or floating-point class weights [C] (static checks)."""
     if weight is None:
         return
     c = outputs.shape[1]
@@ -240,12 +242,17 @@ def _check_weight(weight: Tensor | None, outputs: Tensor) -> None:
         raise ValueError(f"weight: expected floating-point class weights [C] = [{c}], got {got}")
     if weight.device != outputs.device:
         raise ValueError(f"weight: on {weight.device}, the outputs on {outputs.device}")
-    _check_finite(weight)
 
 
-def _check_finite(weight: Tensor) -> None:
+def _class_weight(weight: Any) -> Tensor | None:
+    """``weight`` if it is None or finite floating-point class weights [C] (checked once, when built)."""
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+        raise ValueError(f"weight: expected floating-point class weights [C], got {describe(weight)}")
     if holds_values(weight) and not bool(torch.isfinite(weight).all()):
         raise ValueError("weight: class weights must be finite")
+    return weight
 
 
 def _softmax_factor(logits: Tensor, coefficients: Tensor) -> Tensor:
@@ -272,11 +279,7 @@ def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -
     counted = targets != ignore_index
     if weight is None:
         return counted.sum()
-    _check_finite(weight)
-    index = torch.where(counted, targets, 0)
-    if holds_values(index) and index.numel() and int(index.max()) >= weight.numel():
-        top = int(index.max())
-        raise ValueError(f"weight: {weight.numel()} class weights, but the targets hold class {top}")
+    index = torch.where(counted, targets, 0).clamp(max=weight.numel() - 1)  # classes ≥ C: refused by check
     return (weight[index] * counted).sum()
 
 

@@ -166,7 +166,11 @@ class LinearOperator:
     def __add__(self, other: LinearOperator) -> LinearOperator:
         return SumOperator([self, _as_operator(other, self)], [1.0, 1.0])
 
-    __radd__ = __add__  # reached only for a non-operator ``other``, which it refuses
+    def __radd__(self, other: Any) -> LinearOperator:
+        """``0 + A`` is A (so that ``sum([A, B])`` works); any other non-operator is refused."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return self + other
 
     def __sub__(self, other: LinearOperator) -> LinearOperator:
         return SumOperator([self, _as_operator(other, self)], [1.0, -1.0])

@@ -39,9 +39,22 @@ __all__ = ["CompiledProduct", "compile_options"]
 Product = Callable[[Any, Tensor, Tensor], Tensor]  # (x, y, v or V) -> result
 
 
-def compile_options(compile: bool | dict) -> dict | None:
-    """``torch.compile`` keyword arguments from an operator's ``compile=`` (None: eager)."""
+def compile_options(compile: bool | dict, model_fn: Any = None) -> dict | None:
+    """``torch.compile`` keyword arguments from an operator's ``compile=`` (None: eager).
+
+    A model whose PReLU, EmbeddingBag or weight normalization runs composed
+    (:class:`curvfx._kernels.ComposedOps`, a function mode that dynamo does not trace)
+    runs eagerly, with a warning: compiled, torch's wrong derivatives would be back.
+    """
     if compile is False or compile is None:
+        return None
+    if getattr(model_fn, "composed", False):
+        warnings.warn(
+            "compile: the model has a PReLU, an EmbeddingBag or a weight normalization, which "
+            "curvfx runs as compositions that torch.compile does not trace; products run eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if compile is True:
         return {"dynamic": False}

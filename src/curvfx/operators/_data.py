@@ -17,6 +17,7 @@ from typing import Any
 import optree
 from torch import Tensor
 
+from curvfx._arguments import check_count
 from curvfx._errors import describe
 
 __all__ = ["Batches"]
@@ -69,9 +70,7 @@ class Batches:
             raise ValueError("data: no batches (the data is empty)")
 
     def _check_size(self, i: int, x: Any, y: Tensor) -> None:
-        n = self.batch_size_fn(x, y)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"batch_size_fn: expected a positive int, got {n!r} for batch {i}")
+        n = check_count(self.batch_size_fn(x, y), f"batch_size_fn (batch {i})")
         paths, xs, _ = optree.tree_flatten_with_path(x, none_is_leaf=False)
         named = [("y", y)] + [("X" + "".join(f"[{p!r}]" for p in path), t) for path, t in zip(paths, xs)]
         for name, t in named:

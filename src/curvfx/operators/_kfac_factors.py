@@ -351,6 +351,7 @@ def _layer_batches(
                 gs = flat[0][1] if len(flat) == 1 else [torch.cat(g, 2) for g in zip(*(gs for _, gs in flat))]
                 per_layer[names[module]] = (a if "weight" in layers[module] else None, gs)
         z = float(loss.normalizer(y)) if mean else 1.0
+        del outputs, records, raw, zs, grads  # the batch's graph, freed before the next forward pass
         yield z, x, S, per_layer
 
 

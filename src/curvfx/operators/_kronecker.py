@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvfx._arguments import check_number
 from curvfx.operators._base import LinearOperator
 from curvfx.operators._kfac_factors import KroneckerFactors
 
@@ -162,7 +163,7 @@ class KroneckerEigenOperator(LinearOperator):
 
     def logdet(self, damping: float = 0.0) -> Tensor:
         """``log det(· + λ I) = Σ log(Λ + λ)`` over the eigenvalues (clamped at 0: -inf if singular)."""
-        check_damping(damping)
+        damping = check_damping(damping)
         s = self.spectrum
         terms = [torch.log(values.clamp_min(0) + damping).sum() for *_, values in s.blocks]
         return sum(terms, torch.log(s.diagonal.clamp_min(0) + damping).sum())
@@ -198,7 +199,7 @@ def kfac_inverse(
     Raises:
         ValueError: For λ < 0 or non-finite, an unknown ``method``, or a singular damped K.
     """
-    check_damping(damping)
+    damping = check_damping(damping)
     if method not in INVERSE_METHODS:
         raise ValueError(f"method: expected one of {INVERSE_METHODS}, got {method!r}")
     if method == "exact":
@@ -219,7 +220,7 @@ def kfac_inverse(
 
 def spectrum_inverse(s: KroneckerSpectrum, damping: float, params: PyTree = None) -> KroneckerEigenOperator:
     """``(S + λ I)⁻¹``: the same eigenvectors, eigenvalues ``1/(Λ + λ)``."""
-    check_damping(damping)
+    damping = check_damping(damping)
     blocks = [(i, QB, QA, _reciprocal(values + damping)) for i, QB, QA, values in s.blocks]
     inverse = KroneckerSpectrum(blocks, s.diagonal_index, _reciprocal(s.diagonal + damping), s.size)
     return KroneckerEigenOperator(inverse, params)
@@ -232,10 +233,9 @@ def eigh_pair(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return QB, lB.clamp_min(0), QA, lA.clamp_min(0)
 
 
-def check_damping(damping: float) -> None:
-    """Raise ``ValueError`` unless ``damping`` is a finite number ≥ 0."""
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not 0 <= damping < float("inf"):
-        raise ValueError(f"damping: expected a finite float >= 0, got {damping!r}")
+def check_damping(damping: float) -> float:
+    """``damping`` as a float if it is a finite number ≥ 0 (:func:`check_number`); else ``ValueError``."""
+    return check_number(damping, "damping", strict=False)
 
 
 def _pi(A: Tensor, B: Tensor) -> float:

@@ -65,11 +65,11 @@ def hessian(
             the leaf otherwise; see :mod:`curvfx.operators._data`).
 
     Raises:
-        TypeError: If ``factor`` is not a real number or ``chunk_size`` is neither None
-            nor an int; the message names the argument.
-        ValueError: If ``factor`` is not finite or ``chunk_size`` < 1; in a product, if a
-            batch's ``x`` and ``y`` do not share a leading N > 0 or the loss does not
-            accept the targets (as :func:`curvfx.ggn_vp`).
+        TypeError: If ``factor`` is not a real number; the message names the argument.
+        ValueError: If ``factor`` is not finite or ``chunk_size`` is neither None nor an
+            int ≥ 1 (the message names it); in a product, if a batch's ``x`` and ``y`` do
+            not share a leading N > 0 or the loss does not accept the targets (as
+            :func:`curvfx.ggn_vp`).
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return HessianOperator(

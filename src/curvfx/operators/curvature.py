@@ -44,7 +44,7 @@ from torch import Tensor
 from curvfx._arguments import check_chunk_size, real_number
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
 from curvfx._engines import draw_seed
-from curvfx._errors import check_batch, check_output, inside_transform
+from curvfx._errors import check_batch, inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import leaves, num_params, ravel, unravel
@@ -109,9 +109,10 @@ class CurvatureOperator(LinearOperator):
         """The fields every curvature operator has (validated; the ``"fixed"`` seed drawn).
 
         Raises:
-            TypeError: If ``factor`` is not a real number (int, float or 0-dim tensor; a
-                bool or a string is not) or ``chunk_size`` is neither None nor an int.
-            ValueError: If ``factor`` is not finite or ``chunk_size`` < 1.
+            TypeError: If ``factor`` is not a real number (int, float or one-element tensor;
+                a bool or a string is not).
+            ValueError: If ``factor`` is not finite, or ``chunk_size`` is neither None nor
+                an int ≥ 1 (a bool is not).
         """
         self.model_fn, self.params = model_fn, fixed_params(params)
         self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
@@ -119,7 +120,7 @@ class CurvatureOperator(LinearOperator):
         self.process_group = resolve_process_group(process_group)
         self.randomness = check_randomness(randomness, model_fn)
         self.model_seed = fixed_seed(randomness, self.process_group, self.device)
-        self.compile_options = compile_options(compile)
+        self.compile_options = compile_options(compile, model_fn)
 
     def restrict(self, names: str | list[str]) -> CurvatureOperator:
         """The operator over the parameters ``names`` selects, the others held fixed at their values.
@@ -227,7 +228,7 @@ class CurvatureOperator(LinearOperator):
             total, z_total = None, 0.0
             for b, (x, y) in enumerate(self.data):
                 z = self.loss.normalizer(y) if mean else 1.0
-                if mean and not bool(z > 0):
+                if mean and bool(z == 0):
                     continue  # every position ignored: Z_b = 0 weighs out its (0/0 = nan) mean loss
                 term = per_batch(b, x, y).to(accumulated) * z
                 total = term if total is None else total + term
@@ -279,9 +280,10 @@ class HessianOperator(CurvatureOperator):
     Cost per product: one HVP per batch (:func:`curvfx.hvp`, about 2–3 gradients).
 
     Raises:
-        ValueError: In a product, for a batch :func:`curvfx.ggn_vp` refuses, with its
-            message: ``x`` and ``y`` without a common leading N > 0, a model that does not
-            return one tensor, targets the loss does not accept (shape, dtype, class range).
+        ValueError: In a product, for an empty batch, and, for a loss curvfx knows, outputs
+            that are not one tensor or targets the loss does not accept (shape, class range),
+            with :func:`curvfx.ggn_vp`'s messages. A callable loss gets its outputs as the
+            model returns them (a tuple with an auxiliary term, say) and ``y`` as given.
     """
 
     compiled_strategy = "rev-rev"
@@ -290,7 +292,10 @@ class HessianOperator(CurvatureOperator):
     shares_graph = True
 
     def _product(self, b, x, y, v, strategy):
-        return hvp(_checked_loss(self.model_fn, self.loss, x, y), self.params, v, strategy=strategy)
+        check_batch(x, None)
+        return hvp(
+            lambda p: self.loss.checked_call(self.model_fn(p, x), y), self.params, v, strategy=strategy
+        )
 
 
 class GGNOperator(CurvatureOperator):
@@ -389,24 +394,6 @@ class FisherOperator(CurvatureOperator):
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
         return _factored_diagonal(self, self.kind, self.num_samples, self._generator, backend)
-
-
-def _checked_loss(model_fn: Callable, loss: Loss, x: Any, y: Tensor) -> Callable[[PyTree], Tensor]:
-    """``θ ↦ loss(f(x; θ), y)``, with the checks :func:`curvfx.ggn_vp` makes of a batch.
-
-    ``x`` and ``y`` must share a leading N > 0 (checked now); the model must return one
-    tensor and ``loss.check`` must accept it with ``y`` (checked on each evaluation), so
-    that the Hessian refuses the batches the GGN refuses, with the same messages, instead
-    of broadcasting mismatched targets.
-    """
-    check_batch(x, y)
-
-    def loss_at(p: PyTree) -> Tensor:
-        outputs = check_output(model_fn(p, x))
-        loss.check(outputs, y)
-        return loss(outputs, y)
-
-    return loss_at
 
 
 def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:

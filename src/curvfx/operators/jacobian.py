@@ -41,8 +41,7 @@ class JacobianOperator(LinearOperator):
     so ``J.T`` is the transpose of ``J``.
 
     Raises:
-        TypeError: If ``chunk_size`` is neither None nor an int (a bool is not).
-        ValueError: If ``chunk_size`` < 1.
+        ValueError: If ``chunk_size`` is neither None nor an int ≥ 1 (a bool is not).
     """
 
     compiled_strategy = "func"  # torch.func.jvp / torch.func.vjp: traced without graph breaks
@@ -50,7 +49,7 @@ class JacobianOperator(LinearOperator):
     def __init__(self, model_fn, params, x, *, chunk_size=None, compile=False, randomness="fixed"):
         self.model_fn, self.params, self.x = model_fn, fixed_params(params), x
         self.chunk_size = check_chunk_size(chunk_size)
-        self.compile_options = compile_options(compile)
+        self.compile_options = compile_options(compile, model_fn)
         self.randomness = check_randomness(randomness, model_fn)
         self.model_seed = fixed_seed(randomness, None, self.device)
         self._output_shape, self._output_dtype = None, None
@@ -163,8 +162,7 @@ def jacobian(
     other arguments as :func:`curvfx.hessian`.
 
     Raises:
-        TypeError: If ``chunk_size`` is neither None nor an int (a bool is not).
-        ValueError: If ``chunk_size`` < 1.
+        ValueError: If ``chunk_size`` is neither None nor an int ≥ 1 (a bool is not).
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return JacobianOperator(

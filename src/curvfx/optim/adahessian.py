@@ -98,6 +98,7 @@ class AdaHessian(CurvatureOptimizer):
         ValueError: For an invalid option, shared options that differ between groups, or
             ``num_samples`` other than 1 where nothing draws samples (``method="exact"``
             without ``curvature="mc_fisher"``).
+        TypeError: For a flag (``spatial_average``) that is not a bool.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx import _errors
+from curvfx._arguments import check_count, check_flag, check_number
 from curvfx._errors import check_generator, describe
 from curvfx._pytree import ravel, unravel
 from curvfx.functional import call_with_inputs, make_functional
@@ -184,7 +185,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         x, y = check_batch(batch, type(self).__name__)
         params = self.trainable()
         with torch.enable_grad():
-            loss = _checked_loss(self.loss, call_with_inputs(self.model, x), y)
+            loss = self.loss.checked_call(call_with_inputs(self.model, x), y)
             _check_loss(loss)
             if not loss.requires_grad:
                 raise ValueError(
@@ -221,8 +222,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         if kind not in CURVATURES:
             raise ValueError(f"kind: expected one of {CURVATURES}, got {kind!r}")
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not 0 <= damping < math.inf:
-            raise ValueError(f"damping: expected a finite float >= 0, got {damping!r}")
+        damping = check_number(damping, "damping", strict=False)
         x, y = check_batch(batch, type(self).__name__)
         loss, g = self.gradient((x, y)) if gradient else (None, None)
         params = self.trainable()
@@ -242,7 +242,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 params=values,
             )
         if damping:
-            op = op + float(damping) * identity(op.shape[0])
+            op = op + damping * identity(op.shape[0])
         return Curvature(op, g, loss, params)
 
     @torch.no_grad()
@@ -261,7 +261,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         values = {
             self._names[id(p)]: p.detach() if s is None else p.detach() + s for p, s in zip(params, steps)
         }
-        loss = _checked_loss(self.loss, self.model_fn(values, x), y)
+        loss = self.loss.checked_call(self.model_fn(values, x), y)
         _check_loss(loss, finite=False)
         value = float(loss)
         return value if math.isfinite(value) else math.inf
@@ -303,9 +303,9 @@ def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
 
     Raises:
         TypeError: If ``batch`` is a callable (a closure).
-        ValueError: If ``batch`` is not a pair ``(X, y)`` with tensor targets, or the
-            tensors of X and y do not share one leading batch size N ≥ 1
-            (:func:`curvfx._errors.check_batch`).
+        ValueError: If ``batch`` is not a pair ``(X, y)`` with tensor targets, or X holds no
+            tensors or an empty batch (:func:`curvfx._errors.check_batch`; the targets are
+            checked against the outputs by the loss).
     """
     if callable(batch) and not isinstance(batch, Tensor):
         raise TypeError(
@@ -318,48 +318,41 @@ def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
         raise ValueError(
             f"{who}.step: the targets y of the batch (X, y) must be a tensor, got {describe(batch[1])}"
         )
-    _errors.check_batch(batch[0], batch[1])
+    _errors.check_batch(batch[0], None)
     return batch[0], batch[1]
 
 
 def check_options(group: dict[str, Any], rules: dict[str, tuple]) -> None:
-    """Validate ``group[key]`` by ``rules[key] = (kind, ...)``; ValueError naming the key.
+    """Validate ``group[key]`` by ``rules[key] = (kind, ...)``, naming the key (see :mod:`curvfx._arguments`).
 
-    Kinds: ``("float", low, high)`` a finite number in [low, high) (high None: no bound;
-    ``("float>", low, high)`` excludes low), ``("unit",)`` a number in [0, 1], ``("int",
-    low)`` an int ≥ low, ``("choice", values)``, ``("bool",)``, ``("betas",)`` a pair in
-    [0, 1).
+    Kinds: ``("float", low, high)`` a finite number in [low, high) (high None: no bound),
+    ``("float>", low, high)`` in (low, high), ``("unit",)`` in [0, 1] (:func:`check_number`);
+    ``("int", low)`` an int ≥ low (:func:`check_count`); ``("bool",)`` (:func:`check_flag`);
+    ``("betas",)`` a pair of numbers in [0, 1); ``("choice", values)`` one of ``values``.
+
+    Raises:
+        TypeError: If a ``"bool"`` option is not a bool.
+        ValueError: If any other option breaks its rule.
     """
     for key, (kind, *args) in rules.items():
         value = group[key]
         if kind in ("float", "float>"):
-            low, high = args
-            number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-            ok = number and (value > low if kind == "float>" else value >= low)
-            if not (ok and (high is None or value < high)):
-                bounds = f"{'>' if kind == 'float>' else '>='} {low}" + (
-                    "" if high is None else f" and < {high}"
-                )
-                raise ValueError(f"{key}: expected a finite float {bounds}, got {value!r}")
+            low, high = args[0], math.inf if args[1] is None else args[1]
+            check_number(value, key, strict=kind == "float>", low=low, high=high)
         elif kind == "unit":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ValueError(f"{key}: expected a float in [0, 1], got {value!r}")
+            check_number(value, key, strict=False, high=1.0, strict_high=False)
         elif kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < args[0]:
-                raise ValueError(f"{key}: expected an int >= {args[0]}, got {value!r}")
+            check_count(value, key, args[0])
         elif kind == "choice":
             if value not in args[0]:
                 raise ValueError(f"{key}: expected one of {args[0]}, got {value!r}")
         elif kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError(f"{key}: expected a bool, got {value!r}")
+            check_flag(value, key)
         elif kind == "betas":
-            if not (
-                isinstance(value, tuple | list)
-                and len(value) == 2
-                and all(not isinstance(b, bool) and isinstance(b, int | float) and 0 <= b < 1 for b in value)
-            ):
+            if not (isinstance(value, tuple | list) and len(value) == 2):
                 raise ValueError(f"{key}: expected a pair of floats in [0, 1), got {value!r}")
+            for i, beta in enumerate(value):
+                check_number(beta, f"{key}[{i}]", strict=False, high=1.0)
 
 
 def check_samples_used(num_samples: int, used: bool, sampler: str) -> None:
@@ -405,13 +398,6 @@ def _split(d: Any, params: list[Tensor]) -> list[Tensor]:
             f"d: dtype/device {d.dtype}/{d.device} do not match the parameters' {like.dtype}/{like.device}"
         )
     return list(unravel(d, params))
-
-
-def _checked_loss(loss: Any, outputs: Any, y: Tensor) -> Tensor:
-    """``loss(outputs, y)`` after the checks the operators make: one output tensor, ``loss.check``."""
-    outputs = _errors.check_output(outputs)
-    loss.check(outputs, y)
-    return loss(outputs, y)
 
 
 def _check_loss(loss: Any, *, finite: bool = True) -> None:

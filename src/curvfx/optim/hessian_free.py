@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_number
 from curvfx._pytree import ravel
 from curvfx.estimators import cg
 from curvfx.operators import LinearOperator, empirical_fisher, fisher, ggn, hessian
@@ -120,7 +121,7 @@ class HessianFree(CurvatureOptimizer):
     start).
 
     Raises:
-        TypeError: If ``compile`` is not a bool or a dict.
+        TypeError: If ``compile`` is not a bool or a dict, or ``adapt_damping`` not a bool.
         ValueError: For an invalid option, options that differ between groups,
             ``num_samples`` other than 1 without ``curvature="mc_fisher"`` (nothing else
             draws samples), or ``compile`` with ``curvature="mc_fisher"``.
@@ -287,11 +288,8 @@ _CONSTRUCTORS = {  # the operators that compile, by curvature kind (as Curvature
 def _check(group: dict[str, Any]) -> None:
     check_options(group, _RULES)
     check_samples_used(group["num_samples"], group["curvature"] == "mc_fisher", "curvature='mc_fisher'")
-    ratio = group["checkpoint_ratio"]
-    if ratio is not None and (
-        isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 1 < ratio < math.inf
-    ):
-        raise ValueError(f"checkpoint_ratio: expected a finite float > 1 or None, got {ratio!r}")
+    if group["checkpoint_ratio"] is not None:
+        check_number(group["checkpoint_ratio"], "checkpoint_ratio", low=1.0)
 
 
 def _positive_damping(C: Any, g: Tensor, d: Tensor) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvfx._arguments import check_number
 from curvfx.operators._kfac_factors import (
     FISHER_TYPES,
     KFAC_APPROXIMATIONS,
@@ -301,7 +302,6 @@ class KFAC(CurvatureOptimizer):
 
 def _check(group: dict[str, Any]) -> None:
     check_options(group, _RULES)
-    kl = group["kl_clip"]
-    if kl is not None and (isinstance(kl, bool) or not isinstance(kl, int | float) or not 0 < kl < math.inf):
-        raise ValueError(f"kl_clip: expected a positive float or None, got {kl!r}")
+    if group["kl_clip"] is not None:
+        check_number(group["kl_clip"], "kl_clip")
     check_samples_used(group["num_samples"], group["fisher_type"] == "mc", "fisher_type='mc'")

@@ -92,6 +92,7 @@ class LevenbergMarquardt(torch.optim.Optimizer):
         ValueError: For invalid options (``cg_tol`` must be a finite float > 0 or None),
             options that differ between groups, or no trainable parameters; in
             :meth:`step` as :class:`GaussNewton` does.
+        TypeError: For a flag (``marquardt_scaling``, ``batched``) that is not a bool.
 
     Example:
         >>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
