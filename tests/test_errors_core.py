@@ -303,6 +303,61 @@ def test_batches_with_negative_weight_sums_still_count():
     batches = [(x[:4], y[:4]), (x[4:6], y[4:6]), (x[6:], y[6:])]  # the middle batch has Z_b = -1
     H = curvfx.hessian(model, ce, batches).to_dense()
     assert torch.allclose(H, _flat_hessian(model, lambda out: ce(out, y), x), rtol=1e-10, atol=1e-12)
+    names, shapes = [n for n, _ in model.named_parameters()], [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs_of(theta):
+        params = {
+            n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, [s.numel() for s in shapes]), shapes)
+        }
+        return torch.func.functional_call(model, params, (x,))
+
+    J = torch.autograd.functional.jacobian(outputs_of, flat).reshape(9 * 3, -1)
+    H_out = torch.autograd.functional.hessian(lambda o: ce(o.reshape(9, 3), y), outputs_of(flat).reshape(-1))
+    G = curvfx.ggn(model, ce, batches).to_dense()
+    assert torch.allclose(G, J.T @ H_out @ J, rtol=1e-10, atol=1e-12)
+
+
+def test_an_out_of_range_class_is_refused_even_where_its_weight_would_be_zero():
+    """A clamped index read class C-1's weight 0, made Z_b = 0, and the batch was skipped unread."""
+    model, x, _ = _model_and_batch(classes=3)
+    ce = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    good, bad = (x[:2], torch.tensor([0, 1])), (x[2:], torch.tensor([2, 7, 2]))
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for constructor in (curvfx.hessian, curvfx.ggn, curvfx.empirical_fisher):
+        for data in ([good, bad], [bad]):
+            with pytest.raises(ValueError, match=r"targets: .*class indices in \[0, C = 3\)"):
+                constructor(model, ce, data) @ v
+
+
+def test_class_targets_of_any_integer_dtype_and_probabilities_of_another_float_dtype():
+    """uint8 indices were read as a boolean mask by the weight lookup; float32 probabilities
+    crashed a float64 einsum."""
+    model, x, y = _model_and_batch(classes=3)
+    y = torch.tensor([2, 1, 1, 0, 2])
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64))
+    for data in ((x[:3], y[:3]), (x, y)):
+        indices = curvfx.ggn(model, weighted, data) @ v
+        assert torch.allclose(curvfx.ggn(model, weighted, (data[0], data[1].to(torch.uint8))) @ v, indices)
+    probabilities = torch.softmax(torch.randn(5, 3, dtype=torch.float64), 1)
+    ce = nn.CrossEntropyLoss()
+    reference = curvfx.ggn(model, ce, (x, probabilities)) @ v
+    assert torch.allclose(curvfx.ggn(model, ce, (x, probabilities.float())) @ v, reference, rtol=1e-6)
+
+
+def test_options_given_as_tensors_are_stored_as_numbers_and_model_hvp_checks_targets():
+    model, x, y = _model_and_batch()
+    opt = curvfx.optim.DiagonalNaturalGradient(
+        model.parameters(), model=model, loss_fn=nn.CrossEntropyLoss(), lr=torch.tensor([0.1])
+    )
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and isinstance(opt.param_groups[0]["lr"], float)
+    opt.step((x, y))
+    reg = nn.Sequential(nn.Linear(3, 1)).double()
+    with pytest.raises(ValueError, match=r"targets: MSELoss.*shaped like the outputs \[5, 1\], got \[5\]"):
+        model_hvp(
+            reg, nn.MSELoss(), x, torch.randn(5, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        )
 
 
 def test_sums_of_operators_and_tied_parameter_names():

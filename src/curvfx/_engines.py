@@ -348,8 +348,9 @@ def _with_fallback(first: Callable[[], Any], second: Callable[[], Any]) -> Any:
     """``first()``, or ``second()`` from the same random state where ``first`` raises.
 
     Retried: a ``NotImplementedError`` or ``RuntimeError`` (an operation without a
-    forward-mode rule, say), not a ``ValueError`` (a refused input) nor running out of
-    memory. A genuine error then recurs from ``second``, with its own traceback alone.
+    forward-mode rule, say), not a ``ValueError`` (a refused input) nor a device's
+    ``OutOfMemoryError`` (a CPU allocation failure is a plain ``RuntimeError`` and is
+    retried). A genuine error then recurs from ``second``, with its own traceback alone.
     """
     rng = rng_state()
     try:

@@ -39,6 +39,7 @@ from curvfx.api._vectors import (
     vector_from_list,
 )
 from curvfx.func import ggn_vp, hvp
+from curvfx.losses import get_loss
 
 __all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "graph_if", "model_hvp"]
 
@@ -213,8 +214,9 @@ def model_hvp(
     check_callable(loss_fn, "loss_fn")
     check_batch(x, None)  # an empty batch has a nan loss; y is the loss's, as written
     strategy = "rev-rev" if create_graph else "autograd"
+    loss = get_loss(loss_fn)  # a torch loss checks its targets (no broadcasting); a callable is as written
     with graph_if(create_graph):
-        out = hvp(lambda p: loss_fn(fn(p, x), y), params, v_tree, strategy=strategy)
+        out = hvp(lambda p: loss.checked_call(fn(p, x), y), params, v_tree, strategy=strategy)
     return model_result(out, form, like, index)
 
 

@@ -146,10 +146,11 @@ def per_normalizer(a: Tensor, z: Tensor | float) -> Tensor:
     """``a / Z``, and 0 where nothing is counted (Z = 0: every position of the batch ignored).
 
     Such a batch contributes nothing to a curvature summed over batches; the operators
-    refuse data in which every position is ignored.
+    refuse data in which every position is ignored. Z may be negative (negative class
+    weights), as in torch's weighted mean.
     """
     if isinstance(z, Tensor):
-        return a / torch.where(z > 0, z, torch.ones_like(z))
+        return a / torch.where(z != 0, z, torch.ones_like(z))
     return a / z
 
 

@@ -91,11 +91,11 @@ class CrossEntropyLoss(Loss):
             return a / (a.sum().clamp(min=1) if self.reduction == "mean" else 1.0)
         w = self.weight if self.weight is not None else outputs.new_ones(num_classes)
         if targets.is_floating_point():
-            smoothed = (1 - eps) * targets + eps / num_classes
+            smoothed = ((1 - eps) * targets + eps / num_classes).to(outputs.dtype)
             a = torch.einsum("nc...,c->n...", smoothed, w.to(outputs.dtype))
         else:
             counted = targets != self.ignore_index
-            a = ((1 - eps) * w[torch.where(counted, targets, 0)] + eps * w.mean()) * counted
+            a = ((1 - eps) * w[torch.where(counted, targets, 0).long()] + eps * w.mean()) * counted
         return per_normalizer(a, self.normalizer(targets))
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
@@ -279,8 +279,10 @@ def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -
     counted = targets != ignore_index
     if weight is None:
         return counted.sum()
-    index = torch.where(counted, targets, 0).clamp(max=weight.numel() - 1)  # classes ≥ C: refused by check
-    return (weight[index] * counted).sum()
+    c = weight.numel()  # a class outside [0, C) reads nan: the batch is then checked, not skipped as Z = 0
+    index = torch.where((targets >= 0) & (targets < c), targets.long(), c)
+    padded = torch.cat([weight, weight.new_full((1,), float("nan"))])
+    return torch.where(counted, padded[index], 0).sum()
 
 
 def _keep_ignored(draws: Tensor, observed: Tensor | None, ignore_index: int) -> Tensor:

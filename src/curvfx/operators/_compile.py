@@ -53,7 +53,7 @@ def compile_options(compile: bool | dict, model_fn: Any = None) -> dict | None:
             "compile: the model has a PReLU, an EmbeddingBag or a weight normalization, which "
             "curvfx runs as compositions that torch.compile does not trace; products run eagerly",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's call of the constructor
         )
         return None
     if compile is True:

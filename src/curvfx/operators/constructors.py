@@ -67,9 +67,10 @@ def hessian(
     Raises:
         TypeError: If ``factor`` is not a real number; the message names the argument.
         ValueError: If ``factor`` is not finite or ``chunk_size`` is neither None nor an
-            int ≥ 1 (the message names it); in a product, if a batch's ``x`` and ``y`` do
-            not share a leading N > 0 or the loss does not accept the targets (as
-            :func:`curvfx.ggn_vp`).
+            int ≥ 1 (the message names it); in a product, if a batch's ``x`` is empty or a
+            loss curvfx knows does not accept the targets for the outputs (the Hessian
+            takes ``y`` as the loss does: it need not share ``x``'s N; the GGN and Fisher
+            operators need it to, as :func:`curvfx.ggn_vp`).
     """
     model_fn, params = as_function(unwrap_ddp(model), params)
     return HessianOperator(

@@ -229,6 +229,7 @@ class CurvatureOperator(LinearOperator):
             for b, (x, y) in enumerate(self.data):
                 z = self.loss.normalizer(y) if mean else 1.0
                 if mean and bool(z == 0):
+                    _check_all_ignored(self.loss, y)
                     continue  # every position ignored: Z_b = 0 weighs out its (0/0 = nan) mean loss
                 term = per_batch(b, x, y).to(accumulated) * z
                 total = term if total is None else total + term
@@ -242,7 +243,8 @@ class CurvatureOperator(LinearOperator):
             first = next(batches, None)
             if first is not None and next(batches, None) is None:  # one batch: no weighting
                 x, y = first
-                if mean and not bool(self.loss.normalizer(y) > 0):
+                if mean and bool(self.loss.normalizer(y) == 0):
+                    _check_all_ignored(self.loss, y)
                     raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
                 out = per_batch(0, x, y)
                 return out if self.factor == 1.0 else self.factor * out
@@ -258,7 +260,7 @@ class CurvatureOperator(LinearOperator):
                 agree=agree,
                 who=type(self).__name__,
             )
-        if mean and not bool(z_total > 0):
+        if mean and bool(z_total == 0):
             raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
         return (self.factor * (total / z_total if mean else total)).to(self.dtype)
 
@@ -394,6 +396,20 @@ class FisherOperator(CurvatureOperator):
 
     def _exact_diagonal(self, backend: str = "auto") -> Tensor:
         return _factored_diagonal(self, self.kind, self.num_samples, self._generator, backend)
+
+
+def _check_all_ignored(loss: Loss, y: Tensor) -> None:
+    """Raise ``ValueError`` for a batch whose mean normalizer Z is 0 although positions count.
+
+    Z = 0 with every position ignored is a batch without loss (skipped); class weights that
+    cancel (Z = Σ w_y = 0 over counted positions) make torch's weighted mean 0/0 = nan.
+    """
+    ignored = getattr(loss, "ignore_index", None)
+    if ignored is None or y.is_floating_point() or not bool((y == ignored).all()):
+        raise ValueError(
+            "data: a batch's weighted normalizer Σ w_y is 0 (class weights cancel): its mean loss is "
+            "not defined (torch gives nan)"
+        )
 
 
 def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: str) -> Tensor:

@@ -325,6 +325,9 @@ def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
 def check_options(group: dict[str, Any], rules: dict[str, tuple]) -> None:
     """Validate ``group[key]`` by ``rules[key] = (kind, ...)``, naming the key (see :mod:`curvfx._arguments`).
 
+    Numbers and flags are stored back as Python scalars (a one-element tensor or a numpy
+    value given as an option would otherwise reach ``torch``'s in-place updates as is).
+
     Kinds: ``("float", low, high)`` a finite number in [low, high) (high None: no bound),
     ``("float>", low, high)`` in (low, high), ``("unit",)`` in [0, 1] (:func:`check_number`);
     ``("int", low)`` an int ≥ low (:func:`check_count`); ``("bool",)`` (:func:`check_flag`);
@@ -338,21 +341,22 @@ def check_options(group: dict[str, Any], rules: dict[str, tuple]) -> None:
         value = group[key]
         if kind in ("float", "float>"):
             low, high = args[0], math.inf if args[1] is None else args[1]
-            check_number(value, key, strict=kind == "float>", low=low, high=high)
+            group[key] = check_number(value, key, strict=kind == "float>", low=low, high=high)
         elif kind == "unit":
-            check_number(value, key, strict=False, high=1.0, strict_high=False)
+            group[key] = check_number(value, key, strict=False, high=1.0, strict_high=False)
         elif kind == "int":
-            check_count(value, key, args[0])
+            group[key] = check_count(value, key, args[0])
         elif kind == "choice":
             if value not in args[0]:
                 raise ValueError(f"{key}: expected one of {args[0]}, got {value!r}")
         elif kind == "bool":
-            check_flag(value, key)
+            group[key] = check_flag(value, key)
         elif kind == "betas":
             if not (isinstance(value, tuple | list) and len(value) == 2):
                 raise ValueError(f"{key}: expected a pair of floats in [0, 1), got {value!r}")
-            for i, beta in enumerate(value):
-                check_number(beta, f"{key}[{i}]", strict=False, high=1.0)
+            group[key] = tuple(
+                check_number(beta, f"{key}[{i}]", strict=False, high=1.0) for i, beta in enumerate(value)
+            )
 
 
 def check_samples_used(num_samples: int, used: bool, sampler: str) -> None:
