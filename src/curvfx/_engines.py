@@ -20,7 +20,14 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from curvfx._decompositions import DECOMPOSITIONS
-from curvfx._errors import check_autograd, check_generator, describe, inside_transform, needs_graph
+from curvfx._errors import (
+    check_autograd,
+    check_generator,
+    describe,
+    holds_values,
+    inside_transform,
+    needs_graph,
+)
 from curvfx._forward_rules import ForwardRules, UntrustedTangents
 from curvfx._kernels import derivable_kernels
 from curvfx._pytree import flatten, unflatten
@@ -88,12 +95,11 @@ def hessian_vp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree, engine:
     """``∇²f(params) v`` by ``engine`` in {"auto-eager", "rev-fwd", "autograd", "rev-rev", "fwd-rev"}.
 
     "auto-eager": "rev-fwd" decomposing only batch norm, or "autograd" (with the random
-    number state of the first attempt) where "rev-fwd" raises: the function has an operation
-    that would need another decomposition or that "rev-fwd" cannot differentiate (any
-    NotImplementedError or RuntimeError is retried; a genuine error then recurs). Measured (× a gradient,
-    "rev-fwd" against double backprop): a small CNN with BatchNorm 3.7–4.0 against 4.0–4.4,
-    the same with GroupNorm 4.3 against 3.8, a GPT-style model (layer norm, softmax
-    attention) 3.8–4.0 against 3.3–3.4.
+    number state of the first attempt) where "rev-fwd" raises (:func:`_with_fallback`): the
+    function has an operation that would need another decomposition or that "rev-fwd"
+    cannot differentiate. Measured (× a gradient, "rev-fwd" against double backprop): a
+    small CNN with BatchNorm 3.7–4.0 against 4.0–4.4, the same with GroupNorm 4.3 against
+    3.8, a GPT-style model (layer norm, softmax attention) 3.8–4.0 against 3.3–3.4.
     """
     if engine == "auto-eager":  # UntrustedTangents is a RuntimeError
         return _with_fallback(
@@ -444,8 +450,8 @@ def _with_value(f):
 
 
 def _check_finite(value: Tensor) -> None:
-    """Raise ``ValueError`` for a non-finite function value (checked eagerly only)."""
-    if inside_transform() or torch.compiler.is_compiling() or bool(torch.isfinite(value)):
+    """Raise ``ValueError`` for a non-finite function value (where its value can be read)."""
+    if not holds_values(value) or bool(torch.isfinite(value)):
         return
     raise ValueError(
         f"f: the value is {value.item()} (a mean over an empty batch?); a non-finite function has no Hessian"

@@ -176,7 +176,7 @@ _OLD_WEIGHT_NORM = importlib.import_module("torch.nn.utils.weight_norm").WeightN
 
 
 class ComposedOps(TorchFunctionMode):
-    """Runs PReLU and weight normalization as compositions (module docstring)."""
+    """Runs PReLU, EmbeddingBag and weight normalization as compositions (module docstring)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         composed = _COMPOSED.get(func)
