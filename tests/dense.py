@@ -17,7 +17,7 @@ from typing import Any
 import optree
 import torch
 from cases import CASES_BY_NAME, Case, Problem, slice_batch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 # ---------------------------------------------------------------------------------------
@@ -240,3 +240,35 @@ def output_hessian_of(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> Te
     M = outputs.numel()
     H = torch.autograd.functional.hessian(lambda f: loss_fn(f, targets), outputs.detach())
     return H.reshape(M, M)
+
+
+# ---------------------------------------------------------------------------------------
+# modules over one flat parameter vector (named_parameters() order)
+
+
+def named_flat(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
+    """Names and shapes of the trainable parameters, and their values as one flat vector [P]."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+    return [n for n, _ in named], [p.shape for _, p in named], flat
+
+
+def split_flat(flat: Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, Tensor]:
+    """Flat vector [P] -> {name: tensor}, in ``named_parameters()`` order."""
+    out, start = {}, 0
+    for name, shape in zip(names, shapes):
+        out[name] = flat[start : start + shape.numel()].reshape(shape)
+        start += shape.numel()
+    return out
+
+
+def module_of_flat(model: nn.Module) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, list[str]]:
+    """``(f, flat, names)`` with ``f(flat, x)`` the outputs of a deep copy of ``model``."""
+    copied = copy.deepcopy(model)
+    names, shapes, flat = named_flat(copied)
+    return (lambda theta, x: functional_call(copied, split_flat(theta, names, shapes), (x,))), flat, names
+
+
+def flat_jacobian(out_fn: Callable[[Tensor], Tensor], flat: Tensor) -> Tensor:
+    """∂ vec(out_fn) / ∂θ, [M, P], by one backward pass per output (no vmap)."""
+    return torch.autograd.functional.jacobian(out_fn, flat).reshape(-1, flat.numel())

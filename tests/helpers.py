@@ -11,6 +11,13 @@ from cases import Problem
 
 import curvfx
 
+CONSTRUCTORS = {  # the curvature operators built from (model, loss_fn, data, **options)
+    "hessian": curvfx.hessian,
+    "ggn": curvfx.ggn,
+    "fisher_exact": lambda *a, **k: curvfx.fisher(*a, kind="exact", **k),
+    "empirical_fisher": curvfx.empirical_fisher,
+}
+
 
 def _with_advertised(required: tuple[str, ...], advertised: str) -> tuple[str, ...]:
     """The strategies the brief requires, plus any further ones curvfx.func advertises."""

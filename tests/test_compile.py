@@ -4,18 +4,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import CONSTRUCTORS
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import curvfx
 import curvfx.optim
-
-CONSTRUCTORS = {
-    "hessian": curvfx.hessian,
-    "ggn": curvfx.ggn,
-    "fisher_exact": lambda *a, **k: curvfx.fisher(*a, kind="exact", **k),
-    "empirical_fisher": curvfx.empirical_fisher,
-}
 
 
 def _mlp():

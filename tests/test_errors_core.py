@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense import flat_jacobian, module_of_flat, output_hessian_of
 from torch import nn
 
 import curvfx
@@ -194,16 +195,8 @@ def test_seed_empirical_fisher_names_its_targets():
 
 def _flat_hessian(model: nn.Module, loss_of_outputs, x) -> torch.Tensor:
     """Dense Hessian of ``loss_of_outputs(model(x))`` in the flat parameters (named_parameters order)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss_of(theta):
-        parts = torch.split(theta, [s.numel() for s in shapes])
-        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
-        return loss_of_outputs(torch.func.functional_call(model, params, (x,)))
-
-    return torch.autograd.functional.hessian(loss_of, flat)
+    outputs_at, flat, _ = module_of_flat(model)
+    return torch.autograd.functional.hessian(lambda theta: loss_of_outputs(outputs_at(theta, x)), flat)
 
 
 def test_hessian_of_a_model_with_an_auxiliary_output_and_a_callable_loss():
@@ -303,17 +296,9 @@ def test_batches_with_negative_weight_sums_still_count():
     batches = [(x[:4], y[:4]), (x[4:6], y[4:6]), (x[6:], y[6:])]  # the middle batch has Z_b = -1
     H = curvfx.hessian(model, ce, batches).to_dense()
     assert torch.allclose(H, _flat_hessian(model, lambda out: ce(out, y), x), rtol=1e-10, atol=1e-12)
-    names, shapes = [n for n, _ in model.named_parameters()], [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def outputs_of(theta):
-        params = {
-            n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, [s.numel() for s in shapes]), shapes)
-        }
-        return torch.func.functional_call(model, params, (x,))
-
-    J = torch.autograd.functional.jacobian(outputs_of, flat).reshape(9 * 3, -1)
-    H_out = torch.autograd.functional.hessian(lambda o: ce(o.reshape(9, 3), y), outputs_of(flat).reshape(-1))
+    outputs_at, flat, _ = module_of_flat(model)
+    J = flat_jacobian(lambda theta: outputs_at(theta, x), flat)
+    H_out = output_hessian_of(ce, outputs_at(flat, x), y)
     G = curvfx.ggn(model, ce, batches).to_dense()
     assert torch.allclose(G, J.T @ H_out @ J, rtol=1e-10, atol=1e-12)
 

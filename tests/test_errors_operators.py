@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from dense import assert_close_rel
+from helpers import CONSTRUCTORS
 from torch import nn
 
 import curvfx
@@ -20,12 +21,6 @@ from curvfx.operators import DenseOperator, FunctionOperator
 
 DTYPE = torch.float64
 ERRORS = (ValueError, TypeError)
-CONSTRUCTORS = {
-    "hessian": curvfx.hessian,
-    "ggn": curvfx.ggn,
-    "fisher_exact": lambda *a, **k: curvfx.fisher(*a, kind="exact", **k),
-    "empirical_fisher": curvfx.empirical_fisher,
-}
 
 
 def _regression():

@@ -25,7 +25,6 @@ quantities by a loop over samples, each as a batch of one.
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -35,10 +34,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from dense import assert_close_rel, output_hessian_of
+from dense import assert_close_rel, flat_jacobian, module_of_flat, named_flat, output_hessian_of, split_flat
 from helpers import unchanged
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 from torch.nn.utils import parametrizations, parametrize
 
 import curvfx
@@ -50,34 +49,6 @@ K = 3  # classes
 
 
 # -- dense truths ------------------------------------------------------------------------------
-
-
-def _named(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
-    """Names and shapes of the trainable parameters, and their values as one flat vector [P]."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
-    return [n for n, _ in named], [p.shape for _, p in named], flat
-
-
-def _split(flat: Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, Tensor]:
-    """Flat vector [P] -> {name: tensor}, in ``named_parameters()`` order."""
-    out, start = {}, 0
-    for name, shape in zip(names, shapes):
-        out[name] = flat[start : start + shape.numel()].reshape(shape)
-        start += shape.numel()
-    return out
-
-
-def _module_of_flat(model: nn.Module) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, list[str]]:
-    """``(f, flat, names)`` with ``f(flat, x)`` the outputs of a deep copy of ``model``."""
-    copied = copy.deepcopy(model)
-    names, shapes, flat = _named(copied)
-    return (lambda theta, x: functional_call(copied, _split(theta, names, shapes), (x,))), flat, names
-
-
-def _jacobian(out_fn: Callable[[Tensor], Tensor], flat: Tensor) -> Tensor:
-    """∂ vec(out_fn) / ∂θ, [M, P], by one backward pass per output (no vmap)."""
-    return torch.autograd.functional.jacobian(out_fn, flat).reshape(-1, flat.numel())
 
 
 def _ggn(J: Tensor, outputs: Tensor, y: Tensor, loss_fn: Callable = CE) -> Tensor:
@@ -120,9 +91,9 @@ def _prelu_data(arch: str, num: int) -> tuple[Tensor, Tensor]:
 @functools.cache
 def _prelu_truth(arch: str, num: int) -> Tensor:
     """Dense GGN [P, P] of the PReLU model on ``num`` samples."""
-    f, flat, _ = _module_of_flat(_prelu_model(arch))
+    f, flat, _ = module_of_flat(_prelu_model(arch))
     x, y = _prelu_data(arch, num)
-    return _ggn(_jacobian(lambda theta: f(theta, x), flat), f(flat, x).detach(), y)
+    return _ggn(flat_jacobian(lambda theta: f(theta, x), flat), f(flat, x).detach(), y)
 
 
 PRELU_QUERIES = {
@@ -179,8 +150,8 @@ def test_prelu_per_sample_jacobian_with_as_many_samples_as_classes(arch):
     """
     model = _prelu_model(arch)
     x, _ = _prelu_data(arch, K)
-    f, flat, names = _module_of_flat(model)
-    want = torch.stack([_jacobian(lambda theta, n=n: f(theta, x[n : n + 1])[0], flat) for n in range(K)])
+    f, flat, names = module_of_flat(model)
+    want = torch.stack([flat_jacobian(lambda theta, n=n: f(theta, x[n : n + 1])[0], flat) for n in range(K)])
     fn, params = curvfx.make_functional(model)
     got = _flat_of(curvfx.per_sample_jacobian(fn, params, x), names, lead=2)
     assert_close_rel(got, want)
@@ -229,10 +200,10 @@ def _weight_norm_problem(api: str, layer: str):
 def _weight_norm_truth(api: str, layer: str) -> tuple[Tensor, Tensor, Tensor]:
     """(Hessian [P, P], GGN [P, P] of the hand-written loss, a probe v [P]); named_parameters order."""
     model, _, y, outputs_of_params = _weight_norm_problem(api, layer)
-    names, shapes, flat = _named(model)
+    names, shapes, flat = named_flat(model)
 
     def outputs_of(theta: Tensor) -> Tensor:
-        return outputs_of_params(_split(theta, names, shapes))
+        return outputs_of_params(split_flat(theta, names, shapes))
 
     H = torch.autograd.functional.hessian(lambda theta: CE(outputs_of(theta), y), flat)
     J = jacrev(outputs_of)(flat).reshape(-1, flat.numel())
@@ -303,11 +274,11 @@ def _softplus_problem():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, K)).to(DTYPE)
     parametrize.register_parametrization(model[0], "weight", _Softplus())
     x, y = torch.randn(4, 4, dtype=DTYPE), torch.randint(0, K, (4,))
-    names, shapes, flat = _named(model)
+    names, shapes, flat = named_flat(model)
     assert names == ["0.bias", "0.parametrizations.weight.original", "2.weight", "2.bias"]
 
     def outputs_of(theta: Tensor, xs: Tensor = x) -> Tensor:
-        p = _split(theta, names, shapes)
+        p = split_flat(theta, names, shapes)
         h = torch.tanh(xs @ F.softplus(p["0.parametrizations.weight.original"]).T + p["0.bias"])
         return h @ p["2.weight"].T + p["2.bias"]
 
@@ -341,17 +312,17 @@ def test_parametrize_cached_is_refused(product):
     v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     with parametrize.cached(), pytest.raises(ValueError, match=r"parametrize\.cached"):
         CACHED_PRODUCTS[product](model, (x, y), v)
-    G_true = _ggn(_jacobian(outputs_of, flat), outputs_of(flat).detach(), y)
+    G_true = _ggn(flat_jacobian(outputs_of, flat), outputs_of(flat).detach(), y)
     assert_close_rel(curvfx.ggn(model, CE, (x, y)) @ v, G_true @ v)
 
 
 def test_parametrize_outside_cached_matches_dense():
     """Guard: outside a ``cached()`` block the parametrized model's products match the truth."""
     model, x, y, outputs_of, flat = _softplus_problem()
-    names = _named(model)[0]
+    names = named_flat(model)[0]
     v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     H_true = torch.autograd.functional.hessian(lambda theta: CE(outputs_of(theta), y), flat)
-    G_true = _ggn(_jacobian(outputs_of, flat), outputs_of(flat).detach(), y)
+    G_true = _ggn(flat_jacobian(outputs_of, flat), outputs_of(flat).detach(), y)
     per_sample = _per_sample_grads(lambda t, n: CE(outputs_of(t, x[n : n + 1]), y[n : n + 1]), flat, 4)
     with unchanged(SimpleNamespace(model=model)):
         assert_close_rel(CACHED_PRODUCTS["ggn@v"](model, (x, y), v), G_true @ v)
@@ -422,7 +393,7 @@ def _mlp_truth() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     shapes = [torch.Size([5, 4]), torch.Size([5]), torch.Size([K, 5]), torch.Size([K])]
 
     def outputs_of(theta: Tensor, xs: Tensor = x) -> Tensor:
-        W1, b1, W2, b2 = _split(theta, ["W1", "b1", "W2", "b2"], shapes).values()
+        W1, b1, W2, b2 = split_flat(theta, ["W1", "b1", "W2", "b2"], shapes).values()
         return torch.tanh(xs @ W1.T + b1) @ W2.T + b2
 
     H = torch.autograd.functional.hessian(lambda theta: CE(outputs_of(theta), y), flat)
@@ -441,7 +412,7 @@ def _mlp_model(kind: str) -> nn.Module:
 def _mlp_data() -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 4, generator=gen, dtype=DTYPE), torch.randint(0, K, (4,), generator=gen)
-    flat = _named(_mlp_model("custom-function"))[2]
+    flat = named_flat(_mlp_model("custom-function"))[2]
     return x, y, flat
 
 
@@ -474,7 +445,7 @@ def test_no_forward_mode_falls_back_to_double_backprop(kind, product):
     """
     model = _mlp_model(kind)
     x, y, flat = _mlp_data()
-    assert torch.equal(_named(model)[2], flat)  # same parameters as the hand-written truth
+    assert torch.equal(named_flat(model)[2], flat)  # same parameters as the hand-written truth
     compute, which = FALLBACK_PRODUCTS[product]
     truth, v = _mlp_truth()[which], _mlp_truth()[3]
     with unchanged(SimpleNamespace(model=model)):
@@ -497,9 +468,9 @@ def _group_norm_problem():
 def _group_norm_truth() -> Tensor:
     """Dense GGN [P, P]; the truth's model sees the same values in the default memory format."""
     model, x, y = _group_norm_problem()
-    f, flat, _ = _module_of_flat(model)
+    f, flat, _ = module_of_flat(model)
     xc = x.contiguous()
-    return _ggn(_jacobian(lambda theta: f(theta, xc), flat), f(flat, xc).detach(), y)
+    return _ggn(flat_jacobian(lambda theta: f(theta, xc), flat), f(flat, xc).detach(), y)
 
 
 GROUP_NORM_QUERIES = {
@@ -579,10 +550,10 @@ def test_embedding_bag_curvature_products(mode):
         nn.EmbeddingBag(7, 3, mode=mode, padding_idx=0), nn.Tanh(), nn.Linear(3, 2)
     ).double()
     ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 2, (5,))
-    names, shapes, flat = _named(model)
+    names, shapes, flat = named_flat(model)
 
     def outputs_of(theta: Tensor) -> Tensor:  # the bag mean written out, padding rows left out
-        p = _split(theta, names, shapes)
+        p = split_flat(theta, names, shapes)
         kept = (ids != 0).to(DTYPE).unsqueeze(-1)
         bag = (p["0.weight"][ids] * kept).sum(1)
         bag = bag / kept.sum(1).clamp(min=1) if mode == "mean" else bag
@@ -590,7 +561,7 @@ def test_embedding_bag_curvature_products(mode):
 
     assert torch.allclose(outputs_of(flat), model(ids), rtol=1e-12, atol=1e-14)
     H_true = torch.autograd.functional.hessian(lambda t: CE(outputs_of(t), y), flat)
-    G_true = _ggn(_jacobian(outputs_of, flat), outputs_of(flat), y)
+    G_true = _ggn(flat_jacobian(outputs_of, flat), outputs_of(flat), y)
     v = torch.randn(flat.numel(), dtype=DTYPE)
     with unchanged(SimpleNamespace(model=model)):
         H = curvfx.hessian(model, CE, (ids, y))
