@@ -1,8 +1,9 @@
 """The forward-mode rules of :mod:`curvfx._forward_rules`, against torch's formulas and dense Hessians.
 
-* Affine layers with a constant input: one call under ``torch.autograd.forward_ad`` with
-  and without :class:`ForwardRules`, in float64, comparing the output, its tangent and the
-  reverse-mode gradients through the output to the primal weights.
+* Affine layers: one call under ``torch.autograd.forward_ad`` with and without
+  :class:`ForwardRules`, in float64, comparing the output, its tangent and the
+  reverse-mode gradients through the output and through the tangent to the primal input
+  and weights.
 * Differentiable tangents: the reverse-over-forward HVP (``strategy="rev-fwd"``) of a
   function around each operation in :data:`TRUSTED` (each must be covered), and around
   losses whose own forward-mode formula torch cannot back-propagate, equals the dense
@@ -26,7 +27,8 @@ D = torch.float64
 
 
 def _run(op, x, weight, bias, w_tangent, b_tangent, x_tangent, options, rules):
-    """(y, ẏ, ∂(y·r)/∂(W, b)) for ``op(x, W, b, **options)`` with the given tangents."""
+    """(y, ẏ, ∂(y·r + ẏ·s)/∂(x, W, b)) for ``op(x, W, b, **options)`` with the given tangents."""
+    x = x.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     b = None if bias is None else bias.detach().requires_grad_()
     with fwad.dual_level():
@@ -39,9 +41,11 @@ def _run(op, x, weight, bias, w_tangent, b_tangent, x_tangent, options, rules):
         else:
             out = op(xd, wd, bd, **options)
         y, tangent = fwad.unpack_dual(out)
-    leaves = [w] + ([] if b is None else [b])
-    r = torch.linspace(-1, 1, y.numel(), dtype=D).reshape(y.shape)  # a cotangent
-    grads = torch.autograd.grad((y * r).sum(), leaves)
+    leaves = [x, w] + ([] if b is None else [b])
+    r = torch.linspace(-1, 1, y.numel(), dtype=D).reshape(y.shape)  # cotangents
+    s = torch.linspace(0.5, -2, y.numel(), dtype=D).reshape(y.shape)
+    objective = (y * r).sum() + (0 if tangent is None else (tangent * s).sum())
+    grads = torch.autograd.grad(objective, leaves, allow_unused=True, materialize_grads=True)
     return y.detach(), None if tangent is None else tangent.detach(), grads
 
 
@@ -57,7 +61,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize(
-    "tangents", ["weight and bias", "weight only", "bias only", "no bias", "input has a tangent"]
+    "tangents",
+    ["weight and bias", "weight only", "bias only", "no bias", "input has a tangent", "input only"],
 )
 def test_rules_equal_torch_formulas(case, tangents):
     op, x_shape, w_shape, options = CASES[case]
@@ -65,11 +70,12 @@ def test_rules_equal_torch_formulas(case, tangents):
     x = torch.randn(x_shape, generator=g, dtype=D)
     weight = torch.randn(w_shape, generator=g, dtype=D)
     bias = None if tangents == "no bias" else torch.randn(w_shape[0], generator=g, dtype=D)
-    w_tangent = None if tangents == "bias only" else torch.randn(w_shape, generator=g, dtype=D)
+    no_weight_tangent = tangents in ("bias only", "input only")
+    w_tangent = None if no_weight_tangent else torch.randn(w_shape, generator=g, dtype=D)
     b_tangent = torch.randn(w_shape[0], generator=g, dtype=D)
-    if bias is None or tangents == "weight only":
+    if bias is None or tangents in ("weight only", "input only"):
         b_tangent = None
-    x_tangent = torch.randn(x_shape, generator=g, dtype=D) if tangents == "input has a tangent" else None
+    x_tangent = torch.randn(x_shape, generator=g, dtype=D) if tangents.startswith("input") else None
     args = (op, x, weight, bias, w_tangent, b_tangent, x_tangent, options)
     y0, t0, g0 = _run(*args, rules=False)
     y1, t1, g1 = _run(*args, rules=True)
@@ -177,6 +183,10 @@ HVP_CASES = {
     # products, the affine rule included
     "linear constant input": lambda z: _cube(F.linear(_R[:, :4], z[:3, :4], z[3, :3])),
     "linear": lambda z: _cube(F.linear(z, z[:3] * 0.5)),
+    "linear, every tangent": lambda z: _cube(F.linear(z.sin(), z[:3] * 0.5, z[3, :3])),
+    "conv2d input and bias": lambda z: _cube(
+        F.conv2d(z.reshape(1, 2, 3, 4), z[:2, :2].reshape(1, 2, 2, 1), z[2, :1], padding=1)
+    ),
     "conv1d": lambda z: _cube(F.conv1d(z.reshape(2, 2, 6), z[:3, :4].reshape(3, 2, 2))),
     "conv2d": lambda z: _cube(F.conv2d(_X, z[:2, :3].reshape(2, 3, 1, 1), z[3, :2], padding=1)),
     "conv2d both": lambda z: _cube(F.conv2d(z.reshape(1, 1, 4, 6), z[:2, :2].reshape(1, 1, 2, 2))),
@@ -211,7 +221,10 @@ HVP_CASES = {
         + _cube(torch.cos(z) + z.cos())
     ),
     "copies": lambda z: _cube(z.clone() * z),
-    "relu": lambda z: _cube(F.relu(z)) + _cube(torch.relu(z - 0.2)) + _cube(z.relu()),
+    "relu": lambda z: (
+        _cube(F.relu(z)) + _cube(torch.relu(z - 0.2)) + _cube(z.relu()) + _cube(F.relu(input=z + 0.1))
+    ),
+    "relu at exact zeros": lambda z: (F.relu(z - z.detach()) * z * z).sum(),  # relu'(0) = 0, as torch
     "relu in place": lambda z: _inplace_relu(z) + _relu_(z) + _tensor_relu_(z),
     "tanh and sigmoid": lambda z: (
         _cube(torch.tanh(z)) + _cube(z.tanh()) + _cube(torch.sigmoid(z)) + _cube(z.sigmoid())

@@ -149,8 +149,8 @@ def _reverse_over_forward(
         p = [leaf.detach().requires_grad_() for leaf in p_leaves]
         with fwad.dual_level():
             duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, spec.flatten_up_to(v))]
-            with ForwardRules(differentiable=True, decompose=decompose):
-                value = _scalar(_in_derivable_kernels(f))(unflatten(spec, duals))
+            rules = _within(lambda: ForwardRules(differentiable=True, decompose=decompose), f)
+            value = _scalar(_in_derivable_kernels(rules))(unflatten(spec, duals))  # checks outside the rules
             slope = fwad.unpack_dual(value).tangent  # ∇f·v, with its graph
         if slope is None or not slope.requires_grad:  # f is at most linear in θ
             return _fill_zeros(spec, p, [None] * len(p))
