@@ -13,7 +13,9 @@ Each test names what was wrong before its fix:
 * operations without forward-mode derivatives (custom ``autograd.Function``, non-reentrant
   checkpointing, full backward hooks) crashed the forward-mode engines instead of falling
   back to double backprop;
-* GroupNorm on a channels_last activation crashed diagonals and KFAC.
+* GroupNorm on a channels_last activation crashed diagonals and KFAC;
+* inputs with non-tensor leaves (a scale, a flag beside the tensor) crashed the routes
+  that vmap over samples, which split every leaf along dim 0.
 
 Truths, all float64 and built without curvfx: the model written out by hand (weight norm as
 ``g v / ‖v‖``, never through ``torch._weight_norm``) or called through our own
@@ -25,6 +27,7 @@ quantities by a loop over samples, each as a batch of one.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -624,3 +627,85 @@ def test_a_genuine_model_error_recurs_without_a_chained_forward_mode_error():
     with pytest.raises(RuntimeError, match="invalid for input of size") as caught:
         curvfx.ggn_vp(fn, nn.MSELoss(), params, x, y, torch.ones(16, dtype=DTYPE))
     assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+# ---------------------------------------------------------------------------------------
+# inputs with non-tensor leaves (a scale, a flag) crashed the per-sample routes
+
+
+class _Flagged(nn.Module):
+    """``net(x) · gain · scale`` (then ``sin`` if ``flag``); the gain is outside any known layer."""
+
+    def __init__(self, recurrent: bool = False):
+        super().__init__()
+        self.gru = nn.GRU(3, 3, batch_first=True) if recurrent else None
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x, scale=1.0, flag=False):
+        if self.gru is not None:
+            x = self.gru(x)[0][:, -1]
+        out = self.net(x) * self.gain * scale
+        return out.sin() if flag else out
+
+
+def _flagged_inputs(form: str, x: Tensor):
+    from collections import UserDict
+
+    forms = {
+        "dict": lambda: {"x": x, "scale": 2.0, "flag": True},
+        "UserDict": lambda: UserDict(x=x, scale=2.0, flag=True),
+        "tuple": lambda: (x, 2.0, True),
+    }
+    return forms[form]()
+
+
+@pytest.mark.parametrize("form", ["dict", "UserDict", "tuple"])
+def test_per_sample_routes_pass_non_tensor_leaves_to_every_sample(form):
+    """Per-sample gradients and Jacobians, exact GGN diagonal and trace, with a scale and a flag."""
+    torch.manual_seed(0)
+    model, ce = _Flagged().double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.tensor([0, 2, 1, 1, 0])
+    X = _flagged_inputs(form, x)
+    copied = copy.deepcopy(model)
+    names, shapes, flat = named_flat(copied)
+
+    def outputs(theta, rows):
+        return torch.func.functional_call(copied, split_flat(theta, names, shapes), (rows, 2.0, True))
+
+    sample_jac = torch.stack([flat_jacobian(lambda t, n=n: outputs(t, x[n : n + 1]), flat) for n in range(5)])
+    theta = flat.clone().requires_grad_()
+    sample_grads = torch.stack(
+        [torch.autograd.grad(ce(outputs(theta, x[n : n + 1]), y[n : n + 1]), theta)[0] for n in range(5)]
+    )
+    J = flat_jacobian(lambda t: outputs(t, x), flat)
+    ggn = J.T @ output_hessian_of(ce, outputs(flat, x), y) @ J
+
+    fn, params = curvfx.make_functional(model)
+    grads = curvfx.per_sample_grad(fn, ce, params, X, y)
+    assert_close_rel(torch.cat([grads[k].reshape(5, -1) for k in names], 1), sample_grads)
+    jac = curvfx.per_sample_jacobian(fn, params, X)
+    assert_close_rel(torch.cat([jac[k].reshape(5, 3, -1) for k in names], 2), sample_jac)
+    G = curvfx.ggn(model, ce, (X, y))
+    assert_close_rel(curvfx.diagonal(G, "exact"), ggn.diagonal())
+    assert_close_rel(curvfx.trace(G, "exact"), ggn.trace())
+
+
+def test_per_sample_loop_passes_non_tensor_leaves_to_every_sample():
+    """Where vmap fails (a native GRU), the loop over samples gets the scale and flag as well."""
+    torch.manual_seed(0)
+    model, ce = _Flagged(recurrent=True).double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(4, 2, 3, dtype=DTYPE), torch.tensor([0, 2, 1, 1])
+    copied = copy.deepcopy(model)
+    names, shapes, flat = named_flat(copied)
+    theta = flat.clone().requires_grad_()
+
+    def loss_of_sample(n):
+        out = torch.func.functional_call(copied, split_flat(theta, names, shapes), (x[n : n + 1], 2.0, True))
+        return ce(out, y[n : n + 1])
+
+    truth = torch.stack([torch.autograd.grad(loss_of_sample(n), theta)[0] for n in range(4)])
+    fn, params = curvfx.make_functional(model)
+    with pytest.warns(RuntimeWarning, match="could not vmap"):
+        grads = curvfx.per_sample_grad(fn, ce, params, _flagged_inputs("UserDict", x), y)
+    assert_close_rel(torch.cat([grads[k].reshape(4, -1) for k in names], 1), truth)

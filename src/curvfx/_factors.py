@@ -26,7 +26,7 @@ from torch.func import grad, vjp, vmap
 
 from curvfx._engines import generator_on
 from curvfx._errors import check_autograd, inside_transform
-from curvfx._pytree import leaves, tree_map
+from curvfx._pytree import leaves, sample_of, sample_split, tree_map
 from curvfx.losses import AutogradLoss, Loss
 
 __all__ = ["FISHER_KINDS", "factor_diagonal", "factor_product", "output_factor"]
@@ -91,8 +91,9 @@ def factor_diagonal(
         _check_shapes(grads, params, sn.shape[0])
         return tree_map(lambda g: (g**2).sum(0), grads)
 
+    x, dims = sample_split(x)
     try:
-        squares = vmap(one_sample, in_dims=(0, 1), chunk_size=chunk_size, randomness="different")(x, S)
+        squares = vmap(one_sample, in_dims=(dims, 1), chunk_size=chunk_size, randomness="different")(x, S)
     except RuntimeError as err:  # a layer without a batching rule (e.g. native RNNs): a loop
         warnings.warn(
             f"the per-sample route could not vmap this model ({str(err).splitlines()[0][:120]}); "
@@ -108,7 +109,7 @@ def factor_diagonal(
 
 def _one_sample_looped(sample_outputs, params: PyTree, x: Any, S: Tensor, n: int) -> PyTree:
     """``Σ_k (J_nᵀ s_kn)²`` for sample n without vmap: one vjp per factor column."""
-    xn = tree_map(lambda t: t[n], x)
+    xn = sample_of(x, n)
     _, vjp_fn = vjp(lambda p: sample_outputs(p, xn), params)
     grads = [vjp_fn(S[k, n])[0] for k in range(S.shape[0])]
     return tree_map(lambda *g: sum(gi**2 for gi in g), *grads)

@@ -17,7 +17,15 @@ from torch.func import grad, jacrev, vmap
 
 from curvfx._errors import check_batch, check_targets
 from curvfx._memory import check_fits
-from curvfx._pytree import leaves, num_params, tree_map, unsqueeze_leaves
+from curvfx._pytree import (
+    batch_size,
+    leaves,
+    num_params,
+    sample_of,
+    sample_split,
+    tree_map,
+    unsqueeze_leaves,
+)
 from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
 from curvfx.functional import as_function, check_independent_samples
 from curvfx.losses import get_loss
@@ -75,7 +83,7 @@ def per_sample_grad(
     check_batch(x, check_targets(y))
     _check_independent_samples(fn, "per_sample_grad")
     structured = sample_grads_route(fn, params, (x, y), backend)  # before any work
-    n, p = leaves(x)[0].shape[0], num_params(params)
+    n, p = batch_size(x), num_params(params)
     check_fits(f"per_sample_grad: the result [N={n}, P={p}]", n * p, leaves(params)[0].dtype, _FEWER)
     grads = structured_sample_grads(fn, params, x, _sample_residuals(loss, y)) if structured else {}
     rest = {k: v for k, v in params.items() if k not in grads} if grads else params
@@ -161,7 +169,7 @@ def per_sample_jacobian(
     fn, params = as_function(fn, params)
     check_batch(x, None)
     _check_independent_samples(fn, "per_sample_jacobian")
-    n, c, p = leaves(x)[0].shape[0], _sample_output_numel(fn, params, x), num_params(params)
+    n, c, p = batch_size(x), _sample_output_numel(fn, params, x), num_params(params)
     check_fits(
         f"per_sample_jacobian: the result [N={n}, C={c}, P={p}]", n * c * p, leaves(params)[0].dtype, _FEWER
     )
@@ -182,7 +190,8 @@ def _over_samples(
     Layers without a vmap batching rule (the native LSTM/GRU kernels) make the vmap fail;
     then ``looped`` (the same function, free of vmap) runs once per sample, with a warning.
     """
-    in_dims = (None, *(0 for _ in data))
+    data, dims = zip(*(sample_split(d) for d in data))
+    in_dims = (None, *dims)
     try:
         return vmap(per_sample, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(params, *data)
     except RuntimeError as err:
@@ -192,8 +201,7 @@ def _over_samples(
             RuntimeWarning,
             stacklevel=3,
         )
-    n = leaves(data[0])[0].shape[0]
-    rows = [looped(params, *(tree_map(lambda t, i=i: t[i], d) for d in data)) for i in range(n)]
+    rows = [looped(params, *(sample_of(d, i) for d in data)) for i in range(batch_size(data[0]))]
     return tree_map(lambda *ls: torch.stack(ls), *rows)
 
 
@@ -204,7 +212,7 @@ def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
     """C, the number of outputs of one sample: one forward pass on the first sample (RNG state kept)."""
     device = leaves(params)[0].device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn(params, tree_map(lambda t: t[:1], x))[0].numel()
+        return fn(params, unsqueeze_leaves(sample_of(sample_split(x)[0], 0)))[0].numel()
 
 
 def _check_independent_samples(fn, transform: str) -> None:

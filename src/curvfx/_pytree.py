@@ -6,6 +6,7 @@ parameter dict flattens in ``named_parameters()`` order), sequences their index 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optree
@@ -15,10 +16,13 @@ from torch import Tensor
 __all__ = [
     "as_columns",
     "as_tree",
+    "batch_size",
     "flatten",
     "leaves",
     "num_params",
     "ravel",
+    "sample_of",
+    "sample_split",
     "tree_map",
     "unflatten",
     "unravel",
@@ -189,5 +193,30 @@ def _check_dtype_device(v: Tensor, p: Tensor, where: str) -> None:
 
 
 def unsqueeze_leaves(tree: PyTree) -> PyTree:
-    """Every tensor leaf with a new leading dimension of size 1 (one sample as a batch of one)."""
-    return tree_map(lambda t: t.unsqueeze(0), tree)
+    """Every tensor leaf with a new leading dimension of size 1 (one sample as a batch of one).
+
+    Other leaves (a flag or a scale passed to the model) are left as they are.
+    """
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
+
+
+def sample_split(x: PyTree) -> tuple[PyTree, PyTree]:
+    """``(x, in_dims)`` for ``vmap`` over the samples of a batch input ``x``.
+
+    Tensor leaves are split along dim 0; other leaves (a flag or a scale passed to the
+    model) reach every sample as they are (``in_dims`` None). A mapping of a type that
+    ``vmap`` does not know (a tokenizer's ``UserDict`` batch) is passed on as a dict.
+    """
+    if isinstance(x, Mapping) and not isinstance(x, dict):
+        x = dict(x)
+    return x, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, x)
+
+
+def sample_of(x: PyTree, n: int) -> PyTree:
+    """Sample ``n`` of a batch input: row n of each tensor leaf, other leaves as they are."""
+    return tree_map(lambda t: t[n] if isinstance(t, Tensor) else t, x)
+
+
+def batch_size(x: PyTree) -> int:
+    """N, the leading dimension of the first tensor leaf of a checked batch input ``x``."""
+    return next(t for t in leaves(dict(x) if isinstance(x, Mapping) else x) if isinstance(t, Tensor)).shape[0]

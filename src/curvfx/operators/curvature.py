@@ -47,7 +47,7 @@ from curvfx._engines import draw_seed
 from curvfx._errors import check_batch, inside_transform
 from curvfx._factors import output_factor
 from curvfx._memory import fitting_chunk
-from curvfx._pytree import leaves, num_params, ravel, unravel
+from curvfx._pytree import batch_size, num_params, ravel, unravel
 from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.functional import check_independent_samples
@@ -440,7 +440,7 @@ def _factored_diagonal(op, kind: str, num_samples: int, generator_for, backend: 
             if op.chunk_size is not None:
                 return op.chunk_size
             what = f"the exact diagonal's per-sample gradients of one sample (K·P = {k}·{size})"
-            n = leaves(x)[0].shape[0]
+            n = batch_size(x)
             fitting = fitting_chunk(what, k * size, n, op.dtype, "use method='hutchinson'")
             return min(fitting, max(1, SAMPLE_NUMBERS // max(1, k * size)))
 
