@@ -215,6 +215,21 @@ def test_state_dict_round_trip_resumes_identically(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_saved_generator_state_without_a_generator_warns(name):
+    """An optimizer without a generator cannot resume the saved one's draws: a warning (if it drew)."""
+    make, X, y = problem()
+    model = make()
+    opt, _ = run(name, model, X, y, 1)
+    twin = copy.deepcopy(model)
+    twin_opt = OPTIMIZERS[name](list(twin.parameters()), twin, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin_opt.load_state_dict(opt.state_dict())
+    resumable = [w for w in caught if "does not resume identically" in str(w.message)]
+    assert len(resumable) == (opt.generator is not None)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_memory_is_flat_over_200_steps(name):
     """No autograd graph or growing state: live tensors and state size constant from step 10 to 210."""
     make, X, y = problem()

@@ -9,6 +9,7 @@ and the loss. It then combines curvfx's solvers and estimators on them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -290,12 +291,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state (as ``torch.optim.Optimizer``), restoring the generator's state if saved."""
+        """Load a state (as ``torch.optim.Optimizer``), restoring the generator's state if saved.
+
+        A saved generator state with no generator here (``generator=None``) warns: the
+        draws then come from torch's global RNG, and the run does not resume identically.
+        """
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)
-        if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state.cpu())
+        if generator_state is None:
+            return
+        if self.generator is None:
+            warnings.warn(
+                "state_dict: it holds the state of the saved optimizer's generator, but this one "
+                "has none (generator=None): its probes and sampled targets come from torch's global "
+                "RNG, so the run does not resume identically; pass a torch.Generator to restore it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.generator.set_state(generator_state.cpu())
 
 
 def check_batch(batch: Any, who: str) -> tuple[Any, Tensor]:
