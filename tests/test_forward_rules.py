@@ -96,6 +96,47 @@ def test_rules_skip_the_zero_input_product():
     assert len(products) == 2
 
 
+def test_a_weight_outsizing_its_rows_takes_one_node_for_value_and_tangent():
+    """Differentiable rules fuse a dense layer whose input and weight have tangents when the
+    weight outsizes the rows (curvfx._dual_linear); other layers and plain rules do not."""
+    w, v = torch.randn(8, 6, dtype=D), torch.randn(8, 6, dtype=D)
+
+    def node(rows, differentiable):
+        x = torch.randn(rows, 6, dtype=D, requires_grad=True)
+        with torch.enable_grad(), fwad.dual_level():
+            xd = fwad.make_dual(x, torch.randn_like(x))
+            with ForwardRules(differentiable=differentiable):
+                out = F.linear(xd, fwad.make_dual(w.requires_grad_(), v))
+            nodes, frontier = [], [out.grad_fn]
+            for _ in range(3):  # the dual's view, the node that computed it, its inputs
+                nodes += frontier
+                frontier = [f for node in frontier for f, _ in node.next_functions if f is not None]
+            return " ".join(type(node).__name__ for node in nodes)
+
+    assert "DualLinear" in node(1, True)  # 48 > 2 · 1 · 14
+    assert "DualLinear" not in node(2, True)  # 48 < 2 · 2 · 14
+    assert "DualLinear" not in node(1, False)
+
+
+def test_wide_layers_at_a_small_batch_give_the_dense_hessian():
+    """A model whose hidden layer takes the fused route (8·16 > 2·2·24), frozen bias included."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    model[2].bias.requires_grad_(False)
+    fn, params = curvfx.make_functional(model)
+    x, y = torch.randn(2, 3, dtype=D), torch.tensor([1, 0])
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def loss(*flat):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(params, flat)), (x,)), y)
+
+    _, hv = torch.autograd.functional.hvp(loss, tuple(params.values()), tuple(v.values()))
+    out = curvfx.hvp(lambda p: F.cross_entropy(fn(p, x), y), params, v, strategy="rev-fwd")
+    for k, truth in zip(params, hv):
+        torch.testing.assert_close(out[k], truth, rtol=1e-10, atol=1e-12)
+
+
 def test_model_jvp_with_a_frozen_first_weight():
     """A first layer whose weight is constant (only its bias has a tangent) gives the exact J v."""
     torch.manual_seed(0)
@@ -184,6 +225,11 @@ HVP_CASES = {
     "linear constant input": lambda z: _cube(F.linear(_R[:, :4], z[:3, :4], z[3, :3])),
     "linear": lambda z: _cube(F.linear(z, z[:3] * 0.5)),
     "linear, every tangent": lambda z: _cube(F.linear(z.sin(), z[:3] * 0.5, z[3, :3])),
+    "linear, weight outsizing its rows (fused)": lambda z: (  # the weight's tangent is v's
+        _cube(F.linear(z[:1].sin(), z, z[0, :4]))
+        + _cube(F.linear(z[1:2].cos().reshape(1, 1, 6), z))
+        + _cube(F.linear(z[2:3] ** 2, z, _R[0, :4]))
+    ),
     "conv2d input and bias": lambda z: _cube(
         F.conv2d(z.reshape(1, 2, 3, 4), z[:2, :2].reshape(1, 2, 2, 1), z[2, :1], padding=1)
     ),

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from curvfx._decompositions import DECOMPOSITIONS
+from curvfx._dual_linear import dual_linear, worth_fusing
 from curvfx._errors import inside_transform
 
 __all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
@@ -121,7 +122,7 @@ class ForwardRules(TorchFunctionMode):
                 raise UntrustedTangents("a torch.func transform inside the function")
             return func(*args, **kwargs)
         if func in _SPATIAL_DIMS and len(args) >= 2:
-            out = _affine(func, args, kwargs)
+            out = _affine(func, args, kwargs, self.differentiable)
             if out is not None:
                 return out
         if self.differentiable and func in _RELU and not _relu_in_place(args, kwargs):
@@ -155,14 +156,29 @@ def _embedding(args, kwargs) -> Tensor:
     return torch.where((ids == pad).unsqueeze(-1), out.detach(), out)
 
 
-def _affine(func, args, kwargs) -> Tensor | None:
-    """An affine call with tangents: ``(y, f(x, Ẇ, ḃ) + f(ẋ, W))`` without absent terms; None if none."""
+def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
+    """An affine call with tangents: ``(y, f(x, Ẇ, ḃ) + f(ẋ, W))`` without absent terms; None if none.
+
+    A dense layer whose input and weight both have tangents, and whose weight outsizes its
+    rows, runs as :func:`curvfx._dual_linear.dual_linear` when the tangent will be
+    back-propagated (one product for the weight's gradient instead of two and a sum).
+    """
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     x_primal, x_tangent = fwad.unpack_dual(args[0])
     w_primal, w_tangent = fwad.unpack_dual(args[1])
     b_primal, b_tangent = fwad.unpack_dual(bias) if isinstance(bias, Tensor) else (bias, None)
     if x_tangent is None and w_tangent is None and b_tangent is None:
         return None
+    if (
+        differentiable
+        and func is F.linear
+        and len(args) <= 3
+        and x_tangent is not None
+        and w_tangent is not None
+        and not (w_tangent.requires_grad or (b_tangent is not None and b_tangent.requires_grad))
+        and worth_fusing(x_primal, w_primal)
+    ):
+        return fwad.make_dual(*dual_linear(x_primal, x_tangent, w_primal, w_tangent, b_primal, b_tangent))
     rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
     out = func(x_primal, w_primal, b_primal, *rest, **options)
     if w_tangent is not None:
