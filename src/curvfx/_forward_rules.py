@@ -2,21 +2,22 @@
 
 Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mode dual level):
 
-* **Affine maps.** Torch's formula for ``y = x Wᵀ + b`` (``F.linear``,
-  ``F.conv1d/2d/3d``) is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ`` in three calls, and when ``x`` carries no
-  tangent (the model's input, seen by the first layer) it still multiplies a zero ``ẋ`` by
-  ``W``: one full product of the layer's size (a third of the tangent work of a
-  784-256-256-10 MLP). Such calls compute ``y`` from the primals (keeping the reverse-mode
-  graph to them) and ``ẏ = f(x, Ẇ, ḃ) + f(ẋ, W)``, leaving out the terms whose tangents
-  are absent.
+* **Constant input.** Torch's formula for an affine map ``y = x Wᵀ + b`` (``F.linear``,
+  ``F.conv1d/2d/3d``) is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``; when ``x`` carries no tangent (the
+  model's input, seen by the first layer) it still multiplies a zero ``ẋ`` by ``W``, one
+  full product of the layer's size (a third of the tangent work of a 784-256-256-10 MLP).
+  Such calls compute ``y`` from the primal weights (keeping the reverse-mode graph to them)
+  and ``ẏ = x Ẇᵀ + ḃ`` directly.
+* **Wide dense layers** (``differentiable=True``): a dense layer whose input and weight
+  carry tangents and whose weight outsizes its rows runs as
+  :func:`curvfx._dual_linear.dual_linear`, one autograd node whose backward pass forms the
+  weight's gradient in one product instead of two and a sum.
 * **Differentiable tangents** (``differentiable=True``, for the reverse-over-forward HVP
   ``H v = ∇_θ (∇f·v)``, which back-propagates through the tangents). Some of torch's
   forward-mode formulas cannot be differentiated in reverse mode: softmax, log-softmax,
   cross-entropy, logsumexp and attention modify a saved result in place (an error), and
   layer norm and batch norm in train mode give wrong second derivatives without an error
-  (torch 2.13, against dense Hessians). ReLU's tangent is ``ẋ ⊙ 1[x > 0]``: torch's
-  formula gives the same numbers but its reverse pass also adds a zero gradient for ``x``
-  (a filled tensor and a sum per layer). Only the operations in :data:`TRUSTED` use
+  (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
   torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
   Normalization layers, softmax, log-softmax, logsumexp and attention run as
   :mod:`curvfx._decompositions` (the same values from checked operations) when listed
@@ -58,7 +59,6 @@ from curvfx._errors import inside_transform
 __all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
 
 _SPATIAL_DIMS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # op(input, weight, bias=None, *config)
-_RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})  # out of place (F.relu's inplace=False)
 
 _T = torch.Tensor
 TRUSTED = frozenset(
@@ -125,8 +125,6 @@ class ForwardRules(TorchFunctionMode):
             out = _affine(func, args, kwargs, self.differentiable)
             if out is not None:
                 return out
-        if self.differentiable and func in _RELU and not _relu_in_place(args, kwargs):
-            return _relu(args[0] if args else kwargs["input"])
         if not self.differentiable or func in _PASS or not _has_tangent(args, kwargs):
             return func(*args, **kwargs)
         if _in_place(func, kwargs):
@@ -157,51 +155,35 @@ def _embedding(args, kwargs) -> Tensor:
 
 
 def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
-    """An affine call with tangents: ``(y, f(x, Ẇ, ḃ) + f(ẋ, W))`` without absent terms; None if none.
+    """An affine call by a rule of the module docstring, or None for torch's formula.
 
-    A dense layer whose input and weight both have tangents, and whose weight outsizes its
-    rows, runs as :func:`curvfx._dual_linear.dual_linear` when the tangent will be
-    back-propagated (one product for the weight's gradient instead of two and a sum).
+    ``x`` without a tangent: ``(y, x Ẇᵀ + ḃ)``, None if nothing has a tangent. ``x`` with a
+    tangent: :func:`curvfx._dual_linear.dual_linear` for a dense layer whose weight
+    outsizes its rows when the tangents will be back-propagated (and the weight's and the
+    bias's tangents are constants), else None.
     """
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
     x_primal, x_tangent = fwad.unpack_dual(args[0])
+    if x_tangent is not None and not (differentiable and func is F.linear and len(args) <= 3):
+        return None
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
     w_primal, w_tangent = fwad.unpack_dual(args[1])
     b_primal, b_tangent = fwad.unpack_dual(bias) if isinstance(bias, Tensor) else (bias, None)
-    if x_tangent is None and w_tangent is None and b_tangent is None:
-        return None
-    if (
-        differentiable
-        and func is F.linear
-        and len(args) <= 3
-        and x_tangent is not None
-        and w_tangent is not None
-        and not (w_tangent.requires_grad or (b_tangent is not None and b_tangent.requires_grad))
-        and worth_fusing(x_primal, w_primal)
-    ):
+    if x_tangent is not None:
+        constant = w_tangent is not None and not (
+            w_tangent.requires_grad or (b_tangent is not None and b_tangent.requires_grad)
+        )
+        if not (constant and worth_fusing(x_primal, w_primal)):
+            return None
         return fwad.make_dual(*dual_linear(x_primal, x_tangent, w_primal, w_tangent, b_primal, b_tangent))
+    if w_tangent is None and b_tangent is None:
+        return None
     rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
     out = func(x_primal, w_primal, b_primal, *rest, **options)
-    if w_tangent is not None:
-        tangent = func(x_primal, w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
-    elif b_tangent is not None:  # ḃ, broadcast over the batch and spatial dims
+    if w_tangent is None:  # ẏ = ḃ, broadcast over the batch and spatial dims
         tangent = b_tangent.reshape((-1,) + (1,) * _SPATIAL_DIMS[func]).expand_as(out)
     else:
-        tangent = None
-    if x_tangent is not None:
-        through_input = func(x_tangent, w_primal, None, *rest, **options)  # ẋ Wᵀ
-        tangent = through_input if tangent is None else tangent + through_input
+        tangent = func(x_primal, w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
     return fwad.make_dual(out, tangent)
-
-
-def _relu(x: Tensor) -> Tensor:
-    """``relu(x)`` with the tangent ``ẋ ⊙ 1[x > 0]`` (torch's derivative, 0 at x = 0)."""
-    primal, tangent = fwad.unpack_dual(x)
-    out = torch.relu(primal)
-    return out if tangent is None else fwad.make_dual(out, tangent * (primal > 0))
-
-
-def _relu_in_place(args, kwargs) -> bool:
-    return bool(kwargs.get("inplace") or (len(args) > 1 and args[1]))
 
 
 def _mse_loss(args, kwargs) -> Tensor:
