@@ -7,6 +7,8 @@ fail deep inside torch with a message that named no argument.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from dense import flat_jacobian, module_of_flat, output_hessian_of
@@ -313,6 +315,20 @@ def test_an_out_of_range_class_is_refused_even_where_its_weight_would_be_zero():
         for data in ([good, bad], [bad]):
             with pytest.raises(ValueError, match=r"targets: .*class indices in \[0, C = 3\)"):
                 constructor(model, ce, data) @ v
+
+
+@pytest.mark.parametrize("backend", ["generic", "structured"])
+def test_per_sample_gradients_refuse_an_out_of_range_class_before_vmapping(backend):
+    """vmap hid the class indices from the loss's checks: a misleading "could not vmap" warning, then
+    torch's IndexError from the loop."""
+    model, x, _ = _model_and_batch(classes=3)
+    fn, params = curvfx.make_functional(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not vmap" warning either
+        with pytest.raises(ValueError, match=r"targets: .*class indices in \[0, C = 3\)"):
+            curvfx.per_sample_grad(
+                fn, nn.CrossEntropyLoss(), params, x, torch.tensor([0, 1, 7, 2, 1]), backend=backend
+            )
 
 
 def test_class_targets_of_any_integer_dtype_and_probabilities_of_another_float_dtype():

@@ -90,6 +90,10 @@ def per_sample_grad(
     if not leaves(rest):
         return {k: grads[k] for k in params}
 
+    first = _first_sample_outputs(fn, params, x)  # vmap hides the targets' values from the loss's checks
+    if isinstance(first, Tensor) and first.dim() > 0:
+        loss.check(first.expand(y.shape[0], *first.shape[1:]), y)
+
     def sample_loss(sub, xn, yn):
         xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
         outputs = fn({**params, **sub} if grads else sub, xb)
@@ -209,10 +213,15 @@ _FEWER = "pass fewer samples per call or a subset of the parameters"
 
 
 def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
-    """C, the number of outputs of one sample: one forward pass on the first sample (RNG state kept)."""
+    """C, the number of outputs of one sample."""
+    return _first_sample_outputs(fn, params, x)[0].numel()
+
+
+def _first_sample_outputs(fn, params: PyTree, x: Any) -> Tensor:
+    """The outputs [1, ...] of the first sample as a batch of one: one forward pass (RNG state kept)."""
     device = leaves(params)[0].device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn(params, unsqueeze_leaves(sample_of(sample_split(x)[0], 0)))[0].numel()
+        return fn(params, unsqueeze_leaves(sample_of(sample_split(x)[0], 0)))
 
 
 def _check_independent_samples(fn, transform: str) -> None:
