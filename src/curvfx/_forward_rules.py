@@ -17,7 +17,10 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   forward-mode formulas cannot be differentiated in reverse mode: softmax, log-softmax,
   cross-entropy, logsumexp and attention modify a saved result in place (an error), and
   layer norm and batch norm in train mode give wrong second derivatives without an error
-  (torch 2.13, against dense Hessians). So only the operations in :data:`TRUSTED` use
+  (torch 2.13, against dense Hessians). ReLU's tangent is ``ẋ ⊙ 1[x > 0]``: torch's
+  formula gives the same numbers, but back-propagating through it also sends a zero
+  gradient to ``x`` (a filled tensor and a sum per layer: 7 % of the HVP of the
+  784-1024-1024-10 MLP at N = 64). Only the operations in :data:`TRUSTED` use
   torch's formula, each checked against a dense Hessian in ``tests/test_forward_rules.py``.
   Normalization layers, softmax, log-softmax, logsumexp and attention run as
   :mod:`curvfx._decompositions` (the same values from checked operations) when listed
@@ -59,6 +62,7 @@ from curvfx._errors import inside_transform
 __all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
 
 _SPATIAL_DIMS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # op(input, weight, bias=None, *config)
+_RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})  # out of place (F.relu's inplace=False)
 
 _T = torch.Tensor
 TRUSTED = frozenset(
@@ -125,6 +129,8 @@ class ForwardRules(TorchFunctionMode):
             out = _affine(func, args, kwargs, self.differentiable)
             if out is not None:
                 return out
+        if self.differentiable and func in _RELU and not _relu_in_place(args, kwargs):
+            return _relu(args[0] if args else kwargs["input"])
         if not self.differentiable or func in _PASS or not _has_tangent(args, kwargs):
             return func(*args, **kwargs)
         if _in_place(func, kwargs):
@@ -184,6 +190,17 @@ def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
     else:
         tangent = func(x_primal, w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
     return fwad.make_dual(out, tangent)
+
+
+def _relu(x: Tensor) -> Tensor:
+    """``relu(x)`` with the tangent ``ẋ ⊙ 1[x > 0]`` (torch's derivative, 0 at x = 0)."""
+    primal, tangent = fwad.unpack_dual(x)
+    out = torch.relu(primal)
+    return out if tangent is None else fwad.make_dual(out, tangent * (primal > 0))
+
+
+def _relu_in_place(args, kwargs) -> bool:
+    return bool(kwargs.get("inplace") or (len(args) > 1 and args[1]))
 
 
 def _mse_loss(args, kwargs) -> Tensor:
