@@ -137,6 +137,29 @@ def test_wide_layers_at_a_small_batch_give_the_dense_hessian():
         torch.testing.assert_close(out[k], truth, rtol=1e-10, atol=1e-12)
 
 
+def test_linear_with_a_1d_weight_or_a_broadcast_bias_keeps_torch_formula():
+    """F.linear takes a weight [in] (output without the out dim) and a bias [1, out]: not fused."""
+
+    def f(z):
+        h = z[:2].sin()
+        return _cube(F.linear(h, z[2])) + _cube(F.linear(h, z, z[3:4, :4] * 0 + z[3, :4]))
+
+    z, v = torch.randn(4, 6, dtype=D), torch.randn(4, 6, dtype=D)
+    truth = _dense_hvp(f, z, v)
+    for strategy in ("rev-fwd", "auto"):
+        torch.testing.assert_close(curvfx.hvp(f, z, v, strategy=strategy), truth)
+
+
+def test_dual_linear_refuses_tangents_that_require_grad():
+    """Its backward gives the weight's and bias's tangents no gradient: they must be constants."""
+    from curvfx._dual_linear import dual_linear
+
+    a, a_t = torch.randn(1, 6, dtype=D), torch.randn(1, 6, dtype=D)
+    w, w_t = torch.randn(8, 6, dtype=D), torch.randn(8, 6, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match="tangents must be constants"):
+        dual_linear(a, a_t, w, w_t, None, None)
+
+
 def test_model_jvp_with_a_frozen_first_weight():
     """A first layer whose weight is constant (only its bias has a tangent) gives the exact J v."""
     torch.manual_seed(0)

@@ -649,18 +649,23 @@ class _Flagged(nn.Module):
         return out.sin() if flag else out
 
 
+class _Batch(dict):
+    """A dict subclass, which optree does not open."""
+
+
 def _flagged_inputs(form: str, x: Tensor):
     from collections import UserDict
 
     forms = {
         "dict": lambda: {"x": x, "scale": 2.0, "flag": True},
         "UserDict": lambda: UserDict(x=x, scale=2.0, flag=True),
+        "dict subclass": lambda: _Batch(x=x, scale=2.0, flag=True),
         "tuple": lambda: (x, 2.0, True),
     }
     return forms[form]()
 
 
-@pytest.mark.parametrize("form", ["dict", "UserDict", "tuple"])
+@pytest.mark.parametrize("form", ["dict", "UserDict", "dict subclass", "tuple"])
 def test_per_sample_routes_pass_non_tensor_leaves_to_every_sample(form):
     """Per-sample gradients and Jacobians, exact GGN diagonal and trace, with a scale and a flag."""
     torch.manual_seed(0)
@@ -709,3 +714,67 @@ def test_per_sample_loop_passes_non_tensor_leaves_to_every_sample():
     with pytest.warns(RuntimeWarning, match="could not vmap"):
         grads = curvfx.per_sample_grad(fn, ce, params, _flagged_inputs("UserDict", x), y)
     assert_close_rel(torch.cat([grads[k].reshape(4, -1) for k in names], 1), truth)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, a, extra):
+        return self.a(a) * self.b(extra["b"]).tanh()
+
+
+@pytest.mark.parametrize("container", ["UserDict", "dict subclass"])
+def test_nested_mappings_optree_does_not_open_are_split_per_sample(container):
+    """A UserDict or dict subclass below the top level reached every sample whole (2.25 off)."""
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    model = _TwoInputs().double()
+    a, b = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    extra = UserDict(b=b) if container == "UserDict" else _Batch(b=b)
+    fn, params = curvfx.make_functional(model)
+    jac = curvfx.per_sample_jacobian(fn, params, (a, extra))
+    for n in range(4):
+        truth = jacrev(lambda p, n=n: fn(p, (a[n : n + 1], {"b": b[n : n + 1]}))[0])(params)
+        for k in params:
+            assert_close_rel(jac[k][n], truth[k])
+
+
+def test_a_leaf_the_per_sample_routes_cannot_split_is_refused():
+    """A NumPy array beside the tensors reached every sample whole (1.26 off); now a ValueError."""
+    np = pytest.importorskip("numpy")
+    model = _TwoInputs().double()
+    fn, params = curvfx.make_functional(model)
+    x = (torch.randn(4, 3, dtype=DTYPE), {"b": torch.randn(4, 2, dtype=DTYPE), "m": np.ones((4, 3))})
+    with pytest.raises(ValueError, match=r"x: the routes that vmap over samples .* got a ndarray"):
+        curvfx.per_sample_jacobian(fn, params, x)
+
+
+def test_per_sample_gradients_of_outputs_without_a_leading_sample_dimension():
+    """Outputs [T, V] of one sequence (targets flattened by the loss): the target check on the first
+    sample's outputs must not assume outputs [N, ...]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5)).double()
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):  # [N, T, 3] -> [N·T, 5]
+            return self.net(x).reshape(-1, 5)
+
+    flat = Flat()
+    x, y = torch.randn(2, 4, 3, dtype=DTYPE), torch.randint(0, 5, (2, 4))
+
+    def loss(outputs, targets):
+        return F.cross_entropy(outputs, targets.reshape(-1))
+
+    fn, params = curvfx.make_functional(flat)
+    grads = curvfx.per_sample_grad(fn, loss, params, x, y)
+    for n in range(2):
+        truth = torch.func.grad(lambda p, n=n: loss(fn(p, x[n : n + 1]), y[n : n + 1]))(params)
+        for k in params:
+            assert_close_rel(grads[k][n], truth[k])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvfx._pytree import leaves
+from curvfx._pytree import batch_tree, leaves
 
 __all__ = [
     "UnsupportedInputError",
@@ -132,10 +131,11 @@ def check_output(outputs: Any) -> Tensor:
 def check_batch(x: Any, y: Tensor | None) -> None:
     """Raise ``ValueError`` unless the tensors of ``x`` (and ``y``, if given) share a leading N > 0.
 
-    Other leaves of ``x`` (a flag or a scale passed to the model) are left alone; a mapping
-    optree does not know (a ``UserDict``, such as a tokenizer's batch) is read as a dict.
+    Other leaves of ``x`` (a flag or a scale passed to the model) are left alone; mappings
+    optree does not open (a ``UserDict``, such as a tokenizer's batch) are read as dicts
+    (:func:`curvfx._pytree.batch_tree`).
     """
-    x_leaves = [t for t in leaves(dict(x) if isinstance(x, Mapping) else x) if isinstance(t, Tensor)]
+    x_leaves = [t for t in leaves(batch_tree(x)) if isinstance(t, Tensor)]
     if not x_leaves:
         raise ValueError(
             f"x: expected a tensor or a tuple/mapping of tensors, got {describe(x)} without tensors"

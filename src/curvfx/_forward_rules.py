@@ -175,10 +175,11 @@ def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
     w_primal, w_tangent = fwad.unpack_dual(args[1])
     b_primal, b_tangent = fwad.unpack_dual(bias) if isinstance(bias, Tensor) else (bias, None)
     if x_tangent is not None:
+        dense = w_primal.dim() == 2 and (b_primal is None or b_primal.dim() == 1)
         constant = w_tangent is not None and not (
             w_tangent.requires_grad or (b_tangent is not None and b_tangent.requires_grad)
         )
-        if not (constant and worth_fusing(x_primal, w_primal)):
+        if not (dense and constant and worth_fusing(x_primal, w_primal)):
             return None
         return fwad.make_dual(*dual_linear(x_primal, x_tangent, w_primal, w_tangent, b_primal, b_tangent))
     if w_tangent is None and b_tangent is None:
@@ -200,7 +201,7 @@ def _relu(x: Tensor) -> Tensor:
 
 
 def _relu_in_place(args, kwargs) -> bool:
-    return bool(kwargs.get("inplace") or (len(args) > 1 and args[1]))
+    return bool(kwargs.get("inplace"))  # F.relu passes it on as a keyword
 
 
 def _mse_loss(args, kwargs) -> Tensor:

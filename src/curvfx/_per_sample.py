@@ -91,7 +91,7 @@ def per_sample_grad(
         return {k: grads[k] for k in params}
 
     first = _first_sample_outputs(fn, params, x)  # vmap hides the targets' values from the loss's checks
-    if isinstance(first, Tensor) and first.dim() > 0:
+    if isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == 1:  # outputs [N, ...]
         loss.check(first.expand(y.shape[0], *first.shape[1:]), y)
 
     def sample_loss(sub, xn, yn):

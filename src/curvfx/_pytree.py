@@ -6,7 +6,9 @@ parameter dict flattens in ``named_parameters()`` order), sequences their index 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 import optree
@@ -17,6 +19,7 @@ __all__ = [
     "as_columns",
     "as_tree",
     "batch_size",
+    "batch_tree",
     "flatten",
     "leaves",
     "num_params",
@@ -200,23 +203,61 @@ def unsqueeze_leaves(tree: PyTree) -> PyTree:
     return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
 
 
-def sample_split(x: PyTree) -> tuple[PyTree, PyTree]:
-    """``(x, in_dims)`` for ``vmap`` over the samples of a batch input ``x``.
+def batch_tree(x: PyTree) -> PyTree:
+    """A batch input with every mapping optree does not open as a dict, at any depth.
 
-    Tensor leaves are split along dim 0; other leaves (a flag or a scale passed to the
-    model) reach every sample as they are (``in_dims`` None). A mapping of a type that
-    ``vmap`` does not know (a tokenizer's ``UserDict`` batch) is passed on as a dict.
+    Such mappings are a tokenizer's ``UserDict`` batch or a dict subclass. This is the tree
+    the batch checks and the per-sample routes read; the model still receives ``x`` as given.
     """
-    if isinstance(x, Mapping) and not isinstance(x, dict):
-        x = dict(x)
-    return x, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, x)
+    return optree.tree_map(
+        lambda leaf: batch_tree(dict(leaf)) if isinstance(leaf, Mapping) else leaf,
+        x,
+        none_is_leaf=False,
+        namespace=_NAMESPACE,
+    )
+
+
+def sample_split(x: PyTree) -> tuple[PyTree, PyTree]:
+    """``(x, in_dims)`` for ``vmap`` over the samples of a batch input ``x`` (as :func:`batch_tree`).
+
+    Tensor leaves are split along dim 0; numbers, strings, dtypes, devices and enums (a
+    flag or a scale passed to the model) reach every sample as they are (``in_dims``
+    None). Any other leaf (a NumPy array, an object holding tensors) cannot be split and
+    raises ``ValueError``.
+    """
+    x = batch_tree(x)
+    return x, tree_map(_sample_dim, x)
 
 
 def sample_of(x: PyTree, n: int) -> PyTree:
-    """Sample ``n`` of a batch input: row n of each tensor leaf, other leaves as they are."""
+    """Sample ``n`` of an input from :func:`sample_split`: row n of each tensor, other leaves as they are."""
     return tree_map(lambda t: t[n] if isinstance(t, Tensor) else t, x)
 
 
 def batch_size(x: PyTree) -> int:
     """N, the leading dimension of the first tensor leaf of a checked batch input ``x``."""
-    return next(t for t in leaves(dict(x) if isinstance(x, Mapping) else x) if isinstance(t, Tensor)).shape[0]
+    return next(t for t in leaves(batch_tree(x)) if isinstance(t, Tensor)).shape[0]
+
+
+_SHARED_LEAVES = (
+    numbers.Number,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+    Enum,
+)
+
+
+def _sample_dim(leaf: Any) -> int | None:
+    if isinstance(leaf, Tensor):
+        return 0
+    if isinstance(leaf, _SHARED_LEAVES):
+        return None
+    raise ValueError(
+        f"x: the routes that vmap over samples split each tensor of the input along dim 0 and "
+        f"pass numbers and flags to every sample, but got a {type(leaf).__name__}; pass it as a "
+        "tensor [N, ...] (or as a number), or keep it inside the model"
+    )
