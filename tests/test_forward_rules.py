@@ -144,10 +144,14 @@ def test_linear_with_a_1d_weight_or_a_broadcast_bias_keeps_torch_formula():
         h = z[:2].sin()
         return _cube(F.linear(h, z[2])) + _cube(F.linear(h, z, z[3:4, :4] * 0 + z[3, :4]))
 
-    z, v = torch.randn(4, 6, dtype=D), torch.randn(4, 6, dtype=D)
-    truth = _dense_hvp(f, z, v)
-    for strategy in ("rev-fwd", "auto"):
-        torch.testing.assert_close(curvfx.hvp(f, z, v, strategy=strategy), truth)
+    def g(z):  # a weight [16, 12] the fused route would take (16·12 > 2·1·28), a bias [1, 16]
+        return _cube(F.linear(z[:1, :12].sin(), z[:, :12], z[1:2]))
+
+    for fun, shape in ((f, (4, 6)), (g, (16, 16))):
+        z, v = torch.randn(shape, dtype=D), torch.randn(shape, dtype=D)
+        truth = _dense_hvp(fun, z, v)
+        for strategy in ("rev-fwd", "auto"):
+            torch.testing.assert_close(curvfx.hvp(fun, z, v, strategy=strategy), truth)
 
 
 def test_dual_linear_refuses_tangents_that_require_grad():
@@ -392,9 +396,10 @@ HVP_CASES = {
 
 
 def _dense_hvp(f, z, v):
-    """Dense Hessian of f at z [4, 6] times v (math attention: the fused kernels have no double backward)."""
+    """Dense Hessian of f at z times v (math attention: the fused kernels have no double backward)."""
     with sdpa_kernel([SDPBackend.MATH]):
-        return (torch.autograd.functional.hessian(f, z).reshape(24, 24) @ v.reshape(-1)).reshape(4, 6)
+        H = torch.autograd.functional.hessian(f, z).reshape(z.numel(), -1)
+        return (H @ v.reshape(-1)).reshape(z.shape)
 
 
 @pytest.mark.parametrize("case", list(HVP_CASES))

@@ -778,3 +778,46 @@ def test_per_sample_gradients_of_outputs_without_a_leading_sample_dimension():
         truth = torch.func.grad(lambda p, n=n: loss(fn(p, x[n : n + 1]), y[n : n + 1]))(params)
         for k in params:
             assert_close_rel(grads[k][n], truth[k])
+
+
+class _Listed(nn.Module):
+    """Scales each sample's outputs by an entry of a Python list passed beside the tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gain = nn.Linear(3, 2), nn.Parameter(torch.ones(2))
+
+    def forward(self, a, w):
+        return self.lin(a) * torch.tensor(w, dtype=a.dtype)[:, None] * self.gain
+
+
+def test_a_list_of_per_sample_numbers_is_refused_not_shared():
+    """A list of N numbers is not split per sample: it broadcast against a batch of one and every
+    sample took the whole batch's values (3.3 to 95 off); the per-sample routes now refuse it."""
+    model = _Listed().double()
+    fn, params = curvfx.make_functional(model)
+    a, w, y = torch.randn(4, 3, dtype=DTYPE), [1.0, 2.0, 3.0, 4.0], torch.randn(4, 2, dtype=DTYPE)
+
+    def mse(outputs, targets):
+        return ((outputs - targets) ** 2).mean()
+
+    calls = {
+        "per_sample_jacobian": lambda: curvfx.per_sample_jacobian(fn, params, (a, w)),
+        "per_sample_grad": lambda: curvfx.per_sample_grad(fn, mse, params, (a, w), y),
+        "exact diagonal": lambda: curvfx.diagonal(curvfx.ggn(model, nn.MSELoss(), ((a, w), y)), "exact"),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"^x: the model's outputs"):
+            call()
+
+
+def test_per_sample_jacobians_refuse_outputs_merging_samples_with_positions():
+    """Outputs [N·T, V]: the Jacobian kept row 0 of each sample's [T, V] (token 0) silently."""
+    model = nn.Sequential(nn.Linear(3, 5)).double()
+    fn, params = curvfx.make_functional(model)
+
+    def merged(p, x):  # [N, T, 3] -> [N·T, 5]
+        return fn(p, x).reshape(-1, 5)
+
+    with pytest.raises(ValueError, match=r"one sample \(a batch of one\) are \[4, 5\], not \[1"):
+        curvfx.per_sample_jacobian(merged, params, torch.randn(2, 4, 3, dtype=DTYPE))

@@ -22,6 +22,7 @@ __all__ = [
     "holds_values",
     "inside_transform",
     "needs_graph",
+    "sample_row",
 ]
 
 
@@ -128,6 +129,24 @@ def check_output(outputs: Any) -> Tensor:
     return outputs
 
 
+def sample_row(outputs: Any) -> Tensor:
+    """``outputs[0]`` of a model evaluated on one sample as a batch of one, checked to be its only row.
+
+    The routes that vmap over samples need outputs [N, ...], one row per sample. Outputs
+    that merge the samples with other dims ([N·T, V]), or an input entry that is not split
+    per sample (a list of N numbers) broadcasting against the batch, give a batch of one
+    several rows, of which ``[0]`` would silently keep one.
+    """
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0 or outputs.shape[0] != 1:
+        got = list(outputs.shape) if isinstance(outputs, Tensor) else describe(outputs)
+        raise ValueError(
+            f"x: the model's outputs for one sample (a batch of one) are {got}, not [1, ...]; the "
+            "routes that vmap over samples need outputs [N, ...] with one row per sample (pass "
+            "per-sample values as tensors [N, ...], and keep the samples apart from other dims)"
+        )
+    return outputs[0]
+
+
 def check_batch(x: Any, y: Tensor | None) -> None:
     """Raise ``ValueError`` unless the tensors of ``x`` (and ``y``, if given) share a leading N > 0.
 
@@ -135,7 +154,7 @@ def check_batch(x: Any, y: Tensor | None) -> None:
     optree does not open (a ``UserDict``, such as a tokenizer's batch) are read as dicts
     (:func:`curvfx._pytree.batch_tree`).
     """
-    x_leaves = [t for t in leaves(batch_tree(x)) if isinstance(t, Tensor)]
+    x_leaves = [x] if isinstance(x, Tensor) else [t for t in leaves(batch_tree(x)) if isinstance(t, Tensor)]
     if not x_leaves:
         raise ValueError(
             f"x: expected a tensor or a tuple/mapping of tensors, got {describe(x)} without tensors"

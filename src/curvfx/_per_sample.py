@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from curvfx._errors import check_batch, check_targets
+from curvfx._errors import check_batch, check_targets, sample_row
 from curvfx._memory import check_fits
 from curvfx._pytree import (
     batch_size,
@@ -73,8 +73,11 @@ def per_sample_grad(
     Raises:
         ValueError: If the batch is empty, ``x`` and ``y`` disagree on N, the model
             couples samples (BatchNorm in train mode has no per-sample gradient; call
-            ``model.eval()``), or ``backend`` is unknown ("structured" with a pure function
-            or inside a ``torch.func`` transform).
+            ``model.eval()``), a sample's outputs are not its rows of the batch's (an input
+            entry not split per sample; checked by forward passes without a graph on the
+            first sample and on the batch before the vmapped route), the targets fail the
+            loss's checks, or ``backend`` is unknown ("structured" with a pure function or
+            inside a ``torch.func`` transform).
         MemoryBudgetError: If the result, N·P numbers, exceeds the memory budget
             (:mod:`curvfx._memory`).
     """
@@ -90,9 +93,7 @@ def per_sample_grad(
     if not leaves(rest):
         return {k: grads[k] for k in params}
 
-    first = _first_sample_outputs(fn, params, x)  # vmap hides the targets' values from the loss's checks
-    if isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == 1:  # outputs [N, ...]
-        loss.check(first.expand(y.shape[0], *first.shape[1:]), y)
+    _check_outputs_per_sample(fn, params, x, loss, y, n)
 
     def sample_loss(sub, xn, yn):
         xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
@@ -179,7 +180,7 @@ def per_sample_jacobian(
     )
 
     def sample_outputs(p, xn):
-        return fn(p, unsqueeze_leaves(xn))[0]
+        return sample_row(fn(p, unsqueeze_leaves(xn)))
 
     # the loop's jacrev takes one output row at a time (chunk_size=1: no vmap inside either)
     looped = jacrev(sample_outputs, chunk_size=1)
@@ -214,14 +215,39 @@ _FEWER = "pass fewer samples per call or a subset of the parameters"
 
 def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
     """C, the number of outputs of one sample."""
-    return _first_sample_outputs(fn, params, x)[0].numel()
+    return sample_row(_forward(fn, params, _first_sample(x))).numel()
 
 
-def _first_sample_outputs(fn, params: PyTree, x: Any) -> Tensor:
-    """The outputs [1, ...] of the first sample as a batch of one: one forward pass (RNG state kept)."""
+def _check_outputs_per_sample(fn, params: PyTree, x: Any, loss, y: Tensor, n: int) -> None:
+    """Raise ``ValueError`` unless a batch of one has 1/N of the batch's output rows; check y.
+
+    Two forward passes without a graph (the first sample, the batch). An input entry not
+    split per sample (a list of N numbers) that broadcasts against the batch gives both
+    passes N rows and every sample the whole batch's values. Then the loss's checks of the
+    targets run on the batch's outputs, as ``vmap`` hides the targets' values from them.
+    """
+    first, whole = _forward(fn, params, _first_sample(x)), _forward(fn, params, x)
+    if not (isinstance(first, Tensor) and isinstance(whole, Tensor) and first.dim() > 0):
+        return
+    if whole.shape != (n * first.shape[0], *first.shape[1:]):
+        raise ValueError(
+            f"x: the model's outputs are {list(whole.shape)} for the batch of N = {n} but "
+            f"{list(first.shape)} for one sample: per-sample gradients need each sample's outputs "
+            "to be its rows of the batch's (pass per-sample values as tensors [N, ...])"
+        )
+    if whole.shape[0] == n:
+        loss.check(whole, y)
+
+
+def _first_sample(x: Any) -> Any:
+    return unsqueeze_leaves(sample_of(sample_split(x)[0], 0))
+
+
+def _forward(fn, params: PyTree, x: Any) -> Any:
+    """``fn(params, x)`` without a graph, the random number state kept."""
     device = leaves(params)[0].device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn(params, unsqueeze_leaves(sample_of(sample_split(x)[0], 0)))
+        return fn(params, x)
 
 
 def _check_independent_samples(fn, transform: str) -> None:

@@ -248,6 +248,7 @@ _SHARED_LEAVES = (
     torch.layout,
     torch.memory_format,
     Enum,
+    torch.Size,
 )
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, layer_kind, output_grads, parameter_uses, supported_layers
-from curvfx._errors import check_autograd, check_output, inside_transform, needs_graph
+from curvfx._errors import check_autograd, check_output, inside_transform, needs_graph, sample_row
 from curvfx._factors import factor_diagonal
 from curvfx._graph import depend_on
 from curvfx._layers import layer_grads, layer_squares, reads_per_sample
@@ -141,7 +141,7 @@ def _generic_squares(
     S = _factor_at(fn, params, x, S, y)
 
     def sample_outputs(p, xn):
-        return fn(p, unsqueeze_leaves(xn))[0]
+        return sample_row(fn(p, unsqueeze_leaves(xn)))
 
     return factor_diagonal(sample_outputs, params, x, S, _chunk(chunk_size, S, params), per_sample)
 
@@ -187,7 +187,7 @@ def structured_diagonal(
         fixed = {k: v for k, v in params.items() if k in structured}
 
         def sample_outputs(sub, xn):
-            return fn({**fixed, **sub}, unsqueeze_leaves(xn))[0]
+            return sample_row(fn({**fixed, **sub}, unsqueeze_leaves(xn)))
 
         chunk = _chunk(chunk_size, S, generic)
         diag.update(factor_diagonal(sample_outputs, generic, x, S, chunk, per_sample))

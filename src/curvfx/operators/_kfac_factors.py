@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from curvfx._capture import captured, output_grads, positions, supported_layers
-from curvfx._errors import check_autograd, check_output
+from curvfx._errors import check_autograd, check_output, sample_row
 from curvfx._factors import factor_diagonal, output_factor
 from curvfx._pytree import unsqueeze_leaves
 from curvfx._structured import tracked_batch
@@ -428,7 +428,7 @@ def _diagonal(
         return torch.cat([v.new_zeros(v.numel()) for v in generic.values()])
 
     def sample_outputs(sub, xn):
-        return model_fn({**fixed, **sub}, unsqueeze_leaves(xn))[0]
+        return sample_row(model_fn({**fixed, **sub}, unsqueeze_leaves(xn)))
 
     size = sum(v.numel() for v in generic.values())
     chunk = max(1, 2**24 // max(1, S.shape[0] * size))
