@@ -821,3 +821,29 @@ def test_per_sample_jacobians_refuse_outputs_merging_samples_with_positions():
 
     with pytest.raises(ValueError, match=r"one sample \(a batch of one\) are \[4, 5\], not \[1"):
         curvfx.per_sample_jacobian(merged, params, torch.randn(2, 4, 3, dtype=DTYPE))
+
+
+def test_per_sample_gradients_of_a_callable_loss_on_tuple_outputs():
+    """A callable loss takes the outputs as returned (here with an auxiliary term), as for the
+    Hessian; the per-sample route crashed in the loss's batch check (AttributeError)."""
+    torch.manual_seed(0)
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 4)
+
+        def forward(self, x):
+            out = self.net(x)
+            return out, (out**2).mean()
+
+    def loss(outputs, targets):
+        return F.cross_entropy(outputs[0], targets) + 0.1 * outputs[1]
+
+    fn, params = curvfx.make_functional(WithAux().double())
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.tensor([0, 3, 1, 2, 2])
+    grads = curvfx.per_sample_grad(fn, loss, params, x, y)
+    for n in range(5):
+        truth = torch.func.grad(lambda p, n=n: loss(fn(p, x[n : n + 1]), y[n : n + 1]))(params)
+        for k in params:
+            assert_close_rel(grads[k][n], truth[k])

@@ -97,9 +97,7 @@ def per_sample_grad(
 
     def sample_loss(sub, xn, yn):
         xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
-        outputs = fn({**params, **sub} if grads else sub, xb)
-        loss.check(outputs, yb)
-        return loss(outputs, yb)
+        return loss.checked_call(fn({**params, **sub} if grads else sub, xb), yb)
 
     generic = _over_samples(grad(sample_loss), grad(sample_loss), rest, (x, y), chunk_size, "per_sample_grad")
     return {k: grads[k] if k in grads else generic[k] for k in params} if grads else generic
