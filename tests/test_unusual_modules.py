@@ -811,6 +811,20 @@ def test_a_list_of_per_sample_numbers_is_refused_not_shared():
             call()
 
 
+def test_per_sample_gradients_refuse_a_shared_list_that_broadcasts_against_two_samples():
+    """A list of 2 numbers beside a batch of 4: one sample gets 2 rows, two samples 2 rows (not
+    4); checked on the first two samples (the batch itself fails in the model)."""
+    model = _Listed().double()
+    fn, params = curvfx.make_functional(model)
+    a, y = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+
+    def mse(outputs, targets):
+        return ((outputs - targets) ** 2).mean()
+
+    with pytest.raises(ValueError, match=r"outputs are \[2, 2\] for 2 samples \(of N = 4\) but \[2, 2\]"):
+        curvfx.per_sample_grad(fn, mse, params, (a, [1.0, 2.0]), y)
+
+
 def test_per_sample_jacobians_refuse_outputs_merging_samples_with_positions():
     """Outputs [N·T, V]: the Jacobian kept row 0 of each sample's [T, V] (token 0) silently."""
     model = nn.Sequential(nn.Linear(3, 5)).double()

@@ -19,6 +19,7 @@ from curvfx._errors import check_batch, check_targets, sample_row
 from curvfx._memory import check_fits
 from curvfx._pytree import (
     batch_size,
+    batch_tree,
     leaves,
     num_params,
     sample_of,
@@ -74,10 +75,11 @@ def per_sample_grad(
         ValueError: If the batch is empty, ``x`` and ``y`` disagree on N, the model
             couples samples (BatchNorm in train mode has no per-sample gradient; call
             ``model.eval()``), a sample's outputs are not its rows of the batch's (an input
-            entry not split per sample; checked by forward passes without a graph on the
-            first sample and on the batch before the vmapped route), the targets fail the
-            loss's checks, or ``backend`` is unknown ("structured" with a pure function or
-            inside a ``torch.func`` transform).
+            entry not split per sample, such as a list of N numbers; checked, for inputs
+            with entries other than tensors, by forward passes without a graph on the first
+            sample and on the first two before the vmapped route), the targets fail the
+            loss's checks (all N of them, before any sample's loss), or ``backend`` is
+            unknown ("structured" with a pure function or inside a ``torch.func`` transform).
         MemoryBudgetError: If the result, N·P numbers, exceeds the memory budget
             (:mod:`curvfx._memory`).
     """
@@ -93,11 +95,13 @@ def per_sample_grad(
     if not leaves(rest):
         return {k: grads[k] for k in params}
 
-    _check_outputs_per_sample(fn, params, x, loss, y, n)
+    if not all(isinstance(t, Tensor) for t in leaves(batch_tree(x))):
+        _check_rows_per_sample(fn, params, x, n)
 
     def sample_loss(sub, xn, yn):
-        xb, yb = unsqueeze_leaves(xn), yn.unsqueeze(0)
-        return loss.checked_call(fn({**params, **sub} if grads else sub, xb), yb)
+        outputs = fn({**params, **sub} if grads else sub, unsqueeze_leaves(xn))
+        _check_all_targets(loss, outputs, y, n)
+        return loss.checked_call(outputs, yn.unsqueeze(0))
 
     generic = _over_samples(grad(sample_loss), grad(sample_loss), rest, (x, y), chunk_size, "per_sample_grad")
     return {k: grads[k] if k in grads else generic[k] for k in params} if grads else generic
@@ -213,32 +217,50 @@ _FEWER = "pass fewer samples per call or a subset of the parameters"
 
 def _sample_output_numel(fn, params: PyTree, x: Any) -> int:
     """C, the number of outputs of one sample."""
-    return sample_row(_forward(fn, params, _first_sample(x))).numel()
+    return sample_row(_forward(fn, params, _leading(x, 1))).numel()
 
 
-def _check_outputs_per_sample(fn, params: PyTree, x: Any, loss, y: Tensor, n: int) -> None:
-    """Raise ``ValueError`` unless a batch of one has 1/N of the batch's output rows; check y.
+def _check_rows_per_sample(fn, params: PyTree, x: Any, n: int) -> None:
+    """Raise ``ValueError`` unless k samples of ``x`` give the model k times one sample's rows.
 
-    Two forward passes without a graph (the first sample, the batch). An input entry not
-    split per sample (a list of N numbers) that broadcasts against the batch gives both
-    passes N rows and every sample the whole batch's values. Then the loss's checks of the
-    targets run on the batch's outputs, as ``vmap`` hides the targets' values from them.
+    For inputs with entries that reach every sample whole (a number, a list of N numbers):
+    such an entry can broadcast against the samples' tensors, and then a batch of one gets
+    as many rows as the batch, and every sample the whole batch's values. Forward passes
+    without a graph on the first sample and on the first two (k = 2), or on the whole batch
+    (k = N) where the two fail.
     """
-    first, whole = _forward(fn, params, _first_sample(x)), _forward(fn, params, x)
-    if not (isinstance(first, Tensor) and isinstance(whole, Tensor) and first.dim() > 0):
+    first = _forward(fn, params, _leading(x, 1))
+    if not (isinstance(first, Tensor) and first.dim() > 0):
         return
-    if whole.shape != (n * first.shape[0], *first.shape[1:]):
+    k = min(n, 2)
+    try:
+        some = _forward(fn, params, _leading(x, k)) if k > 1 else first
+    except Exception:  # the batch's own forward below raises a genuine error again
+        k, some = n, _forward(fn, params, x)
+    if not isinstance(some, Tensor) or some.shape != (k * first.shape[0], *first.shape[1:]):
         raise ValueError(
-            f"x: the model's outputs are {list(whole.shape)} for the batch of N = {n} but "
-            f"{list(first.shape)} for one sample: per-sample gradients need each sample's outputs "
+            f"x: the model's outputs are {list(getattr(some, 'shape', []))} for {k} samples (of N = {n}) "
+            f"but {list(first.shape)} for one sample: per-sample gradients need each sample's outputs "
             "to be its rows of the batch's (pass per-sample values as tensors [N, ...])"
         )
-    if whole.shape[0] == n:
-        loss.check(whole, y)
 
 
-def _first_sample(x: Any) -> Any:
-    return unsqueeze_leaves(sample_of(sample_split(x)[0], 0))
+def _check_all_targets(loss, outputs: Any, y: Tensor, n: int) -> None:
+    """The loss's checks of all N targets ``y`` against one sample's ``outputs`` [1, ...].
+
+    Run on outputs of the batch's shape (a zero expanded to [N, ...]: the checks read
+    shapes) and the batch's targets, which ``vmap`` does not wrap, so that their values
+    (a class index out of range) are read before any sample's loss; the per-sample call
+    inside ``vmap`` sees only wrapped targets.
+    """
+    if isinstance(outputs, Tensor) and outputs.dim() > 0 and outputs.shape[0] == 1:
+        zero = torch.zeros((), dtype=outputs.dtype, device=outputs.device)
+        loss.check(zero.expand(n, *outputs.shape[1:]), y)
+
+
+def _leading(x: Any, k: int) -> Any:
+    """The first k samples of a batch input ``x``, as a batch (other leaves as they are)."""
+    return tree_map(lambda t: t[:k] if isinstance(t, Tensor) else t, sample_split(x)[0])
 
 
 def _forward(fn, params: PyTree, x: Any) -> Any:
