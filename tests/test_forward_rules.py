@@ -532,10 +532,15 @@ def test_mse_loss_closed_form_tangent_gives_the_hessian(reduction):
 
 
 @pytest.mark.parametrize(
-    "case", ["mean", "sum", "ignored", "sequence", "weight", "smoothing", "probabilities", "none"]
-)
+    "case",
+    [
+        "mean", "sum", "ignored", "ignored class", "ignored past C", "positional", "module",
+        "sequence", "sequence ignored", "weight", "smoothing", "probabilities", "none",
+    ],
+)  # fmt: skip
 def test_cross_entropy_tangent_gives_the_hessian(case):
-    """rev-fwd HVP through F.cross_entropy, whose tangent comes from its backward pass, for its options."""
+    """rev-fwd HVP through F.cross_entropy, for its options: the closed-form tangent for class
+    indices without weight or smoothing, the tangent of the backward pass for the others."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 6)).double()
     fn, params = curvfx.make_functional(model)
@@ -546,8 +551,15 @@ def test_cross_entropy_tangent_gives_the_hessian(case):
         "mean": lambda o: F.cross_entropy(o[:, :3], y),
         "sum": lambda o: F.cross_entropy(o[:, :3], y, reduction="sum"),
         "ignored": lambda o: F.cross_entropy(o[:, :3], torch.tensor([0, -100, 1, 2, -100])),
+        "ignored class": lambda o: F.cross_entropy(o[:, :3], y, ignore_index=2, reduction="sum"),
+        "ignored past C": lambda o: F.cross_entropy(o[:, :3], y.where(y != 1, 255), ignore_index=255),
+        "positional": lambda o: F.cross_entropy(o[:, :3], y, None, None, 0, None, "sum"),
+        "module": lambda o: torch.nn.CrossEntropyLoss(ignore_index=1)(o[:, :3], y),
         "sequence": lambda o: F.cross_entropy(
             o.reshape(5, 3, 2), torch.tensor([[0, 1], [2, 2], [1, 0], [0, 0], [2, 1]])
+        ),
+        "sequence ignored": lambda o: F.cross_entropy(
+            o.reshape(5, 3, 2), torch.tensor([[0, -100], [2, 2], [-100, 0], [0, 0], [2, 1]])
         ),
         "weight": lambda o: F.cross_entropy(o[:, :3], y, weight=w),
         "smoothing": lambda o: F.cross_entropy(o[:, :3], y, label_smoothing=0.2),
