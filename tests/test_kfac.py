@@ -389,6 +389,16 @@ def test_unused_layer_and_bias_only_blocks_over_batches():
     assert K.to_dense()[3:, 3:].abs().max() == 0
 
 
+def test_wide_input_factor_equals_the_dense_second_moment():
+    """A layer with 1,100 inputs (A is formed from blocks of its halves, twice) over two
+    batches: A = Σ ã ãᵀ / N, its lower blocks copied from the upper ones."""
+    model = seeded(lambda: nn.Linear(1100, 2))
+    x, y = rand(9, 1100), rand(9, 2, seed=5)
+    A = kfac(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]).factors.blocks[0].A
+    a = torch.cat([x, torch.ones(9, 1, dtype=DTYPE)], 1)
+    assert_close_rel(A, a.T @ a / 9)
+
+
 def test_batches_combine_like_their_concatenation():
     """Unequal batches with ignored targets: the same factors as one concatenated batch."""
     model = seeded(lambda: mlp(nn.Tanh))

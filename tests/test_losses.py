@@ -421,6 +421,21 @@ def test_mc_fisher_from_samples_matches_fisher_factor():
     assert torch.all((mc - exact).abs() <= 5 * se + 1e-12), (mc - exact) / (se + 1e-300)
 
 
+def test_sampled_classes_follow_the_softmax_and_skip_impossible_classes():
+    """Draws over dim 1 of logits [N, C, d]: frequencies within 5 standard errors of softmax,
+    and classes whose probability underflows to zero (last class included) never drawn."""
+    logits = torch.tensor([[0.0, -1e3, 1.0, -1e3], [2.0, 0.5, -1e3, -1e3]]).T.unsqueeze(0)  # [1, 4, 2]
+    M = 50_000
+    draws = get_loss(nn.CrossEntropyLoss()).sample_targets(
+        logits.expand(M, 4, 2), generator=torch.Generator().manual_seed(3)
+    )
+    assert draws.shape == (M, 2) and draws.dtype == torch.int64
+    freq = torch.stack([torch.bincount(draws[:, d], minlength=4) for d in range(2)], 1).double() / M
+    p = logits[0].double().softmax(0)
+    assert torch.all(freq[p == 0] == 0)
+    assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / M).sqrt() + 1e-12), freq - p
+
+
 @pytest.mark.parametrize(
     "loss_obj, outputs",
     [
@@ -604,3 +619,39 @@ def test_class_index_dtypes_torch_refuses_are_refused(dtype):
         with pytest.raises(ValueError, match=r"int64 or uint8"):
             loss.hessian_vp(f, t.to(dtype), f)
         loss.hessian_vp(f, t.to(torch.uint8), f)
+
+
+_Y3 = torch.tensor([0, 2, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "loss_obj, outputs, targets",
+    [
+        (nn.CrossEntropyLoss(), torch.randn(4, 3, dtype=DTYPE), _Y3),
+        (nn.CrossEntropyLoss(reduction="sum"), torch.randn(4, 3, dtype=DTYPE), _Y3),
+        (nn.CrossEntropyLoss(ignore_index=2), torch.randn(4, 3, dtype=DTYPE), _Y3),
+        (nn.CrossEntropyLoss(ignore_index=9), torch.randn(4, 3, dtype=DTYPE), _Y3.where(_Y3 != 1, 9)),
+        (nn.CrossEntropyLoss(), torch.randn(4, 3, 2, dtype=DTYPE), torch.stack([_Y3, _Y3.flip(0)], 1)),
+        (nn.MSELoss(), torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE)),
+        (nn.MSELoss(reduction="sum"), torch.randn(4, 3, 2, dtype=DTYPE), torch.randn(4, 3, 2, dtype=DTYPE)),
+    ],
+)
+def test_closed_form_gradient_equals_autograd(loss_obj, outputs, targets):
+    """Loss.gradient against torch.autograd.grad of the loss as torch computes it."""
+    f = outputs.clone().requires_grad_(True)
+    (truth,) = torch.autograd.grad(loss_obj(f, targets), f)
+    assert_close_rel(get_loss(loss_obj).gradient(outputs, targets), truth)
+
+
+@pytest.mark.parametrize(
+    "loss_obj, targets",
+    [
+        (nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DTYPE)), _Y3),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), _Y3),
+        (nn.CrossEntropyLoss(), torch.rand(4, 3, dtype=DTYPE).softmax(1)),
+        (nn.BCEWithLogitsLoss(), torch.rand(4, 3, dtype=DTYPE)),
+    ],
+)
+def test_closed_form_gradient_is_none_where_there_is_none(loss_obj, targets):
+    """Options without a closed form here leave the gradient to autograd (None), not a wrong formula."""
+    assert get_loss(loss_obj).gradient(torch.randn(4, 3, dtype=DTYPE), targets) is None

@@ -130,10 +130,14 @@ def _loss_gradient(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
     """``∇_f L(f, targets)`` at ``f = outputs``.
 
     By ``torch.func.grad`` inside transforms or for outputs or targets with a graph (the
-    result then keeps it), else by one plain backward pass (less overhead).
+    result then keeps it), else by the loss's closed form (:meth:`Loss.gradient`) or one
+    plain backward pass.
     """
     if inside_transform() or outputs.requires_grad or getattr(targets, "requires_grad", False):
         return grad(lambda f: loss(f, targets))(outputs)
+    closed = loss.gradient(outputs, targets)
+    if closed is not None:
+        return closed
     with torch.enable_grad():
         f = outputs.detach().requires_grad_()
         return torch.autograd.grad(loss(f, targets), f)[0]

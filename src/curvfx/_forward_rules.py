@@ -29,10 +29,10 @@ Inside :class:`ForwardRules` (a ``TorchFunctionMode`` entered with a forward-mod
   ``F.cross_entropy`` of class indices (no weight, no smoothing) the tangent
   ``Σ_i c_i (p_i·ẋ_i - ẋ_{i,y_i})``. Any other operation with a tangent input and a scalar
   output (a loss) gets ``ẏ = ⟨∇y, ẋ⟩`` from a backward pass with its graph,
-  differentiable wherever double backprop is. Any other operation with a tangent input and a tensor output, an in-place
-  or ``out=`` call of an operation outside :data:`TRUSTED`, or a ``torch.func`` transform
-  inside the function raises :class:`UntrustedTangents`, and the caller uses double
-  backprop instead.
+  differentiable wherever double backprop is. Any other operation with a tangent input
+  and a tensor output, an in-place or ``out=`` call of an operation outside
+  :data:`TRUSTED`, or a ``torch.func`` transform inside the function raises
+  :class:`UntrustedTangents`, and the caller uses double backprop instead.
 
 * **Padding rows.** Torch's backward gives the row ``padding_idx`` of an embedding table no
   gradient (the row is a constant of the model), but its forward formula ``ẏ = Ẇ[ids]``
@@ -250,36 +250,31 @@ def _mse_loss(args, kwargs) -> Tensor:
 
 
 def _cross_entropy(args, kwargs) -> Tensor:
-    """``F.cross_entropy`` with the tangent of its closed form for class indices, no weight, no smoothing.
+    """``F.cross_entropy`` with the tangent ``⟨∇_x y, ẋ⟩`` from the loss's closed-form gradient.
 
-    ``ẏ = Σ_i c_i (p_i·ẋ_i - ẋ_{i,y_i})`` over positions i (dim 1 holds the classes),
-    ``p_i = softmax(x_i)``, ``c_i = [y_i ≠ ignore_index] / Z`` (Z: the counted positions
-    for ``"mean"``, 1 for ``"sum"``; :meth:`CrossEntropyLoss._coefficients`): the tangent
-    :func:`_scalar_tangent` would get from the loss's backward pass, without that pass.
-    Other calls (a weight, label smoothing, probability targets, ``"none"``, unbatched
-    logits) go to :func:`_scalar_tangent`.
+    For class indices without weight or smoothing (:meth:`CrossEntropyLoss.gradient`,
+    ``∇_{x_i} y = c_i (p_i - e_{y_i})``): the tangent :func:`_scalar_tangent` would get from
+    the loss's backward pass, without that pass. Other calls go to :func:`_scalar_tangent`.
     """
     names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
     given = dict(zip(names, args)) | kwargs
     x, x_tangent = unpack(given["input"])
     target, reduction = given["target"], given.get("reduction", "mean")
-    closed = (
+    if not (
         x_tangent is not None
         and x.dim() >= 2
         and isinstance(target, Tensor)
-        and not target.is_floating_point()
         and reduction in ("mean", "sum")
         and all(given.get(option) is None for option in ("weight", "size_average", "reduce"))
         and not given.get("label_smoothing")
-    )
-    if not closed:
+    ):
         return _scalar_tangent(F.cross_entropy, args, kwargs)
-    ignore = given.get("ignore_index", -100)
-    out = F.cross_entropy(x, target, ignore_index=ignore, reduction=reduction)
-    c = CrossEntropyLoss(reduction, ignore_index=ignore)._coefficients(x, target)
-    picked = x_tangent.gather(1, torch.where(target == ignore, 0, target).unsqueeze(1)).squeeze(1)
-    tangent = (c * ((torch.softmax(x, 1) * x_tangent).sum(1) - picked)).sum()
-    return dual(out, tangent.reshape(out.shape))
+    loss = CrossEntropyLoss(reduction, ignore_index=given.get("ignore_index", -100))
+    out = loss(x, target)  # torch's errors for targets that do not fit, first
+    gradient = loss.gradient(x, target)
+    if gradient is None:  # class probabilities
+        return _scalar_tangent(F.cross_entropy, args, kwargs)
+    return dual(out, (gradient * x_tangent).sum().reshape(out.shape))
 
 
 _LOSS_RULES = {F.mse_loss: _mse_loss, F.cross_entropy: _cross_entropy}

@@ -34,6 +34,14 @@ class Loss:
         self.check(check_output(outputs), targets)
         return self(outputs, targets)
 
+    def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """``∇_f L`` shaped like ``outputs`` in closed form, or None where there is none.
+
+        Differentiable in ``outputs``. None: the loss has no closed form for its options
+        (autograd gives the gradient then).
+        """
+        return None
+
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z, the denominator of ``reduction="mean"`` (1 for ``"sum"``): ``L = (1/Z) Σ_i ℓ_i``.
 

@@ -39,6 +39,10 @@ class MSELoss(Loss):
     def _scale(self, outputs: Tensor) -> float:
         return 2.0 / self.normalizer(outputs)
 
+    def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``2c (f - y)``."""
+        return self._scale(outputs) * (outputs - targets)
+
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``2c · v``."""
         return self._scale(outputs) * v

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
+Layers = dict[nn.Module, dict[str, str]]  # supported layer -> {"weight"/"bias": parameter name}
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 _KIND = {"type-2": "ggn", "mc": "mc", "empirical": "empirical"}
 
@@ -157,21 +158,27 @@ class KroneckerFactors:
         return new
 
 
-def layout(model_fn: FunctionalModel, params: dict[str, Tensor]) -> KroneckerFactors:
-    """The block structure of ``params`` (no data read): factors are None, the diagonal zero."""
+def layout(
+    model_fn: FunctionalModel, params: dict[str, Tensor], layers: Layers | None = None
+) -> KroneckerFactors:
+    """The block structure of ``params`` (no data read): factors are None, the diagonal zero.
+
+    ``layers``: :func:`~curvfx._capture.supported_layers` of the model, if already found.
+    """
+    layers = supported_layers(model_fn.module, params) if layers is None else layers
+    names = _module_names(model_fn.module, layers)
     offsets, start = {}, 0
     for name, p in params.items():
         offsets[name] = start
         start += p.numel()
     first = next(iter(params.values()))
     blocks = []
-    for module, names in supported_layers(model_fn.module, params).items():
-        weight, bias = names.get("weight"), names.get("bias")
+    for module, owned in layers.items():
+        weight, bias = owned.get("weight"), owned.get("bias")
         out = params[weight].shape[0] if weight else params[bias].shape[0]
         size_in = (params[weight].numel() // out if weight else 0) + (bias is not None)
         where = (offsets[weight] if weight else None, offsets[bias] if bias else None)
-        name = _module_name(model_fn.module, module)
-        blocks.append(KroneckerBlock(name, dict(names), (out, size_in), where, first.device))
+        blocks.append(KroneckerBlock(names[module], dict(owned), (out, size_in), where, first.device))
     covered = {name for blk in blocks for name in blk.params.values()}
     rest = [name for name in params if name not in covered]
     spans = [(offsets[n], params[n].numel()) for n in rest]
@@ -196,7 +203,8 @@ def kronecker_factors(
     the module docstring for the formulas), plus the per-sample route for the parameters
     outside supported layers.
     """
-    factors = layout(model_fn, params)
+    layers = supported_layers(model_fn.module, params)
+    factors = layout(model_fn, params, layers)
     blocks = {blk.module: blk for blk in factors.blocks}
     dtype, device = factors.diagonal.dtype, factors.diagonal.device
     summed = torch.promote_types(dtype, torch.float32)  # sums of squares overflow 16 bits
@@ -207,10 +215,10 @@ def kronecker_factors(
     counts = dict.fromkeys(blocks, 0)
     diagonal, z_total = 0.0, 0.0
     reader = "reduce" if kfac_approx == "reduce" else None
-    for z, x, S, layers in _layer_batches(
-        model_fn, loss, params, data, fisher_type, num_samples, seed, reader
+    for z, x, S, read in _layer_batches(
+        model_fn, loss, params, data, layers, fisher_type, num_samples, seed, reader
     ):
-        for module, (a, gs) in layers.items():
+        for module, (a, gs) in read.items():
             if kfac_approx == "reduce":  # ā_n = mean_t ã_nt, ḡ_kn = Σ_t g_knt
                 a, gs = (None if a is None else a.mean(1)), [g.sum(2) for g in gs]
             rows = gs[0].shape[1] * (gs[0].shape[2] if gs[0].dim() == 4 else 1)  # N·T (expand) or N (reduce)
@@ -257,7 +265,8 @@ def eigenvalue_corrections(
     """
     sums: dict[str, Any] = {m: None for m in bases}
     z_total = 0.0
-    batches = _layer_batches(model_fn, loss, params, data, fisher_type, num_samples, seed, "ekfac")
+    layers = supported_layers(model_fn.module, params)
+    batches = _layer_batches(model_fn, loss, params, data, layers, fisher_type, num_samples, seed, "ekfac")
     for z, _, _, layers in batches:
         for module, (a, gs) in layers.items():
             QB, QA = bases[module]
@@ -297,6 +306,7 @@ def _layer_batches(
     loss: Loss,
     params: dict[str, Tensor],
     data: Batches,
+    layers: Layers,
     fisher_type: str,
     num_samples: int,
     seed: int,
@@ -313,8 +323,7 @@ def _layer_batches(
     """
     check_autograd()
     check_pairing(model_fn, fisher_type)
-    layers = supported_layers(model_fn.module, params)
-    names = {m: _module_name(model_fn.module, m) for m in layers}
+    names = _module_names(model_fn.module, layers)
     mean = loss.reduction != "sum"
     device = next(iter(params.values())).device
     for b, (x, y) in enumerate(data):
@@ -392,7 +401,7 @@ def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> 
     """``total = weight · Σ t tᵀ`` over the rows of ``t`` [..., d] (``total +=`` unless ``first``).
 
     ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
-    stored one after the other (linear layers) make one matrix product into ``total``. A
+    stored one after the other (linear layers) go to :func:`_add_gram` as they are. A
     convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
     (channels before positions): with T ≥ d, one batched product over the leading
     entries, summed — on a 2-conv CNN's type-2 factors 6× faster than copying the rows
@@ -402,8 +411,7 @@ def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> 
     t = t.to(total.dtype)  # 16-bit inputs (or autocast's) summed in float32
     d, positions = t.shape[-1], t.shape[-2]
     if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
-        rows = t.reshape(-1, d)
-        total.addmm_(rows.T, rows, beta=0.0 if first else 1.0, alpha=weight)  # beta = 0 ignores total
+        _add_gram(total, t.reshape(-1, d), weight, 0.0 if first else 1.0)
         return
     blocks = t.transpose(-1, -2).reshape(-1, d, positions)  # a view of the contiguous layout
     term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
@@ -411,6 +419,26 @@ def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> 
         total.copy_(term)
     else:
         total.add_(term)
+
+
+def _add_gram(total: Tensor, rows: Tensor, weight: float, beta: float) -> None:
+    """``total = beta · total + weight · rowsᵀ rows`` for ``rows`` [R, d] (beta = 0 ignores total).
+
+    From d = 512 on, the diagonal blocks (recursively) and the upper off-diagonal block of
+    the halves only, the lower block copied from the upper: 3/4 of the multiply-adds per
+    level. Measured on 2 CPU threads: [128, 785] 0.92 → 0.84 ms, [256, 785] 1.66 → 1.29 ms,
+    [64, 2049] 3.8 → 3.4 ms; below d = 512 the smaller products lose more than they save.
+    """
+    d = rows.shape[1]
+    if d < 512:
+        total.addmm_(rows.T, rows, beta=beta, alpha=weight)
+        return
+    h = d // 2
+    left, right = rows[:, :h], rows[:, h:]
+    _add_gram(total[:h, :h], left, weight, beta)
+    _add_gram(total[h:, h:], right, weight, beta)
+    total[:h, h:].addmm_(left.T, right, beta=beta, alpha=weight)
+    total[h:, :h].copy_(total[:h, h:].T)
 
 
 def _diagonal(
@@ -436,5 +464,9 @@ def _diagonal(
     return torch.cat([diag[k].reshape(-1) for k in names])
 
 
-def _module_name(root: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in root.named_modules() if m is module)
+def _module_names(root: nn.Module, modules: Iterable[nn.Module]) -> dict[nn.Module, str]:
+    """Each of ``modules``' name in ``root`` (its first, for a module registered twice)."""
+    first: dict[nn.Module, str] = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        first.setdefault(m, name)
+    return {m: first[m] for m in modules}
