@@ -76,9 +76,9 @@ def hvp(
             with dual parameters carrying the directional derivative, then one backward
             pass through it; torch's forward-mode formulas are used only where they
             back-propagate correctly, normalization, softmax and attention run decomposed,
-            losses take their tangent from their backward pass (MSE from its closed form), see
-            :mod:`curvfx._forward_rules`; a ``ValueError`` for anything else, such as a
-            recurrent layer), ``"autograd"`` (reverse-over-reverse double backprop with
+            losses take their tangent from their backward pass (MSE and plain cross-entropy
+            from their closed forms), see :mod:`curvfx._forward_rules`; a ``ValueError``
+            for anything else, such as a recurrent layer), ``"autograd"`` (reverse-over-reverse double backprop with
             ``torch.autograd``), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
             ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
             ``F.mse_loss`` this way and a ``ValueError`` says so), or ``"auto"``: eagerly
