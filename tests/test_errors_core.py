@@ -331,6 +331,15 @@ def test_per_sample_gradients_refuse_an_out_of_range_class_before_vmapping(backe
             )
 
 
+def test_per_sample_gradients_refuse_an_out_of_range_class_in_the_last_chunk():
+    """The targets are checked all at once (once per call), not only those of the first chunk."""
+    model, x, _ = _model_and_batch(classes=3)
+    fn, params = curvfx.make_functional(model)
+    with pytest.raises(ValueError, match=r"targets: .*class indices in \[0, C = 3\)"):
+        y = torch.tensor([0, 1, 2, 2, 5])
+        curvfx.per_sample_grad(fn, nn.CrossEntropyLoss(), params, x, y, chunk_size=2)
+
+
 def test_class_targets_of_any_integer_dtype_and_probabilities_of_another_float_dtype():
     """uint8 indices were read as a boolean mask by the weight lookup; float32 probabilities
     crashed a float64 einsum."""

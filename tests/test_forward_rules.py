@@ -534,7 +534,7 @@ def test_mse_loss_closed_form_tangent_gives_the_hessian(reduction):
 @pytest.mark.parametrize(
     "case",
     [
-        "mean", "sum", "ignored", "ignored class", "ignored past C", "positional", "module",
+        "mean", "sum", "ignored", "ignored class", "ignored past C", "uint8", "positional", "module",
         "sequence", "sequence ignored", "weight", "smoothing", "probabilities", "none",
     ],
 )  # fmt: skip
@@ -553,6 +553,7 @@ def test_cross_entropy_tangent_gives_the_hessian(case):
         "ignored": lambda o: F.cross_entropy(o[:, :3], torch.tensor([0, -100, 1, 2, -100])),
         "ignored class": lambda o: F.cross_entropy(o[:, :3], y, ignore_index=2, reduction="sum"),
         "ignored past C": lambda o: F.cross_entropy(o[:, :3], y.where(y != 1, 255), ignore_index=255),
+        "uint8": lambda o: F.cross_entropy(o[:, :3], y.where(y != 1, 255).byte(), ignore_index=255),
         "positional": lambda o: F.cross_entropy(o[:, :3], y, None, None, 0, None, "sum"),
         "module": lambda o: torch.nn.CrossEntropyLoss(ignore_index=1)(o[:, :3], y),
         "sequence": lambda o: F.cross_entropy(

@@ -989,7 +989,7 @@ def test_kfac_and_ekfac_are_symmetric_psd(seed, n, hidden, fisher_type, approx):
 @pytest.mark.parametrize("positions", [1, 3, 12])  # T < d: rows copied; T ≥ d: batched product
 def test_second_moment_of_each_layout(positions):
     """Σ t tᵀ over all rows, for rows in place and for a convolution's transposed layout."""
-    from curvfx.operators._kfac_factors import _add_second_moment
+    from curvfx.operators._kfac_moments import add_second_moment
 
     g = torch.Generator().manual_seed(0)
     conv_layout = torch.randn(2, 5, 6, positions, generator=g, dtype=DTYPE).transpose(-1, -2)  # [.., T, d=6]
@@ -997,9 +997,9 @@ def test_second_moment_of_each_layout(positions):
     for t in (conv_layout, row_layout):
         rows = t.reshape(-1, 6)
         total = torch.full((6, 6), float("nan"), dtype=DTYPE)  # uninitialized: overwritten
-        _add_second_moment(total, t, 0.5, first=True)
+        add_second_moment(total, t, 0.5, first=True)
         assert_close_rel(total, 0.5 * rows.T @ rows, tol=1e-13)
-        _add_second_moment(total, t, 2.0, first=False)
+        add_second_moment(total, t, 2.0, first=False)
         assert_close_rel(total, 2.5 * rows.T @ rows, tol=1e-13)
 
 

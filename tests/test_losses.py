@@ -622,6 +622,7 @@ def test_class_index_dtypes_torch_refuses_are_refused(dtype):
 
 
 _Y3 = torch.tensor([0, 2, 1, 2])
+_Y3_BYTES = torch.tensor([0, 255, 1, 2], dtype=torch.uint8)  # uint8 class indices, one ignored
 
 
 @pytest.mark.parametrize(
@@ -631,6 +632,7 @@ _Y3 = torch.tensor([0, 2, 1, 2])
         (nn.CrossEntropyLoss(reduction="sum"), torch.randn(4, 3, dtype=DTYPE), _Y3),
         (nn.CrossEntropyLoss(ignore_index=2), torch.randn(4, 3, dtype=DTYPE), _Y3),
         (nn.CrossEntropyLoss(ignore_index=9), torch.randn(4, 3, dtype=DTYPE), _Y3.where(_Y3 != 1, 9)),
+        (nn.CrossEntropyLoss(ignore_index=255), torch.randn(4, 3, dtype=DTYPE), _Y3_BYTES),
         (nn.CrossEntropyLoss(), torch.randn(4, 3, 2, dtype=DTYPE), torch.stack([_Y3, _Y3.flip(0)], 1)),
         (nn.MSELoss(), torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE)),
         (nn.MSELoss(reduction="sum"), torch.randn(4, 3, 2, dtype=DTYPE), torch.randn(4, 3, 2, dtype=DTYPE)),
@@ -655,3 +657,19 @@ def test_closed_form_gradient_equals_autograd(loss_obj, outputs, targets):
 def test_closed_form_gradient_is_none_where_there_is_none(loss_obj, targets):
     """Options without a closed form here leave the gradient to autograd (None), not a wrong formula."""
     assert get_loss(loss_obj).gradient(torch.randn(4, 3, dtype=DTYPE), targets) is None
+
+
+def test_closed_form_mse_gradient_keeps_the_outputs_dtype():
+    """float32 outputs against float64 targets: the gradient is float32, as torch's is."""
+    f, t = torch.randn(4, 3), torch.randn(4, 3, dtype=DTYPE)
+    g = get_loss(nn.MSELoss()).gradient(f, t)
+    assert g.dtype == torch.float32
+    assert_close_rel(g.double(), 2 * (f.double() - t) / 12, tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_from_non_finite_outputs_is_refused(bad):
+    """nan or inf logits have no predictive distribution: a ValueError, not plausible classes."""
+    logits = torch.tensor([[0.0, bad, 1.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="not finite"):
+        get_loss(nn.CrossEntropyLoss()).sample_targets(logits, generator=torch.Generator().manual_seed(0))

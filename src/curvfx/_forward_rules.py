@@ -66,6 +66,10 @@ __all__ = ["TRUSTED", "ForwardRules", "UntrustedTangents"]
 _SPATIAL_DIMS = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # op(input, weight, bias=None, *config)
 _RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})  # out of place (F.relu's inplace=False)
 
+_PRIMITIVES = all(  # torch's dual-number primitives, used without forward_ad's wrappers where present
+    hasattr(m, a) for m, a in ((fwad, "_current_level"), (torch, "_make_dual"), (torch, "_unpack_dual"))
+)
+
 _T = torch.Tensor
 TRUSTED = frozenset(
     {  # as torch's function mode sees them: `a + b` is Tensor.add, `1 / a` Tensor.__rdiv__
@@ -98,25 +102,6 @@ _PASS = TRUSTED | {  # and the dual-number API, and queries that return no tenso
     _T.size, _T.numel, _T.__len__, _T.shape.__get__, _T.dtype.__get__, _T.device.__get__,
     _T.requires_grad.__get__, _T.ndim.__get__,
 }  # fmt: skip
-
-
-def unpack(t: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(primal, tangent)`` of ``t`` at the innermost forward-mode level (tangent None if none).
-
-    :func:`torch.autograd.forward_ad.unpack_dual` without its Python wrappers (1 µs a call
-    against 3 µs; a product of a small model makes dozens of calls).
-    """
-    level = fwad._current_level
-    return torch._unpack_dual(t, level=level) if level >= 0 else (t, None)
-
-
-def dual(primal: Tensor, tangent: Tensor) -> Tensor:
-    """:func:`torch.autograd.forward_ad.make_dual` at the innermost level, without its wrappers.
-
-    For floating tensors inside a level whose first duals were made by ``make_dual`` (which
-    loads torch's forward-mode decompositions once): 1.3 µs a call against 4.5 µs.
-    """
-    return torch._make_dual(primal, tangent, level=fwad._current_level)
 
 
 class UntrustedTangents(RuntimeError):
@@ -189,12 +174,12 @@ def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
     outsizes its rows when the tangents will be back-propagated (and the weight's and the
     bias's tangents are constants), else None.
     """
-    x_primal, x_tangent = unpack(args[0])
+    x_primal, x_tangent = _unpack(args[0])
     if x_tangent is not None and not (differentiable and func is F.linear and len(args) <= 3):
         return None
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    w_primal, w_tangent = unpack(args[1])
-    b_primal, b_tangent = unpack(bias) if isinstance(bias, Tensor) else (bias, None)
+    w_primal, w_tangent = _unpack(args[1])
+    b_primal, b_tangent = _unpack(bias) if isinstance(bias, Tensor) else (bias, None)
     if x_tangent is not None:
         dense = w_primal.dim() == 2 and (b_primal is None or b_primal.dim() == 1)
         constant = w_tangent is not None and not (
@@ -202,7 +187,7 @@ def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
         )
         if not (dense and constant and worth_fusing(x_primal, w_primal)):
             return None
-        return dual(*dual_linear(x_primal, x_tangent, w_primal, w_tangent, b_primal, b_tangent))
+        return _dual(*dual_linear(x_primal, x_tangent, w_primal, w_tangent, b_primal, b_tangent))
     if w_tangent is None and b_tangent is None:
         return None
     rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
@@ -211,14 +196,14 @@ def _affine(func, args, kwargs, differentiable: bool) -> Tensor | None:
         tangent = b_tangent.reshape((-1,) + (1,) * _SPATIAL_DIMS[func]).expand_as(out)
     else:
         tangent = func(x_primal, w_tangent, b_tangent, *rest, **options)  # x Ẇᵀ + ḃ
-    return dual(out, tangent)
+    return _dual(out, tangent)
 
 
 def _relu(x: Tensor) -> Tensor:
     """``relu(x)`` with the tangent ``ẋ ⊙ 1[x > 0]`` (torch's derivative, 0 at x = 0)."""
-    primal, tangent = unpack(x)
+    primal, tangent = _unpack(x)
     out = torch.relu(primal)
-    return out if tangent is None else dual(out, tangent * (primal > 0))
+    return out if tangent is None else _dual(out, tangent * (primal > 0))
 
 
 def _relu_in_place(args, kwargs) -> bool:
@@ -237,8 +222,8 @@ def _mse_loss(args, kwargs) -> Tensor:
     if any(given.get(option) is not None for option in ("size_average", "reduce", "weight")):
         return _scalar_tangent(F.mse_loss, args, kwargs)
     reduction = given.get("reduction", "mean")
-    x, x_tangent = unpack(given["input"])
-    t, t_tangent = unpack(given["target"])
+    x, x_tangent = _unpack(given["input"])
+    t, t_tangent = _unpack(given["target"])
     out = F.mse_loss(x, t, reduction=reduction)
     if x_tangent is None and t_tangent is None:
         return out
@@ -246,7 +231,7 @@ def _mse_loss(args, kwargs) -> Tensor:
     d_tangent = (x_tangent if x_tangent is not None else 0) - (t_tangent if t_tangent is not None else 0)
     entries = 2 * d * d_tangent
     tangent = entries if reduction == "none" else entries.sum() / (d.numel() if reduction == "mean" else 1)
-    return dual(out, tangent.expand_as(out) if reduction == "none" else tangent.reshape(out.shape))
+    return _dual(out, tangent.expand_as(out) if reduction == "none" else tangent.reshape(out.shape))
 
 
 def _cross_entropy(args, kwargs) -> Tensor:
@@ -258,12 +243,13 @@ def _cross_entropy(args, kwargs) -> Tensor:
     """
     names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
     given = dict(zip(names, args)) | kwargs
-    x, x_tangent = unpack(given["input"])
+    x, x_tangent = _unpack(given["input"])
     target, reduction = given["target"], given.get("reduction", "mean")
     if not (
         x_tangent is not None
         and x.dim() >= 2
         and isinstance(target, Tensor)
+        and not target.is_floating_point()
         and reduction in ("mean", "sum")
         and all(given.get(option) is None for option in ("weight", "size_average", "reduce"))
         and not given.get("label_smoothing")
@@ -271,10 +257,7 @@ def _cross_entropy(args, kwargs) -> Tensor:
         return _scalar_tangent(F.cross_entropy, args, kwargs)
     loss = CrossEntropyLoss(reduction, ignore_index=given.get("ignore_index", -100))
     out = loss(x, target)  # torch's errors for targets that do not fit, first
-    gradient = loss.gradient(x, target)
-    if gradient is None:  # class probabilities
-        return _scalar_tangent(F.cross_entropy, args, kwargs)
-    return dual(out, (gradient * x_tangent).sum().reshape(out.shape))
+    return _dual(out, (loss.gradient(x, target) * x_tangent).sum().reshape(out.shape))
 
 
 _LOSS_RULES = {F.mse_loss: _mse_loss, F.cross_entropy: _cross_entropy}
@@ -292,7 +275,7 @@ def _scalar_tangent(func, args, kwargs):
     inputs, tangents = [], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, Tensor):
-            primal, tangent = unpack(leaf)
+            primal, tangent = _unpack(leaf)
             if tangent is not None:
                 primal = primal if primal.requires_grad else primal.detach().requires_grad_()
                 inputs.append(primal)
@@ -311,7 +294,7 @@ def _scalar_tangent(func, args, kwargs):
             return out
         grads = torch.autograd.grad(out, inputs, create_graph=True, allow_unused=True)
     terms = [(g * t).sum() for g, t in zip(grads, tangents) if g is not None]
-    return dual(out, sum(terms).reshape(out.shape) if terms else torch.zeros_like(out))
+    return _dual(out, sum(terms).reshape(out.shape) if terms else torch.zeros_like(out))
 
 
 def _in_place(func, kwargs) -> bool:
@@ -330,4 +313,27 @@ def _has_tangent(args, kwargs) -> bool:
 
 
 def _tangent(t) -> Tensor | None:
-    return unpack(t)[1] if isinstance(t, Tensor) else None
+    return _unpack(t)[1] if isinstance(t, Tensor) else None
+
+
+def _unpack(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(primal, tangent)`` of ``t`` at the innermost forward-mode level (tangent None if none).
+
+    :func:`torch.autograd.forward_ad.unpack_dual` without its Python wrappers (1 µs a call
+    against 3 µs; a product of a small model makes dozens of calls).
+    """
+    if not _PRIMITIVES:
+        return fwad.unpack_dual(t)
+    level = fwad._current_level
+    return torch._unpack_dual(t, level=level) if level >= 0 else (t, None)
+
+
+def _dual(primal: Tensor, tangent: Tensor) -> Tensor:
+    """:func:`torch.autograd.forward_ad.make_dual` at the innermost level, without its wrappers.
+
+    For floating tensors inside a level whose first duals were made by ``make_dual`` (which
+    loads torch's forward-mode decompositions once): 1.3 µs a call against 4.5 µs.
+    """
+    if not _PRIMITIVES:
+        return fwad.make_dual(primal, tangent)
+    return torch._make_dual(primal, tangent, level=fwad._current_level)

@@ -98,9 +98,13 @@ def per_sample_grad(
     if not all(isinstance(t, Tensor) for t in leaves(batch_tree(x))):
         _check_rows_per_sample(fn, params, x, n)
 
+    targets_checked = []  # once per call, not per vmapped chunk or looped sample
+
     def sample_loss(sub, xn, yn):
         outputs = fn({**params, **sub} if grads else sub, unsqueeze_leaves(xn))
-        _check_all_targets(loss, outputs, y, n)
+        if not targets_checked:
+            _check_all_targets(loss, outputs, y, n)
+            targets_checked.append(True)
         return loss.checked_call(outputs, yn.unsqueeze(0))
 
     generic = _over_samples(grad(sample_loss), grad(sample_loss), rest, (x, y), chunk_size, "per_sample_grad")

@@ -72,21 +72,22 @@ def hvp(
         params: Parameter pytree θ (leaves: tensors).
         v: Pytree shaped like ``params``, a flat tensor [P], or a matrix [P, K] of K
             flat vectors (result [P, K]; see the module docstring).
-        strategy: ``"rev-fwd"`` (reverse-over-forward, ``∇_θ (∇f·v)``: one forward pass
-            with dual parameters carrying the directional derivative, then one backward
-            pass through it; torch's forward-mode formulas are used only where they
-            back-propagate correctly, normalization, softmax and attention run decomposed,
-            losses take their tangent from their backward pass (MSE and plain cross-entropy
-            from their closed forms), see :mod:`curvfx._forward_rules`; a ``ValueError``
-            for anything else, such as a recurrent layer), ``"autograd"`` (reverse-over-reverse double backprop with
-            ``torch.autograd``), ``"rev-rev"`` (``vjp`` of ``grad`` with ``torch.func``),
-            ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot differentiate
-            ``F.mse_loss`` this way and a ``ValueError`` says so), or ``"auto"``: eagerly
-            ``"rev-fwd"`` for functions that need no decomposition but batch norm's (the
-            fastest there: 1.9× a gradient on the benchmark CNN against 2.2–2.3× for
-            double backprop) and ``"autograd"`` otherwise (faster than the decomposed
-            ``"rev-fwd"`` with layer or group norm and attention) and for the shared
-            forward pass of a matrix V; ``"rev-rev"`` inside a ``torch.func`` transform.
+        strategy: ``"rev-fwd"`` (reverse-over-forward, ``∇_θ (∇f·v)``: one forward pass with dual
+            parameters carrying the directional derivative, then one backward pass through
+            it; torch's forward-mode formulas are used only where they back-propagate
+            correctly, normalization, softmax and attention run decomposed, losses take
+            their tangent from their backward pass (MSE and plain cross-entropy from their
+            closed forms), see :mod:`curvfx._forward_rules`; a ``ValueError`` for anything
+            else, such as a recurrent layer), ``"autograd"`` (reverse-over-reverse double
+            backprop with ``torch.autograd``), ``"rev-rev"`` (``vjp`` of ``grad`` with
+            ``torch.func``), ``"fwd-rev"`` (``jvp`` of ``grad``; torch 2.13 cannot
+            differentiate ``F.mse_loss`` this way and a ``ValueError`` says so), or
+            ``"auto"``: eagerly ``"rev-fwd"`` for functions that need no decomposition but
+            batch norm's (the fastest there: 1.9× a gradient on the benchmark CNN against
+            2.2–2.3× for double backprop) and ``"autograd"`` otherwise (faster than the
+            decomposed ``"rev-fwd"`` with layer or group norm and attention) and for the
+            shared forward pass of a matrix V; ``"rev-rev"`` inside a ``torch.func``
+            transform.
 
     Returns:
         ``H v`` in the form of ``v``.

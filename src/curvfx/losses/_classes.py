@@ -89,7 +89,7 @@ class CrossEntropyLoss(Loss):
         """
         if self.weight is not None or self.label_smoothing or targets.is_floating_point():
             return None
-        counted = torch.where(targets == self.ignore_index, 0, targets).unsqueeze(1)
+        counted = torch.where(targets == self.ignore_index, 0, targets).long().unsqueeze(1)  # uint8 too
         hit = torch.zeros_like(outputs).scatter_(1, counted, 1.0)
         return self._coefficients(outputs, targets).unsqueeze(1) * (outputs.softmax(dim=1) - hit)
 
@@ -307,11 +307,16 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Ten
 
     By the inverse of the cumulative distribution: class k where ``u Σ_c p_c`` falls in
     ``[cdf_{k-1}, cdf_k)``, ``u ~ U[0, 1)`` (a third of ``torch.multinomial``'s time for
-    128 samples of 10 classes). Classes of probability zero are never drawn.
+    128 samples of 10 classes). The sums run in float64 (float32 on MPS), so that large
+    vocabularies keep their small probabilities; classes of probability zero are never
+    drawn. Non-finite probabilities (nan or inf logits) raise ``ValueError``.
     """
     c = probs.shape[1]
-    cdf = probs.movedim(1, -1).reshape(-1, c).to(torch.promote_types(probs.dtype, torch.float32)).cumsum(1)
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.movedim(1, -1).reshape(-1, c).to(wide).cumsum(1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
+    if holds_values(total) and not bool(torch.isfinite(total).all()):
+        raise ValueError("outputs: the predictive probabilities are not finite (nan or inf outputs)")
+    u = torch.rand(total.shape, generator=generator, dtype=wide, device=cdf.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total after rounding
     return (cdf <= u).sum(1).reshape(probs.shape[0], *probs.shape[2:])

@@ -40,8 +40,8 @@ class MSELoss(Loss):
         return 2.0 / self.normalizer(outputs)
 
     def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``2c (f - y)``."""
-        return self._scale(outputs) * (outputs - targets)
+        """``2c (f - y)``, in the outputs' dtype."""
+        return (self._scale(outputs) * (outputs - targets)).to(outputs.dtype)
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``2c · v``."""

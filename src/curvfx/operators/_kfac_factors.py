@@ -56,6 +56,7 @@ from curvfx._structured import tracked_batch
 from curvfx.functional import FunctionalModel, check_independent_samples
 from curvfx.losses import Loss
 from curvfx.operators._data import Batches
+from curvfx.operators._kfac_moments import add_input_moment, add_second_moment
 from curvfx.operators._kfac_samples import (
     batch_first,
     check_called_with_gradient,
@@ -224,9 +225,9 @@ def kronecker_factors(
             rows = gs[0].shape[1] * (gs[0].shape[2] if gs[0].dim() == 4 else 1)  # N·T (expand) or N (reduce)
             blk = blocks[module]
             first = counts[module] == 0  # overwrite the uninitialized accumulators
-            _add_input_moment(blk.A, a, rows, first)  # Σ ã ãᵀ
+            add_input_moment(blk.A, a, rows, first)  # Σ ã ãᵀ
             for b, g in enumerate(gs):  # Σ_k Σ_n Σ_t g gᵀ, column block by column block
-                _add_second_moment(blk.B, g, z, first and b == 0)
+                add_second_moment(blk.B, g, z, first and b == 0)
             counts[module] += rows
         if factors.diagonal_params:
             diagonal = diagonal + z * _diagonal(model_fn, params, factors.diagonal_params, x, S)
@@ -267,8 +268,8 @@ def eigenvalue_corrections(
     z_total = 0.0
     layers = supported_layers(model_fn.module, params)
     batches = _layer_batches(model_fn, loss, params, data, layers, fisher_type, num_samples, seed, "ekfac")
-    for z, _, _, layers in batches:
-        for module, (a, gs) in layers.items():
+    for z, _, _, read in batches:
+        for module, (a, gs) in read.items():
             QB, QA = bases[module]
             # Q_Aᵀ ã [N, T, in'] with ã = [a; 1]: a Q_A[:in] + Q_A[in] (no concatenation)
             if a is None:
@@ -371,74 +372,6 @@ def _normalizer(loss: Loss, z_total: float) -> float:
     if not z_total > 0:
         raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
     return z_total
-
-
-def _add_input_moment(A: Tensor, a: Tensor | None, rows: int, first: bool) -> None:
-    """``A += Σ ã ãᵀ`` (``A = …`` if ``first``) over the ``rows`` rows of ``a`` [..., in], in place.
-
-    ``ã = [a; 1]`` when A has a bias row and column (its border is ``Σ a`` and the row
-    count: a is not copied); ``a`` None: a bias alone, ``ã = 1``.
-    """
-    if a is None:
-        if first:
-            A.fill_(rows)
-        else:
-            A.add_(rows)
-        return
-    size_in = a.shape[-1]
-    _add_second_moment(A[:size_in, :size_in], a, 1.0, first)
-    if A.shape[0] > size_in:
-        s = a.sum(tuple(range(a.dim() - 1)))
-        if first:
-            A[:size_in, size_in], A[size_in, :size_in], A[size_in, size_in] = s, s, rows
-        else:
-            A[:size_in, size_in] += s
-            A[size_in, :size_in] += s
-            A[size_in, size_in] += rows
-
-
-def _add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> None:
-    """``total = weight · Σ t tᵀ`` over the rows of ``t`` [..., d] (``total +=`` unless ``first``).
-
-    ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
-    stored one after the other (linear layers) go to :func:`_add_gram` as they are. A
-    convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
-    (channels before positions): with T ≥ d, one batched product over the leading
-    entries, summed — on a 2-conv CNN's type-2 factors 6× faster than copying the rows
-    into place first; with T < d (late layers of deep CNNs) the per-entry [d, d] products
-    would outgrow the rows, which are then copied.
-    """
-    t = t.to(total.dtype)  # 16-bit inputs (or autocast's) summed in float32
-    d, positions = t.shape[-1], t.shape[-2]
-    if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
-        _add_gram(total, t.reshape(-1, d), weight, 0.0 if first else 1.0)
-        return
-    blocks = t.transpose(-1, -2).reshape(-1, d, positions)  # a view of the contiguous layout
-    term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
-    if first:
-        total.copy_(term)
-    else:
-        total.add_(term)
-
-
-def _add_gram(total: Tensor, rows: Tensor, weight: float, beta: float) -> None:
-    """``total = beta · total + weight · rowsᵀ rows`` for ``rows`` [R, d] (beta = 0 ignores total).
-
-    From d = 512 on, the diagonal blocks (recursively) and the upper off-diagonal block of
-    the halves only, the lower block copied from the upper: 3/4 of the multiply-adds per
-    level. Measured on 2 CPU threads: [128, 785] 0.92 → 0.84 ms, [256, 785] 1.66 → 1.29 ms,
-    [64, 2049] 3.8 → 3.4 ms; below d = 512 the smaller products lose more than they save.
-    """
-    d = rows.shape[1]
-    if d < 512:
-        total.addmm_(rows.T, rows, beta=beta, alpha=weight)
-        return
-    h = d // 2
-    left, right = rows[:, :h], rows[:, h:]
-    _add_gram(total[:h, :h], left, weight, beta)
-    _add_gram(total[h:, h:], right, weight, beta)
-    total[:h, h:].addmm_(left.T, right, beta=beta, alpha=weight)
-    total[h:, :h].copy_(total[:h, h:].T)
 
 
 def _diagonal(

@@ -1,0 +1,81 @@
+"""Second moments of KFAC's factors: ``A = Σ ã ãᵀ`` and ``B = Σ g gᵀ``, summed in place.
+
+Used by :mod:`curvfx.operators._kfac_factors`; the products avoid copying the captured
+layer inputs and output gradients (see :func:`add_second_moment`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_input_moment", "add_second_moment"]
+
+
+def add_input_moment(A: Tensor, a: Tensor | None, rows: int, first: bool) -> None:
+    """``A += Σ ã ãᵀ`` (``A = …`` if ``first``) over the ``rows`` rows of ``a`` [..., in], in place.
+
+    ``ã = [a; 1]`` when A has a bias row and column (its border is ``Σ a`` and the row
+    count: a is not copied); ``a`` None: a bias alone, ``ã = 1``.
+    """
+    if a is None:
+        if first:
+            A.fill_(rows)
+        else:
+            A.add_(rows)
+        return
+    size_in = a.shape[-1]
+    add_second_moment(A[:size_in, :size_in], a, 1.0, first)
+    if A.shape[0] > size_in:
+        s = a.sum(tuple(range(a.dim() - 1)))
+        if first:
+            A[:size_in, size_in], A[size_in, :size_in], A[size_in, size_in] = s, s, rows
+        else:
+            A[:size_in, size_in] += s
+            A[size_in, :size_in] += s
+            A[size_in, size_in] += rows
+
+
+def add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> None:
+    """``total = weight · Σ t tᵀ`` over the rows of ``t`` [..., d] (``total +=`` unless ``first``).
+
+    ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
+    stored one after the other (linear layers) go to :func:`_add_gram` as they are. A
+    convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
+    (channels before positions): with T ≥ d, one batched product over the leading
+    entries, summed — on a 2-conv CNN's type-2 factors 6× faster than copying the rows
+    into place first; with T < d (late layers of deep CNNs) the per-entry [d, d] products
+    would outgrow the rows, which are then copied.
+    """
+    t = t.to(total.dtype)  # 16-bit inputs (or autocast's) summed in float32
+    d, positions = t.shape[-1], t.shape[-2]
+    if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
+        _add_gram(total, t.reshape(-1, d), weight, 0.0 if first else 1.0)
+        return
+    blocks = t.transpose(-1, -2).reshape(-1, d, positions)  # a view of the contiguous layout
+    term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
+    if first:
+        total.copy_(term)
+    else:
+        total.add_(term)
+
+
+def _add_gram(total: Tensor, rows: Tensor, weight: float, beta: float) -> None:
+    """``total = beta · total + weight · rowsᵀ rows`` for ``rows`` [R, d] (beta = 0 ignores total).
+
+    From d = 512 on, the diagonal blocks (recursively) and the upper off-diagonal block of
+    the halves only, the lower block copied from the upper: 3/4 of the multiply-adds per
+    level. Measured on 2 CPU threads: [128, 785] 0.92 → 0.84 ms, [256, 785] 1.66 → 1.29 ms,
+    [64, 2049] 3.8 → 3.4 ms; below d = 512 the smaller products lose more than they save.
+    Other devices take one product (not measured there).
+    """
+    d = rows.shape[1]
+    if d < 512 or total.device.type != "cpu":  # measured on CPU only
+        total.addmm_(rows.T, rows, beta=beta, alpha=weight)
+        return
+    h = d // 2
+    left, right = rows[:, :h], rows[:, h:]
+    _add_gram(total[:h, :h], left, weight, beta)
+    _add_gram(total[h:, h:], right, weight, beta)
+    total[:h, h:].addmm_(left.T, right, beta=beta, alpha=weight)
+    total[h:, :h].copy_(total[:h, h:].T)
