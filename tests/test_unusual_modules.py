@@ -780,6 +780,39 @@ def test_per_sample_gradients_of_outputs_without_a_leading_sample_dimension():
             assert_close_rel(grads[k][n], truth[k])
 
 
+def test_routes_reading_rows_refuse_outputs_without_a_leading_sample_dimension():
+    """Outputs [N·T, V]: per-sample gradient norms and the structured route read sample n as row
+    n of the batch's outputs; they failed with vmap's size mismatch, now a ValueError that
+    names the requirement."""
+    model = nn.Sequential(nn.Linear(3, 5)).double()
+    fn, params = curvfx.make_functional(model)
+
+    def merged(p, x):  # [N, T, 3] -> [N·T, 5]
+        return fn(p, x).reshape(-1, 5)
+
+    def loss(outputs, targets):
+        return F.cross_entropy(outputs, targets.reshape(-1))
+
+    x, y = torch.randn(2, 4, 3, dtype=DTYPE), torch.randint(0, 5, (2, 4))
+    with pytest.raises(ValueError, match=r"needs outputs \[N = 2, \.\.\.\]; got a tensor of shape \[8, 5\]"):
+        curvfx.per_sample_grad_norms(merged, loss, params, x, y)
+    flat = _FlatOutputs(model)
+    fn, params = curvfx.make_functional(flat)
+    with pytest.raises(ValueError, match=r"needs outputs \[N = 2, \.\.\.\]"):
+        curvfx.per_sample_grad(fn, loss, params, x, y, backend="structured")
+
+
+class _FlatOutputs(nn.Module):
+    """[N, T, 3] -> [N·T, 5] through the wrapped layer."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).reshape(-1, 5)
+
+
 class _Listed(nn.Module):
     """Scales each sample's outputs by an entry of a Python list passed beside the tensor."""
 

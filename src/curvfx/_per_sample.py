@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from curvfx._errors import check_batch, check_targets, sample_row
+from curvfx._errors import check_batch, check_targets, describe, sample_row
 from curvfx._memory import check_fits
 from curvfx._pytree import (
     batch_size,
@@ -148,6 +148,12 @@ def _sample_residuals(loss: Any, y: Tensor) -> Callable[[Tensor], Tensor]:
     """``outputs ↦ r`` [1, N, ...], ``r_n = ∇_{f_n} loss(f_n, y_n)`` with sample n as a batch of one."""
 
     def residuals(outputs: Tensor) -> Tensor:
+        if not (isinstance(outputs, Tensor) and outputs.dim() > 0 and outputs.shape[0] == y.shape[0]):
+            raise ValueError(
+                f"fn: per-sample gradient norms and backend='structured' read sample n's outputs as "
+                f"row n of the batch's, which needs outputs [N = {y.shape[0]}, ...]; got {describe(outputs)} "
+                "(per_sample_grad with backend='generic' evaluates each sample alone and takes other outputs)"
+            )
         loss.check(outputs, y)
         return vmap(one_sample_gradient(loss))(outputs, y).unsqueeze(0)
 
