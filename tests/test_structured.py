@@ -1043,7 +1043,16 @@ class SequenceFirstNorm(nn.Module):
         return self.head(h).mean(1)
 
 
-@pytest.mark.parametrize("model_type", [SequenceFirst, SequenceFirstNorm])
+class SequenceFirstCentered(SequenceFirst):
+    """Its outputs are centered logits: every sample's outputs sum to 0, so the gradient of that
+    sum vanishes and told the sequence-first layer apart from a batch-first one no more."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out - out.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("model_type", [SequenceFirst, SequenceFirstNorm, SequenceFirstCentered])
 def test_sequence_first_layers_with_as_many_positions_as_samples(model_type, generic_calls):
     # [T, N, D] with T = N has the shape of a batch-first input: sample 0's gradient decides
     with torch.random.fork_rng():

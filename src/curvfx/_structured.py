@@ -284,19 +284,29 @@ def sequence_first(
     sample's outputs decide: a batch-first layer's output gradient for sample k lies in
     row k. One sample would not do: a sequence-first layer read at one position t only
     (a CLS token, t = 0, or the last token) has sample k's gradient in row t, which is row
-    k for k = t.
+    k for k = t. The outputs are projected on fixed random weights (:func:`_projection`):
+    their plain sum has a zero gradient wherever a sample's outputs sum to a constant
+    (softmax probabilities, centered logits), which let sequence-first layers pass as
+    batch-first.
     """
     ambiguous = [(m, z) for m, calls in records.items() for a, z in calls if features_last_square(m, a, n)]
     if not ambiguous or not outputs.requires_grad:
         return set()
     zs = [z for _, z in ambiguous]
-    first = torch.autograd.grad(outputs[0].sum(), zs, retain_graph=True, allow_unused=True)
-    last = torch.autograd.grad(outputs[-1].sum(), zs, retain_graph=True, allow_unused=True)
+    first = torch.autograd.grad(_projection(outputs[0]), zs, retain_graph=True, allow_unused=True)
+    last = torch.autograd.grad(_projection(outputs[-1]), zs, retain_graph=True, allow_unused=True)
     return {
         m
         for (m, _), g0, g1 in zip(ambiguous, first, last)
         if (g0 is not None and bool(g0[1:].any())) or (g1 is not None and bool(g1[:-1].any()))
     }
+
+
+def _projection(row: Tensor) -> Tensor:
+    """``⟨row, w⟩`` with fixed standard normal weights w (drawn from a seeded generator of their own)."""
+    generator = torch.Generator(row.device).manual_seed(0)
+    weights = torch.randn(row.shape, generator=generator, device=row.device, dtype=torch.float64)
+    return (row * weights.to(row.dtype)).sum()
 
 
 def tracked_batch(x: Any) -> tuple[Any, list[Tensor]]:
