@@ -1343,3 +1343,15 @@ def test_a_model_returning_a_tuple_is_named():
     ):
         with pytest.raises(ValueError, match="model: returned tuple; curvature needs one output tensor"):
             compute(curvfx.ggn(Pair(), nn.CrossEntropyLoss(), (x, y)))
+
+
+def test_structured_per_sample_grads_keep_the_parameters_dtype_under_autocast():
+    """Under bfloat16 autocast the structured route returned three of four leaves in bfloat16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = curvfx.per_sample_grad(model, nn.CrossEntropyLoss(), None, x, y, backend="structured")
+        generic = curvfx.per_sample_grad(model, nn.CrossEntropyLoss(), None, x, y, backend="generic")
+    assert {k: g.dtype for k, g in grads.items()} == dict.fromkeys(generic, torch.float32)
+    assert_close_rel(grads, generic, tol=5e-2)

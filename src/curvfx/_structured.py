@@ -218,7 +218,8 @@ def structured_sample_grads(
     grads = {}
     with torch.no_grad():  # the recorded layer inputs carry graphs; the results need none
         for module, calls in layer_calls.items():
-            grads.update({name: G[0] for name, G in layer_grads(module, layers[module], calls).items()})
+            for name, G in layer_grads(module, layers[module], calls).items():
+                grads[name] = G[0].to(params[name].dtype)  # autocast computes some in 16 bits
     return grads
 
 
