@@ -126,6 +126,32 @@ def test_make_functional_tied_weight_appears_once_and_feeds_both_uses():
     assert_close_rel(fn(new, x), changed(x).detach(), tol=1e-14)
 
 
+def test_make_functional_shared_module_and_tied_names():
+    """A submodule registered twice (its parameters and buffers under two names each): a
+    value given under either name feeds both uses, two different values are refused, and
+    the module's own tensors are back in place afterwards."""
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double().eval()
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    fn, params = curvfx.make_functional(model)
+    assert list(params) == ["0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias"]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0][0].weight.copy_(weight)
+    for name in ("0.0.weight", "2.0.weight"):  # the first name or the second
+        given = {**{k: v for k, v in params.items() if k != "0.0.weight"}, name: weight}
+        assert_close_rel(fn(given, x), changed(x).detach(), tol=1e-14)
+    with pytest.raises(ValueError, match="tied names"):
+        fn({**params, "2.0.weight": weight}, x)
+    with pytest.raises(ValueError, match=r"\['0\.2\.weight'\] are not parameters"):
+        fn({**params, "0.2.weight": weight}, x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model[0][0].weight is model[2][0].weight and isinstance(model[0][0].weight, nn.Parameter)
+
+
 @pytest.mark.parametrize("form", ["tuple", "list", "dict"])
 def test_make_functional_input_forms(form):
     torch.manual_seed(0)

@@ -100,20 +100,51 @@ class FunctionalModel:
                 f"params: a model function takes a dict name -> tensor, got {type(params).__name__} "
                 "(is the argument order fn(params, x)?)"
             )
-        frozen = {name: p.detach() for name, p in self.module.named_parameters() if name not in params}
-        if self.renormed:  # embeddings with max_norm write their weight: give them copies
-            params = {k: v.clone() if k in self.renormed else v for k, v in params.items()}
-            frozen = {k: v.clone() if k in self.renormed else v for k, v in frozen.items()}
-        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        state = self._state(params)
         _check_uncached(self.module)
         composed = ComposedOps() if self.composed else contextlib.nullcontext()
         with derivable_kernels(self.module), composed:
             return call_with_inputs(
-                lambda *args, **kwargs: functional_call(
-                    self.module, (dict(params), frozen, buffers), args, kwargs
-                ),
+                lambda *args, **kwargs: functional_call(self.module, state, args, kwargs, tie_weights=False),
                 x,
             )
+
+    def _state(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each parameter and buffer of the module -> the tensor this call uses.
+
+        A parameter gets its value in ``params`` (under any of its names; tied names share
+        it), else its current value detached; a buffer a copy. A submodule registered
+        twice has its tensors named once, under its first name: ``functional_call`` swaps
+        every name it is given and swaps them back in order, so a second name of the same
+        attribute would leave the swapped-in tensor in the model (torch's own untying does).
+        """
+        groups: dict[int, tuple[Tensor, bool, list[str], list[str]]] = {}  # id -> (t, param?, swapped, names)
+        visited: set[int] = set()
+        for prefix, m in self.module.named_modules(remove_duplicate=False):
+            first = id(m) not in visited
+            visited.add(id(m))
+            dot = f"{prefix}." if prefix else ""
+            for is_param, members in ((True, m._parameters), (False, m._buffers)):
+                for name, t in members.items():
+                    if t is not None:
+                        _, _, swapped, names = groups.setdefault(id(t), (t, is_param, [], []))
+                        names.append(dot + name)
+                        if first:
+                            swapped.append(dot + name)
+        state, known = {}, set()
+        for t, is_param, swapped, names in groups.values():
+            known.update(names)
+            given = {id(params[n]): params[n] for n in names if n in params}
+            if len(given) > 1:
+                raise ValueError(f"params: different tensors for the tied names {names}")
+            value = next(iter(given.values())) if given else (t.detach() if is_param else t.clone())
+            if self.renormed.intersection(names):  # embeddings with max_norm write their weight
+                value = value.clone()
+            state.update(dict.fromkeys(swapped, value))
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise ValueError(f"params: {unknown} are not parameters of the model")
+        return state
 
     @property
     def couples_samples(self) -> bool:
