@@ -411,6 +411,29 @@ def test_batches_combine_like_their_concatenation():
         assert_close_rel(split, ekfac(model, loss, (x, y)).to_dense(), tol=1e-9)
 
 
+def test_layer_called_in_some_batches_only():
+    """A layer the forward calls on one batch of two: its A is that batch's mean, its B the
+    batch's term weighted by its share of the targets, ``Z_2 / (Z_1 + Z_2)``."""
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x) + (self.extra(x) if x.shape[0] > 2 else 0.0)
+
+    model = seeded(Branch)
+    x, y = rand(7, 4), classes(7)
+    for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")):
+        both = kfac(model, loss, [(x[:2], y[:2]), (x[2:], y[2:])]).factors.blocks[1]
+        alone = kfac(model, loss, (x[2:], y[2:])).factors.blocks[1]
+        share = 5 / 7 if loss.reduction == "mean" else 1.0
+        assert both.module == alone.module == "extra"
+        assert_close_rel(both.A, alone.A, tol=1e-13)
+        assert_close_rel(both.B, share * alone.B, tol=1e-13)
+
+
 # -- EKFAC ----------------------------------------------------------------------------------
 
 
@@ -997,10 +1020,10 @@ def test_second_moment_of_each_layout(positions):
     for t in (conv_layout, row_layout):
         rows = t.reshape(-1, 6)
         total = torch.full((6, 6), float("nan"), dtype=DTYPE)  # uninitialized: overwritten
-        add_second_moment(total, t, 0.5, first=True)
+        add_second_moment(total, t, keep=0.0, scale=0.5)
         assert_close_rel(total, 0.5 * rows.T @ rows, tol=1e-13)
-        add_second_moment(total, t, 2.0, first=False)
-        assert_close_rel(total, 2.5 * rows.T @ rows, tol=1e-13)
+        add_second_moment(total, t, keep=3.0, scale=2.0)
+        assert_close_rel(total, 3.5 * rows.T @ rows, tol=1e-13)
 
 
 def test_parameter_used_outside_its_layer_is_refused():

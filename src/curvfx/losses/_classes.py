@@ -226,10 +226,11 @@ def _check_class_targets(
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
             )
-        if holds_values(targets):  # not batched by vmap
-            counted = targets[targets != ignore_index]
-            low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+        if holds_values(targets) and targets.numel():  # not batched by vmap
+            ignored = targets == ignore_index
+            low, high = torch.stack(torch.aminmax(targets.masked_fill(ignored, 0))).tolist()
             if not 0 <= low <= high < outputs.shape[1]:
+                low, high = (int(v) for v in torch.aminmax(targets[~ignored]))  # the counted values
                 raise ValueError(
                     f"targets: {loss} needs class indices in [0, C = {outputs.shape[1]}) (or "
                     f"ignore_index = {ignore_index}), got values in [{low}, {high}]"

@@ -209,11 +209,14 @@ def kronecker_factors(
     blocks = {blk.module: blk for blk in factors.blocks}
     dtype, device = factors.diagonal.dtype, factors.diagonal.device
     summed = torch.promote_types(dtype, torch.float32)  # sums of squares overflow 16 bits
-    for blk in factors.blocks:  # accumulators Σ ã ãᵀ, Σ_b z_b Σ g gᵀ: uninitialized until first written
+    for blk in factors.blocks:  # running means of Σ ã ãᵀ and Σ_b z_b Σ g gᵀ: uninitialized until written
         size_out, size_in = blk.shape
         blk.A = torch.empty(size_in, size_in, dtype=summed, device=device)
         blk.B = torch.empty(size_out, size_out, dtype=summed, device=device)
-    counts = dict.fromkeys(blocks, 0)
+    counts = dict.fromkeys(blocks, 0)  # rows in A's mean
+    weights = dict.fromkeys(blocks, 0.0)  # Σ_b z_b in B's mean ("mean" reduction; B sums for "sum")
+    written = dict.fromkeys(blocks, False)
+    mean = loss.reduction != "sum"
     diagonal, z_total = 0.0, 0.0
     reader = "reduce" if kfac_approx == "reduce" else None
     for z, x, S, read in _layer_batches(
@@ -224,22 +227,27 @@ def kronecker_factors(
                 a, gs = (None if a is None else a.mean(1)), [g.sum(2) for g in gs]
             rows = gs[0].shape[1] * (gs[0].shape[2] if gs[0].dim() == 4 else 1)  # N·T (expand) or N (reduce)
             blk = blocks[module]
-            first = counts[module] == 0  # overwrite the uninitialized accumulators
-            add_input_moment(blk.A, a, rows, first)  # Σ ã ãᵀ
-            for b, g in enumerate(gs):  # Σ_k Σ_n Σ_t g gᵀ, column block by column block
-                add_second_moment(blk.B, g, z, first and b == 0)
+            keep_a, scale_a = _running(counts[module], rows, written[module])
+            if mean:  # B as the running mean Σ_b z_b (·) / Σ_b z_b
+                keep_b, scale_b = _running(weights[module], z, written[module])
+            else:  # as the plain sum
+                keep_b, scale_b = float(written[module]), 1.0
+            add_input_moment(blk.A, a, rows, keep_a, scale_a)
+            for b, g in enumerate(gs):  # z_b Σ_k Σ_n Σ_t g gᵀ, column block by column block
+                add_second_moment(blk.B, g, keep_b if b == 0 else 1.0, z * scale_b)
             counts[module] += rows
+            weights[module] += z
+            written[module] = True
         if factors.diagonal_params:
             diagonal = diagonal + z * _diagonal(model_fn, params, factors.diagonal_params, x, S)
         z_total += z
     norm = _normalizer(loss, z_total)  # Σ_b w_b (·): w_b = Z_b / Σ Z, or 1
     for module, blk in blocks.items():
-        if counts[module]:
-            blk.A.div_(counts[module])
-            blk.B.div_(norm)
-        else:  # a layer never called: a zero block
+        if not written[module]:  # a layer never called: a zero block
             blk.A.zero_()
             blk.B.zero_()
+        elif mean and weights[module] != norm:  # a layer left out of some batches: B's mean over all
+            blk.B.mul_(weights[module] / norm)
         blk.A, blk.B = blk.A.to(dtype), blk.B.to(dtype)
     if factors.diagonal_params:
         factors.diagonal = diagonal / norm
@@ -363,6 +371,18 @@ def _layer_batches(
         z = float(loss.normalizer(y)) if mean else 1.0
         del outputs, records, raw, zs, grads  # the batch's graph, freed before the next forward pass
         yield z, x, S, per_layer
+
+
+def _running(total: float, added: float, written: bool) -> tuple[float, float]:
+    """``(keep, 1 / new)`` that turn a mean over ``total`` into one over ``new = total + added``.
+
+    ``keep = 0`` where nothing was written yet; a new total of 0 (all-ignored batches,
+    whose terms are zero) gives ``(0, 0)``.
+    """
+    new = total + added
+    if new == 0:
+        return 0.0, 0.0
+    return (total / new if written else 0.0), 1.0 / new
 
 
 def _normalizer(loss: Loss, z_total: float) -> float:

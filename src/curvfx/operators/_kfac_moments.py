@@ -1,7 +1,10 @@
 """Second moments of KFAC's factors: ``A = Σ ã ãᵀ`` and ``B = Σ g gᵀ``, summed in place.
 
-Used by :mod:`curvfx.operators._kfac_factors`; the products avoid copying the captured
-layer inputs and output gradients (see :func:`add_second_moment`).
+Used by :mod:`curvfx.operators._kfac_factors`. Each update is ``total ← keep · total +
+scale · Σ t tᵀ`` with ``keep = 0`` overwriting an uninitialized ``total``: the caller keeps
+running means (``keep = n / n'``, ``scale = 1 / n'``), so no pass divides the factors at
+the end. The products avoid copying the captured layer inputs and output gradients (see
+:func:`add_second_moment`).
 """
 
 from __future__ import annotations
@@ -12,34 +15,29 @@ from torch import Tensor
 __all__ = ["add_input_moment", "add_second_moment"]
 
 
-def add_input_moment(A: Tensor, a: Tensor | None, rows: int, first: bool) -> None:
-    """``A += Σ ã ãᵀ`` (``A = …`` if ``first``) over the ``rows`` rows of ``a`` [..., in], in place.
+def add_input_moment(A: Tensor, a: Tensor | None, rows: int, keep: float, scale: float) -> None:
+    """``A ← keep · A + scale · Σ ã ãᵀ`` over the ``rows`` rows of ``a`` [..., in], in place.
 
     ``ã = [a; 1]`` when A has a bias row and column (its border is ``Σ a`` and the row
-    count: a is not copied); ``a`` None: a bias alone, ``ã = 1``.
+    count: a is not copied); ``a`` None: a bias alone, ``ã = 1``. ``keep = 0`` ignores
+    A's entries (uninitialized memory).
     """
     if a is None:
-        if first:
-            A.fill_(rows)
-        else:
-            A.add_(rows)
+        _update(A, float(rows), keep, scale)
         return
     size_in = a.shape[-1]
-    add_second_moment(A[:size_in, :size_in], a, 1.0, first)
+    add_second_moment(A[:size_in, :size_in], a, keep, scale)
     if A.shape[0] > size_in:
-        s = a.sum(tuple(range(a.dim() - 1)))
-        if first:
-            A[:size_in, size_in], A[size_in, :size_in], A[size_in, size_in] = s, s, rows
-        else:
-            A[:size_in, size_in] += s
-            A[size_in, :size_in] += s
-            A[size_in, size_in] += rows
+        border = A[size_in]  # the bias row; the column gets the same numbers
+        _update(border[:size_in], a.sum(tuple(range(a.dim() - 1))), keep, scale)
+        _update(border[size_in:], float(rows), keep, scale)
+        A[:size_in, size_in].copy_(border[:size_in])
 
 
-def add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> None:
-    """``total = weight · Σ t tᵀ`` over the rows of ``t`` [..., d] (``total +=`` unless ``first``).
+def add_second_moment(total: Tensor, t: Tensor, keep: float, scale: float) -> None:
+    """``total ← keep · total + scale · Σ t tᵀ`` over the rows of ``t`` [..., d], in place.
 
-    ``first``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
+    ``keep = 0``: ``total`` is uninitialized and gets overwritten. ``t`` is not copied. Rows
     stored one after the other (linear layers) go to :func:`_add_gram` as they are. A
     convolution's ``t`` [..., T, d] is the transpose of its contiguous [..., d, T]
     (channels before positions): with T ≥ d, one batched product over the leading
@@ -50,14 +48,20 @@ def add_second_moment(total: Tensor, t: Tensor, weight: float, first: bool) -> N
     t = t.to(total.dtype)  # 16-bit inputs (or autocast's) summed in float32
     d, positions = t.shape[-1], t.shape[-2]
     if t.stride(-1) == 1 or positions < d:  # rows (copied if need be: [N·T, d] < [N, d, d])
-        _add_gram(total, t.reshape(-1, d), weight, 0.0 if first else 1.0)
+        _add_gram(total, t.reshape(-1, d), scale, keep)
         return
     blocks = t.transpose(-1, -2).reshape(-1, d, positions)  # a view of the contiguous layout
-    term = torch.bmm(blocks, blocks.mT).sum(0).mul_(weight)
-    if first:
-        total.copy_(term)
+    _update(total, torch.bmm(blocks, blocks.mT).sum(0), keep, scale)
+
+
+def _update(total: Tensor, term: Tensor | float, keep: float, scale: float) -> None:
+    """``total ← keep · total + scale · term`` (``keep = 0`` ignores total's entries)."""
+    if keep == 0 and isinstance(term, Tensor):
+        torch.mul(term, scale, out=total)
+    elif keep == 0:
+        total.fill_(scale * term)
     else:
-        total.add_(term)
+        total.mul_(keep).add_(term, alpha=scale)
 
 
 def _add_gram(total: Tensor, rows: Tensor, weight: float, beta: float) -> None:
