@@ -390,13 +390,14 @@ def test_unused_layer_and_bias_only_blocks_over_batches():
 
 
 def test_wide_input_factor_equals_the_dense_second_moment():
-    """A layer with 1,100 inputs (A is formed from blocks of its halves, twice) over two
-    batches: A = Σ ã ãᵀ / N, its lower blocks copied from the upper ones."""
+    """A layer with 1,100 inputs over batches of 600 and 5 rows: A = Σ ã ãᵀ / N, from
+    blocks of the halves' halves (their lower blocks copied from the upper ones) for the
+    first batch, from one product for the second."""
     model = seeded(lambda: nn.Linear(1100, 2))
-    x, y = rand(9, 1100), rand(9, 2, seed=5)
-    A = kfac(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]).factors.blocks[0].A
-    a = torch.cat([x, torch.ones(9, 1, dtype=DTYPE)], 1)
-    assert_close_rel(A, a.T @ a / 9)
+    x, y = rand(605, 1100), rand(605, 2, seed=5)
+    A = kfac(model, nn.MSELoss(), [(x[:600], y[:600]), (x[600:], y[600:])]).factors.blocks[0].A
+    a = torch.cat([x, torch.ones(605, 1, dtype=DTYPE)], 1)
+    assert_close_rel(A, a.T @ a / 605)
 
 
 def test_batches_combine_like_their_concatenation():

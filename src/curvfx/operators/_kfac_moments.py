@@ -67,14 +67,16 @@ def _update(total: Tensor, term: Tensor | float, keep: float, scale: float) -> N
 def _add_gram(total: Tensor, rows: Tensor, weight: float, beta: float) -> None:
     """``total = beta · total + weight · rowsᵀ rows`` for ``rows`` [R, d] (beta = 0 ignores total).
 
-    From d = 512 on, the diagonal blocks (recursively) and the upper off-diagonal block of
-    the halves only, the lower block copied from the upper: 3/4 of the multiply-adds per
-    level. Measured on 2 CPU threads: [128, 785] 0.92 → 0.84 ms, [256, 785] 1.66 → 1.29 ms,
-    [64, 2049] 3.8 → 3.4 ms; below d = 512 the smaller products lose more than they save.
-    Other devices take one product (not measured there).
+    For d ≥ 512 and R ≥ d/2 (CPU), the diagonal blocks of the halves (recursively) and
+    their upper off-diagonal block only, the lower block copied from the upper: 3/4 of the
+    multiply-adds per level. Measured on 2 CPU threads against one product: [384, 785]
+    1.03 against 1.19 ms, [512, 1024] 2.5 against 2.9, [2048, 2048] 30 against 40. With
+    fewer rows writing the result outweighs the products, and the blocks and the copy
+    lose: [128, 785] 0.40 against 0.38 ms, [64, 2048] 5.5 against 1.4 (the CNN's
+    2049-input linear layer). Other devices take one product (not measured there).
     """
     d = rows.shape[1]
-    if d < 512 or total.device.type != "cpu":  # measured on CPU only
+    if d < 512 or 2 * rows.shape[0] < d or total.device.type != "cpu":
         total.addmm_(rows.T, rows, beta=beta, alpha=weight)
         return
     h = d // 2
