@@ -88,6 +88,51 @@ def test_restrict_is_the_diagonal_block(name):
     assert op.shape[0] == sum(len(r) for r in ranges.values())  # the original is unchanged
 
 
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_restrict_holds_the_others_at_the_operators_params(name):
+    """An operator at params= other than the module's: its restriction (and the exact
+    diagonal, trace and layer curvature read from it) is the block at those params, the
+    parameters left out held at the operator's values, not the module's."""
+    constructor, kind = CONSTRUCTORS[name]
+    model, data = mlp(), batches()
+    moved = {k: v.detach() + 0.3 for k, v in model.named_parameters()}
+    twin = mlp()
+    with torch.no_grad():
+        for k, p in twin.named_parameters():
+            p.copy_(moved[k])
+    truth, ranges = full_truth(twin, data, kind)
+    op = constructor(model, CE, data, params=moved)
+    expected = block(truth, ranges, ["2.weight", "2.bias"])
+    sub = op.restrict("2")
+    assert_matches_dense(sub, expected)
+    if kind == "ggn":
+        assert_close_rel(curvfx.diagonal(sub, "exact"), expected.diagonal(), tol=1e-10)
+    assert_close_rel(curvfx.layer_curvature(op, ["2"])["2"].trace, expected.trace(), tol=1e-10)
+
+
+def test_restrict_a_pure_function_with_dict_params():
+    """A pure function keeps receiving the whole dict, in its order: the block, not a KeyError."""
+    g = torch.Generator().manual_seed(2)
+    x, y = (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+    )
+    params = {
+        "w": torch.randn(4, 2, generator=g, dtype=torch.float64),
+        "b": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+    seen = []
+
+    def fn(p, x):
+        seen.append(list(p))
+        return torch.tanh(x @ p["w"] + p["b"])
+
+    op = curvfx.hessian(fn, nn.MSELoss(), (x, y), params=params)
+    assert_matches_dense(op.restrict("b"), op.to_dense()[-2:, -2:])
+    assert_matches_dense(op.restrict("w"), op.to_dense()[:8, :8])
+    assert all(keys == ["w", "b"] for keys in seen)
+
+
 def test_restrict_keeps_mc_and_empirical_draws():
     model, data = mlp(), batches()
     for op in (curvfx.fisher(model, CE, data, kind="mc"), curvfx.empirical_fisher(model, CE, data)):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch  # noqa: F401  (used by the doctest)
@@ -19,6 +20,7 @@ __all__ = [
     "as_function",
     "call_with_inputs",
     "check_independent_samples",
+    "holding",
     "make_functional",
 ]
 
@@ -92,6 +94,7 @@ class FunctionalModel:
     def __init__(self, module: nn.Module, renormed: frozenset[str] | set[str] = frozenset()):
         self.module, self.renormed = module, frozenset(renormed)
         self.composed = needs_composed_ops(module)  # PReLU, weight norm: see curvfx._kernels
+        self.fixed: dict[str, Tensor] = {}  # values of parameters a call leaves out (see holding)
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
@@ -100,29 +103,41 @@ class FunctionalModel:
                 f"params: a model function takes a dict name -> tensor, got {type(params).__name__} "
                 "(is the argument order fn(params, x)?)"
             )
-        state = self._state(params)
+        state, hooked = self._state(params)
         _check_uncached(self.module)
         composed = ComposedOps() if self.composed else contextlib.nullcontext()
-        with derivable_kernels(self.module), composed:
-            return call_with_inputs(
-                lambda *args, **kwargs: functional_call(self.module, state, args, kwargs, tie_weights=False),
-                x,
-            )
 
-    def _state(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Each parameter and buffer of the module -> the tensor this call uses.
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.module, state, args, kwargs, tie_weights=False)
+
+        try:
+            with derivable_kernels(self.module), composed:
+                return call_with_inputs(call, x)
+        finally:  # tensors the modules' pre-hooks set (old weight_norm, prune) are put back
+            for m, attributes in hooked:
+                _put_back(m, attributes)
+
+    def _state(
+        self, params: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], list[tuple[nn.Module, dict[str, Tensor]]]]:
+        """The tensor this call uses for each parameter and buffer name, and the hooked modules.
 
         A parameter gets its value in ``params`` (under any of its names; tied names share
-        it), else its current value detached; a buffer a copy. A submodule registered
-        twice has its tensors named once, under its first name: ``functional_call`` swaps
-        every name it is given and swaps them back in order, so a second name of the same
-        attribute would leave the swapped-in tensor in the model (torch's own untying does).
+        it), else its value in ``fixed`` (:func:`holding`), else its current value detached;
+        a buffer a copy. A submodule registered twice has its tensors named once, under its
+        first name: ``functional_call`` swaps every name it is given and swaps them back in
+        order, so a second name of the same attribute would leave the swapped-in tensor in
+        the model (torch's own untying does). The modules with forward hooks come with
+        their tensor attributes, which the hooks may overwrite (:func:`_put_back`).
         """
         groups: dict[int, tuple[Tensor, bool, list[str], list[str]]] = {}  # id -> (t, param?, swapped, names)
         visited: set[int] = set()
+        hooked = []
         for prefix, m in self.module.named_modules(remove_duplicate=False):
             first = id(m) not in visited
             visited.add(id(m))
+            if first and (m._forward_pre_hooks or m._forward_hooks):
+                hooked.append((m, {k: v for k, v in vars(m).items() if isinstance(v, Tensor)}))
             dot = f"{prefix}." if prefix else ""
             for is_param, members in ((True, m._parameters), (False, m._buffers)):
                 for name, t in members.items():
@@ -137,14 +152,20 @@ class FunctionalModel:
             given = {id(params[n]): params[n] for n in names if n in params}
             if len(given) > 1:
                 raise ValueError(f"params: different tensors for the tied names {names}")
-            value = next(iter(given.values())) if given else (t.detach() if is_param else t.clone())
+            held = [self.fixed[n] for n in names if n in self.fixed]
+            if given:
+                value = next(iter(given.values()))
+            elif held:
+                value = held[0]
+            else:
+                value = t.detach() if is_param else t.clone()
             if self.renormed.intersection(names):  # embeddings with max_norm write their weight
                 value = value.clone()
             state.update(dict.fromkeys(swapped, value))
         unknown = [k for k in params if k not in known]
         if unknown:
             raise ValueError(f"params: {unknown} are not parameters of the model")
-        return state
+        return state, hooked
 
     @property
     def couples_samples(self) -> bool:
@@ -159,6 +180,19 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+def _put_back(module: nn.Module, attributes: dict[str, Tensor]) -> None:
+    """Restore ``module``'s plain tensor attributes to ``attributes`` (those a hook added are removed).
+
+    Pre-hooks such as old-style ``weight_norm``'s or ``prune``'s recompute ``module.weight``
+    from the parameters at every forward pass; inside a curvfx call that is a tensor of the
+    call's parameter values, with its graph or ``torch.func`` wrappers.
+    """
+    for k in [k for k, v in vars(module).items() if isinstance(v, Tensor) and k not in attributes]:
+        delattr(module, k)
+    for k, v in attributes.items():
+        vars(module)[k] = v
 
 
 def _check_uncached(module: nn.Module) -> None:
@@ -190,6 +224,24 @@ def check_independent_samples(fn: Any, what: str, advice: str) -> None:
             "with batch statistics, coupling the samples (train mode, or "
             f"track_running_stats=False); {advice}"
         )
+
+
+def holding(fn: Callable, fixed: dict[str, Tensor], order: list[str]) -> Callable:
+    """``fn`` with the parameters ``fixed`` held at their values: ``(p, x) -> fn(p ∪ fixed, x)``.
+
+    For a restricted operator (``op.restrict``), whose ``params`` are a subset of the dict
+    ``fn`` was built for. A :class:`FunctionalModel` stays one (the layer-aware routes
+    read its module); a pure function gets the full dict in the key ``order`` it had.
+    """
+    if isinstance(fn, FunctionalModel):
+        held = copy.copy(fn)
+        held.fixed = {**fn.fixed, **fixed}
+        return held
+
+    def pure(p: Mapping[str, Tensor], x: Any) -> Any:
+        return fn({k: p[k] if k in p else fixed[k] for k in order}, x)
+
+    return pure
 
 
 def call_with_inputs(fn, x: Any) -> Any:
@@ -251,7 +303,7 @@ def _check_module_params(module: nn.Module, params: Any) -> None:
 
 def _with_derivable_kernels(fn):
     def pure(params, x):
-        with derivable_kernels():
+        with derivable_kernels(), ComposedOps():  # the modules are unknown: compose where needed
             return fn(params, x)
 
     return pure

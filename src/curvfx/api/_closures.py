@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from curvfx._engines import rng_state, set_rng_state
 from curvfx._errors import describe, inside_transform
 from curvfx._graph import leaf_inputs
+from curvfx._kernels import ComposedOps
 
 
 def param_list(params: Iterable[Tensor]) -> list[Tensor]:
@@ -95,7 +96,7 @@ def pure_function(func: Callable[[], Tensor], params: list[Tensor]) -> Callable[
         else:
             first_state.append(rng_state())
         mode = _Substitute(params, list(stand_ins))
-        with mode:
+        with mode, ComposedOps():  # inside: the composed operations read the stand-ins
             value = func()
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError(f"func: must return a scalar tensor, got {describe(value)}")

@@ -50,7 +50,7 @@ from curvfx._memory import fitting_chunk
 from curvfx._pytree import batch_size, num_params, ravel, unravel
 from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
-from curvfx.functional import check_independent_samples
+from curvfx.functional import check_independent_samples, holding
 from curvfx.losses import Loss, get_loss
 from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
@@ -137,6 +137,8 @@ class CurvatureOperator(LinearOperator):
         """
         op = copy.copy(self)
         op.params = selected_params(self.params, names)
+        others = {k: v for k, v in self.params.items() if k not in op.params}
+        op.model_fn = holding(self.model_fn, others, list(self.params))
         op._compiled, op._measured_columns = None, None
         return op
 
