@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from torch import Tensor
 
 __all__ = ["depend_on", "leaf_inputs", "leaves_reached"]
 
 
-def leaf_inputs(root: Tensor) -> Iterator[Tensor]:
+def leaf_inputs(root: Tensor, stops: Collection = ()) -> Iterator[Tensor]:
     """Each leaf tensor of ``root``'s autograd graph, once per operation input it is.
 
     Walks the graph of ``root.grad_fn`` (each operation visited once) and yields the leaf
     behind every edge from an operation to a leaf's ``AccumulateGrad`` node: a leaf that
     two operations take (or one operation twice, as ``w * w``) is yielded twice. Only
     leaves that require grad have such nodes; a ``root`` without ``grad_fn`` yields
-    nothing. Cost: one visit per operation of the graph, no tensor work.
+    nothing. The walk does not enter the nodes in ``stops``. Cost: one visit per
+    operation of the graph, no tensor work.
     """
-    stack = [root.grad_fn] if root.grad_fn is not None else []
-    seen = set(stack)
+    stack = [root.grad_fn] if root.grad_fn is not None and root.grad_fn not in stops else []
+    seen = set(stack) | set(stops)
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:

@@ -7,13 +7,15 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch  # noqa: F401  (used by the doctest)
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from curvfx._errors import describe
+from curvfx._errors import describe, inside_transform
+from curvfx._graph import leaf_inputs
 from curvfx._kernels import ComposedOps, derivable_kernels, needs_composed_ops
+from curvfx._pytree import leaves
 
 __all__ = [
     "FunctionalModel",
@@ -95,6 +97,7 @@ class FunctionalModel:
         self.module, self.renormed = module, frozenset(renormed)
         self.composed = needs_composed_ops(module)  # PReLU, weight norm: see curvfx._kernels
         self.fixed: dict[str, Tensor] = {}  # values of parameters a call leaves out (see holding)
+        self.aliases_checked = False  # see _check_aliases
 
     def __call__(self, params: Mapping[str, Tensor], x: Any) -> Any:
         """Evaluate the module at ``params`` on input ``x`` (see :func:`make_functional`)."""
@@ -112,10 +115,41 @@ class FunctionalModel:
 
         try:
             with derivable_kernels(self.module), composed:
-                return call_with_inputs(call, x)
+                outputs = call_with_inputs(call, x)
         finally:  # tensors the modules' pre-hooks set (old weight_norm, prune) are put back
             for m, attributes in hooked:
                 _put_back(m, attributes)
+        if not self.aliases_checked:
+            self._check_aliases(outputs, state)
+        return outputs
+
+    def _check_aliases(self, outputs: Any, state: dict[str, Tensor]) -> None:
+        """Raise ``ValueError`` if ``outputs`` depend on a trainable parameter read past the swap.
+
+        ``functional_call`` swaps the module's attributes; a parameter the forward also reads
+        through an unregistered reference (a Python list, a closure) stays the model's own
+        tensor there, so every derivative would silently treat that use as a constant. The
+        graph of the outputs shows it (the walk stops at the call's values, which may be
+        computed from the parameters). Checked once per model function, at its first call
+        that records a graph outside ``torch.func`` transforms (one visit per operation).
+        """
+        if not torch.is_grad_enabled() or inside_transform() or torch.compiler.is_compiling():
+            return
+        roots = [t for t in leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is not None]
+        if not roots:
+            return
+        stops = {v.grad_fn for v in state.values() if v.grad_fn is not None}
+        values = {id(v) for v in state.values()}
+        others = {id(leaf) for root in roots for leaf in leaf_inputs(root, stops) if id(leaf) not in values}
+        for name, p in self.module.named_parameters() if others else ():
+            if id(p) in others:
+                raise ValueError(
+                    f"model: its forward reads the parameter {name!r} other than as a module "
+                    "attribute (e.g. from a Python list), where curvfx cannot put the parameter "
+                    "values of a call: derivatives would treat that use as a constant; reach it "
+                    "through registered modules (a shared submodule, nn.ParameterList)"
+                )
+        self.aliases_checked = True
 
     def _state(
         self, params: Mapping[str, Tensor]
