@@ -177,6 +177,10 @@ def test_a_parameter_read_past_the_swap_is_refused():
         curvfx.hvp(lambda p: F.cross_entropy(fn(p, x), y), params, v)
     with pytest.raises(ValueError, match=r"'a\.weight'"):
         curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y)) @ v
+    with pytest.raises(ValueError, match=r"'a\.weight'"):  # vmapped routes: a first-sample check
+        curvfx.per_sample_grad(model, nn.CrossEntropyLoss(), None, x, y)
+    with pytest.raises(ValueError, match=r"'a\.weight'"):
+        curvfx.per_sample_jacobian(model, None, x)
     plain = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     fn, _ = curvfx.make_functional(plain)
     scaled = {k: 2.0 * p for k, p in plain.named_parameters()}  # graphs back to the parameters
