@@ -192,6 +192,32 @@ def test_gradient_pass_updates_batchnorm_statistics_once():
     assert int(model[1].num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: DiagonalNaturalGradient(m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss()),
+        lambda m: AdaHessian(
+            m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), curvature="ggn", method="exact"
+        ),
+        lambda m: curvfx.optim.KFAC(
+            m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), fisher_type="type-2"
+        ),
+    ],
+    ids=["DiagonalNaturalGradient", "AdaHessian-ggn-exact", "KFAC-type-2"],
+)
+def test_a_refused_step_leaves_batchnorm_statistics_alone(make):
+    """Curvature that needs independent samples is refused before the step's forward pass
+    (that pass used to advance BatchNorm's running statistics, then the step raised)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE).train()
+    X, y = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="needs independent samples"):
+        make(model).step((X, y))
+    for (name, tensor), before in zip(model.state_dict().items(), state.values()):
+        assert torch.equal(tensor, before), name
+
+
 # ---------------------------------------------------------------------------------------
 # every model-based optimizer
 

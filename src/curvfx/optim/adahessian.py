@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from curvfx._pytree import unravel
 from curvfx.estimators import diagonal
 from curvfx.estimators.diagonal import METHODS
+from curvfx.functional import check_independent_samples
 from curvfx.optim.curvature_optimizer import (
     CURVATURES,
     CurvatureOptimizer,
@@ -170,6 +171,12 @@ class AdaHessian(CurvatureOptimizer):
         params = self.trainable()
         stale = any("hessian_diag" not in self.state[p] for p in params)
         if count % options["update_each"] == 0 or stale:
+            if options["method"] == "exact" and options["curvature"] != "hessian":  # summed per sample
+                check_independent_samples(  # before a forward pass moves BatchNorm's statistics
+                    self.model_fn,
+                    f"AdaHessian: the exact {options['curvature']} diagonal",
+                    "call model.eval()",
+                )
             c = self.curvature(batch, options["curvature"], num_samples=options["num_samples"])
             D = diagonal(
                 c.operator, options["method"], num_samples=options["num_samples"], generator=self.generator

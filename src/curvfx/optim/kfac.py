@@ -18,6 +18,7 @@ from curvfx.operators._kfac_factors import (
     layout,
     moving_average,
 )
+from curvfx.operators._kfac_samples import check_pairing
 from curvfx.operators._kronecker import (
     INVERSE_METHODS,
     KroneckerEigenOperator,
@@ -182,6 +183,9 @@ class KFAC(CurvatureOptimizer):
         """
         options = self._options()
         x, y = check_batch(batch, "KFAC")
+        check_pairing(
+            self.model_fn, options["fisher_type"]
+        )  # before a forward pass moves BatchNorm's statistics
         loss, g = self.gradient((x, y))
         params = self.trainable()
         groups = [next(gr for gr in self.param_groups if any(p is q for q in gr["params"])) for p in params]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from curvfx._pytree import unravel
 from curvfx.estimators import diagonal
+from curvfx.functional import check_independent_samples
 from curvfx.optim.curvature_optimizer import (
     CurvatureOptimizer,
     check_options,
@@ -156,6 +157,9 @@ class DiagonalNaturalGradient(CurvatureOptimizer):
         params = self.trainable()
         stale = any("fisher_diag" not in self.state[p] for p in params)
         if count % options["update_each"] == 0 or stale:
+            check_independent_samples(  # before a forward pass moves BatchNorm's statistics
+                self.model_fn, "DiagonalNaturalGradient: the exact Fisher diagonal", "call model.eval()"
+            )
             kind = f"{options['fisher_type']}_fisher"
             c = self.curvature(batch, kind, num_samples=options["num_samples"])
             F = diagonal(c.operator, "exact")
