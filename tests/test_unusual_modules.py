@@ -505,6 +505,32 @@ def test_no_forward_mode_falls_back_to_double_backprop(kind, product):
     assert_close_rel(got, truth @ v)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # torch's note
+@pytest.mark.parametrize("kind", NO_FORWARD_MODE)
+def test_jacobian_vector_products_without_forward_mode(kind):
+    """``model_jvp`` and ``jacobian(...) @ v`` take Jv as the transpose of u -> Jᵀu where an
+    operation has no forward-mode rule; ``ggn_vp`` with an explicit forward-mode strategy
+    says so with a ValueError.
+
+    Before: torch's NotImplementedError (also for spectral norm's power iteration in train
+    mode, an ``out=`` operation).
+    """
+    model = _mlp_model(kind)
+    x, y, flat = _mlp_data()
+    shapes = [torch.Size([5, 4]), torch.Size([5]), torch.Size([K, 5]), torch.Size([K])]
+
+    def outputs_of(theta: Tensor) -> Tensor:
+        W1, b1, W2, b2 = split_flat(theta, ["W1", "b1", "W2", "b2"], shapes).values()
+        return torch.tanh(x @ W1.T + b1) @ W2.T + b2
+
+    J = jacrev(outputs_of)(flat).reshape(-1, flat.numel())
+    v = _mlp_truth()[3]
+    assert_close_rel(curvfx.model_jvp(model, None, x, v).reshape(-1), J @ v)
+    assert_close_rel(curvfx.jacobian(model, x) @ v, J @ v)
+    with pytest.raises(ValueError, match="strategy: 'forward-ad' cannot differentiate this model"):
+        curvfx.ggn_vp(model, CE, None, x, y, v, strategy="forward-ad")
+
+
 # -- 5. GroupNorm on a channels_last activation ------------------------------------------------
 
 

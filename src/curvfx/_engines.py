@@ -296,14 +296,27 @@ def model_jvp(
     """``(f, J v)``: outputs and Jacobian-vector product, forward mode.
 
     By ``torch.func`` inside transforms and when the result must carry an autograd graph
-    (``differentiable``), else by dual numbers (no graph).
+    (``differentiable``), else by dual numbers (no graph), falling back (:func:`_with_fallback`)
+    to ``J v`` as the transpose of ``u ↦ Jᵀu`` where an operation has no forward-mode rule
+    (spectral norm's power iteration in train mode, a custom ``autograd.Function``).
     """
     check_autograd()
     if inside_transform() or differentiable:
         return func_jvp(model_at, params, v)
     p_leaves, spec = flatten(params)
-    with torch.no_grad():
-        return _forward_ad(model_at, spec, [p.detach() for p in p_leaves], spec.flatten_up_to(v))
+    v_leaves = spec.flatten_up_to(v)
+
+    def forward_mode() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return _forward_ad(model_at, spec, [p.detach() for p in p_leaves], v_leaves)
+
+    def transposed() -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            p = [leaf.detach().requires_grad_() for leaf in p_leaves]
+            outputs = model_at(unflatten(spec, p))
+            return outputs.detach(), jv_by_transposition(outputs, p)(v_leaves).detach()
+
+    return _with_fallback(forward_mode, transposed)
 
 
 def func_jvp(model_at: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.utils.checkpoint import CheckpointError
 
 from curvfx import _engines
 from curvfx._arguments import check_count
@@ -272,7 +273,13 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     if columns is not None:
         return _stacked(_engines.gauss_newton_vps(model_at, params, columns, product_at, check))
     tree, flat = as_tree(v, params)
-    out = _engines.gauss_newton_vp(model_at, params, tree, product_at, check, engine)
+    try:
+        out = _engines.gauss_newton_vp(model_at, params, tree, product_at, check, engine)
+    except (NotImplementedError, CheckpointError) as err:  # explicit forward mode ("auto" falls back)
+        raise ValueError(
+            f"strategy: {strategy!r} cannot differentiate this model in forward mode ({err}); "
+            "use 'auto' or 'autograd'"
+        ) from err
     return ravel(out) if flat else out
 
 
