@@ -741,6 +741,9 @@ def test_closure_errors_name_the_argument():
         curvfx.exact_hvp(lambda: Cube.apply(x).sum(), [x], v)
     with pytest.raises(ValueError, match=r"custom torch\.autograd\.Function"):
         curvfx.approximate_hvp(lambda: Cube.apply(x).sum(), [x], v)
+    x2 = x * 1.0  # computed from x before func runs: func's reads of it cannot be substituted
+    with pytest.raises(ValueError, match=r"params\[0\] through a tensor computed from it before func runs"):
+        curvfx.exact_hvp(lambda: x2.pow(3).sum() + x.pow(2).sum(), [x], v)
     with pytest.raises(TypeError, match="create_graph"):
         curvfx.exact_hvp(lambda: x.pow(2).sum(), [x], v, create_graph=1)
     with pytest.raises(ValueError, match="num_samples"):

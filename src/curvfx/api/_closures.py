@@ -119,9 +119,11 @@ def _check_substituted(value: Tensor, params: list[Tensor]) -> None:
         i = index.get(id(leaf))
         if i is not None:
             raise ValueError(
-                f"func: reads params[{i}] through an operation that bypasses torch's function "
+                f"func: reads params[{i}] through a tensor computed from it before func runs "
+                "(compute it inside func) or through an operation that bypasses torch's function "
                 "dispatch (e.g. a custom torch.autograd.Function), so its curvature cannot be "
-                "taken; write the loss with torch operations, or use curvfx.hvp on a pure f(params)"
+                "taken; write the loss with torch operations inside func, or use curvfx.hvp on a "
+                "pure f(params)"
             )
 
 

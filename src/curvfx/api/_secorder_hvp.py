@@ -6,8 +6,9 @@ into one (:func:`curvfx.api._closures.pure_function`) that evaluates ``func()`` 
 torch operation seeing a stand-in tensor wherever it would read one of ``params`` (a
 ``TorchFunctionMode``). The parameters are never written to, so nothing needs restoring,
 and an HVP is then one :func:`curvfx.hvp` call. A closure that reaches a parameter past
-torch's function dispatch (a custom ``torch.autograd.Function``) is detected and refused
-rather than differentiated wrongly. Every evaluation of one closure made pure replays the
+torch's function dispatch (a custom ``torch.autograd.Function``, or a tensor computed from
+the parameter before the closure runs, ``w2 = w * 1.0``) is detected and refused rather
+than differentiated wrongly. Every evaluation of one closure made pure replays the
 random numbers of its first (dropout draws one mask), and a tensor listed twice in
 ``params`` is refused.
 
@@ -79,8 +80,9 @@ def exact_hvp(
         ValueError: If ``v`` does not match ``params`` (names the entry and shapes),
             ``params`` lists one tensor twice (names both positions), ``func`` is not
             scalar, reads none of ``params``, reads one through a custom
-            ``torch.autograd.Function``, or (``create_graph=True``) updates a tensor in
-            place, as BatchNorm does in train mode.
+            ``torch.autograd.Function`` or a tensor computed from it before ``func``, or
+            (``create_graph=True``) updates a tensor in place, as BatchNorm does in train
+            mode.
 
     Example:
         >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
