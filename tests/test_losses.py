@@ -421,6 +421,30 @@ def test_mc_fisher_from_samples_matches_fisher_factor():
     assert torch.all((mc - exact).abs() <= 5 * se + 1e-12), (mc - exact) / (se + 1e-300)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+@pytest.mark.parametrize("ignore_index", [0, 2, -100])
+def test_mc_fisher_factor_with_ignore_index_a_class(name, ignore_index):
+    """The Monte-Carlo Fisher factor's mean S Sᵀ is within 5 standard errors of the exact
+    Fisher's, also where ``ignore_index`` is a class a draw can hit (before: a draw of that
+    class was ignored, and the estimate was about half of the exact Fisher)."""
+    from curvfx._factors import output_factor
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, dtype=DTYPE)
+    y = torch.tensor([1, ignore_index, 0, 2]) if ignore_index >= 0 else torch.tensor([1, -100, 0, 2])
+    module = nn.CrossEntropyLoss if name == "cross_entropy" else nn.NLLLoss
+    loss = get_loss(module(ignore_index=ignore_index))
+    outputs = logits if name == "cross_entropy" else logits.log_softmax(1)
+    M = 8_000
+    S = output_factor(loss, outputs, y, "mc", M, torch.Generator().manual_seed(5))  # [M, N, C]
+    per_draw = M * torch.einsum("mnc,mnd->mncd", S, S)  # mean over m: the estimate
+    mc, se = per_draw.mean(0), per_draw.std(0) / M**0.5
+    E = loss.fisher_factor(outputs, y)
+    exact = torch.einsum("knc,knd->ncd", E, E)
+    assert torch.all((mc - exact).abs() <= 5 * se + 1e-12), (mc - exact) / (se + 1e-300)
+    assert exact[1].abs().max() == 0 and mc[1].abs().max() == 0  # the ignored position
+
+
 def test_sampled_classes_follow_the_softmax_and_skip_impossible_classes():
     """Draws over dim 1 of logits [N, C, d]: frequencies within 5 standard errors of softmax,
     and classes whose probability underflows to zero (last class included) never drawn."""

@@ -130,11 +130,14 @@ class CrossEntropyLoss(Loss):
 
         Smoothing changes the targets the loss compares with, not the model's predictive,
         whose Fisher (``diag p - p pᵀ`` per position, the exact Fisher) the gradients of
-        this loss at drawn targets estimate.
+        this loss at drawn targets estimate. An ``ignore_index`` that is a class (≥ 0), which
+        a draw may hit, becomes the negative index :meth:`sample_targets` marks ignored
+        positions with.
         """
-        if not self.label_smoothing:
+        ignore = _drawn_ignore_index(self.ignore_index)
+        if not self.label_smoothing and ignore == self.ignore_index:
             return self
-        return CrossEntropyLoss(self.reduction, self.weight, self.ignore_index)
+        return CrossEntropyLoss(self.reduction, self.weight, ignore)
 
     def _fisher_coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor:
         counted = (
@@ -210,6 +213,15 @@ class NLLLoss(Loss):
         return _counted_weight(targets, self.weight, self.ignore_index)
 
     _sample_targets = CrossEntropyLoss._sample_targets  # the same predictive, Categorical(softmax(f))
+
+    def likelihood_loss(self) -> NLLLoss:
+        """The loss whose gradients at drawn targets estimate the Fisher.
+
+        Itself, unless ``ignore_index`` is a class (≥ 0) a draw may hit: then the same loss
+        ignoring the negative index :meth:`sample_targets` marks ignored positions with.
+        """
+        ignore = _drawn_ignore_index(self.ignore_index)
+        return self if ignore == self.ignore_index else NLLLoss(self.reduction, self.weight, ignore)
 
 
 def _check_class_targets(
@@ -298,9 +310,20 @@ def _counted_weight(targets: Tensor, weight: Tensor | None, ignore_index: int) -
 
 
 def _keep_ignored(draws: Tensor, observed: Tensor | None, ignore_index: int) -> Tensor:
+    """``draws`` with the positions ``observed`` ignores set to :func:`_drawn_ignore_index`."""
     if observed is None or observed.is_floating_point():
         return draws
-    return torch.where(observed == ignore_index, observed, draws)
+    return torch.where(observed == ignore_index, _drawn_ignore_index(ignore_index), draws)
+
+
+def _drawn_ignore_index(ignore_index: int) -> int:
+    """The index that marks ignored positions among drawn classes: ``ignore_index`` if negative.
+
+    An ``ignore_index`` in [0, C) is a class a draw can hit, which the loss would then ignore
+    (the Monte-Carlo Fisher was about half of the exact one for ``ignore_index=0``): -1
+    marks the ignored positions instead, for :meth:`CrossEntropyLoss.likelihood_loss`.
+    """
+    return ignore_index if ignore_index < 0 else -1
 
 
 def _sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
