@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import CASES_BY_NAME, GENERIC_LOSS_CASES, Problem, slice_batch
 from dense import (
     DenseTruth,
@@ -247,6 +248,33 @@ def test_empirical_fisher_refuses_a_plain_callable_whose_reduction_it_would_get_
 
     with pytest.raises(ValueError, match="per-sample terms"):
         curvfx.diagonal(curvfx.empirical_fisher(model, curvfx.losses.AutogradLoss(coupled, "sum"), (x, y)))
+
+
+def test_callable_losses_over_batches_are_checked_against_their_reduction():
+    """Batches weigh by the normalizer a callable's reduction declares (a lambda: "batchmean").
+    A callable that normalizes by the targets it counts (ignore_index) or sums contradicts
+    it: the Hessian and GGN over two batches were 0.35 and 0.6 off the concatenated batch's.
+    Now refused once per batch; a declared reduction, or a true mean over samples, is exact."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 1, -100, 2, 1, -100, 0])
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    counted = lambda o, t: F.cross_entropy(o, t, ignore_index=-100)  # noqa: E731
+    for build in (curvfx.hessian, curvfx.ggn):
+        with pytest.raises(ValueError, match=r"not a 'batchmean' reduction.*nn\.CrossEntropyLoss"):
+            build(model, counted, batches).to_dense()
+        exact = build(model, nn.CrossEntropyLoss(), batches).to_dense()
+        assert_close_rel(exact, build(model, nn.CrossEntropyLoss(), (x, y)).to_dense(), tol=1e-12)
+    t = torch.randn(7, 3, dtype=torch.float64)
+    squares = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        curvfx.ggn(model, squares, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
+    summed = curvfx.losses.AutogradLoss(squares, "sum")
+    split = curvfx.ggn(model, summed, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
+    assert_close_rel(split, curvfx.ggn(model, summed, (x, t)).to_dense(), tol=1e-12)
+    per_sample = lambda o, t: ((o - t) ** 2).sum(1).mean()  # noqa: E731  (a true "batchmean")
+    split = curvfx.hessian(model, per_sample, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
+    assert_close_rel(split, curvfx.hessian(model, per_sample, (x, t)).to_dense(), tol=1e-12)
 
 
 def test_empirical_fisher_matches_per_sample_gradients(case, problem, dense):

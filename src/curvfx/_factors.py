@@ -29,7 +29,7 @@ from curvfx._errors import check_autograd, inside_transform
 from curvfx._pytree import leaves, sample_of, sample_split, tree_map
 from curvfx.losses import AutogradLoss, Loss
 
-__all__ = ["FISHER_KINDS", "factor_diagonal", "factor_product", "output_factor"]
+__all__ = ["FISHER_KINDS", "check_reduction_at", "factor_diagonal", "factor_product", "output_factor"]
 
 FISHER_KINDS = ("exact", "empirical", "mc")
 PyTree = Any
@@ -141,6 +141,11 @@ def _loss_gradient(loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
     with torch.enable_grad():
         f = outputs.detach().requires_grad_()
         return torch.autograd.grad(loss(f, targets), f)[0]
+
+
+def check_reduction_at(loss: AutogradLoss, outputs: Tensor, targets: Tensor) -> None:
+    """:meth:`AutogradLoss.check_reduction` at ``outputs`` (the loss's gradient taken here)."""
+    _check_reduction(loss, outputs, targets, _loss_gradient(loss, outputs, targets))
 
 
 def _check_reduction(loss: AutogradLoss, outputs: Tensor, targets: Tensor, gradient: Tensor) -> None:

@@ -63,13 +63,16 @@ class AutogradLoss(Loss):
         if n < 2 or not gradient.any():
             return
         alone = _one_sample_gradients(self.loss_fn, outputs.detach(), targets)
+        alone = torch.nan_to_num(alone, nan=0.0)  # a sample alone with every position ignored: 0/0
         ratio = self.normalizer(targets[:1]) / self.normalizer(targets)
         if (gradient - ratio * alone).norm() > 1e-4 * gradient.norm():
             raise ValueError(
                 f"loss_fn: {self.name} is not a {self.reduction!r} reduction of per-sample terms: "
                 "its gradient differs from that of the loss applied to each sample alone "
                 f"(scaled by {ratio:g}); declare how it reduces with curvfx.losses.AutogradLoss("
-                "loss_fn, reduction='sum' | 'batchmean' | 'mean')"
+                "loss_fn, reduction='sum' | 'batchmean' | 'mean'), or, for a mean over the targets "
+                "it counts or weighs (ignore_index, class weights), pass the torch loss module "
+                "(e.g. nn.CrossEntropyLoss(ignore_index=...)), whose normalizer curvfx knows"
             )
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:

@@ -45,13 +45,13 @@ from curvfx._arguments import check_chunk_size, real_number
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
 from curvfx._engines import draw_seed
 from curvfx._errors import check_batch, inside_transform
-from curvfx._factors import output_factor
+from curvfx._factors import check_reduction_at, output_factor
 from curvfx._memory import fitting_chunk
 from curvfx._pytree import batch_size, num_params, ravel, unravel
 from curvfx._structured import check_backend, raveled_squares
 from curvfx.func import check_fisher_kind, fisher_vp, ggn_vp, hvp
 from curvfx.functional import check_independent_samples, holding
-from curvfx.losses import Loss, get_loss
+from curvfx.losses import AutogradLoss, Loss, get_loss
 from curvfx.operators._base import PARAMS_DEVICE, PARAMS_DTYPE, LinearOperator, apply_columns, fixed_params
 from curvfx.operators._compile import CompiledProduct, compile_options
 from curvfx.operators._data import Batches
@@ -229,6 +229,7 @@ class CurvatureOperator(LinearOperator):
         def local() -> tuple[Tensor, Any]:
             total, z_total = None, 0.0
             for b, (x, y) in enumerate(self.data):
+                self._check_reduction(b, x, y)
                 z = self.loss.normalizer(y) if mean else 1.0
                 if mean and bool(z == 0):
                     _check_all_ignored(self.loss, y)
@@ -265,6 +266,29 @@ class CurvatureOperator(LinearOperator):
         if mean and bool(z_total == 0):
             raise ValueError("data: every target position is ignored (the mean's normalizer is 0)")
         return (self.factor * (total / z_total if mean else total)).to(self.dtype)
+
+    _checked_reductions: frozenset[int] = frozenset()
+
+    def _check_reduction(self, b: int, x: Any, y: Tensor) -> None:
+        """A callable loss's declared reduction against batch ``b`` (:meth:`AutogradLoss.check_reduction`).
+
+        Batches are weighted by the normalizer ``Z_b`` the reduction declares (a lambda is
+        taken as "batchmean"); a callable that normalizes by its targets (``ignore_index``,
+        class weights) or sums contradicts it, and the weighted sum would silently differ
+        from the concatenated batch's curvature. Checked once per batch index, on the outputs
+        of a forward pass without graph (one random state for it, as for the products).
+        """
+        if not isinstance(self.loss, AutogradLoss) or inside_transform() or b in self._checked_reductions:
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices),
+            batch_randomness(self.randomness, self.model_seed, b, self.model_fn, self.device),
+        ):
+            outputs = self.model_fn(self.params, x)
+        check_reduction_at(self.loss, outputs, y)
+        self._checked_reductions = self._checked_reductions | {b}
 
     def _with_randomness(
         self, per_batch: Callable[[int, Any, Tensor], Tensor]
