@@ -385,3 +385,30 @@ def test_sums_of_operators_and_tied_parameter_names():
             (x, torch.zeros(5, 3, dtype=torch.float64)),
             params={"2.weight": tied[0].weight},
         )
+
+
+def test_losses_torch_cannot_evaluate_are_refused_clearly():
+    """Before: torch's raw TypeError / RuntimeError, and numbers from the GGN where torch's
+    own loss refuses its inputs (uint8 indices for [N, C, T] logits, float32 class weights
+    with float64 outputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(
+        ValueError, match=r"loss_fn: curvfx calls loss_fn\(outputs, targets\), but GaussianNLLLoss"
+    ):
+        curvfx.hessian(model, nn.GaussianNLLLoss(), (x, y.double()))
+    with pytest.raises(ValueError, match="loss_fn: <lambda> must return a scalar tensor, got \\[6, 3\\]"):
+        curvfx.ggn(model, lambda o, t: (o - t) ** 2, (x, torch.randn(6, 3, dtype=torch.float64))).to_dense()
+    with pytest.raises(ValueError, match=r"weight: torch\.float32 class weights with torch\.float64 outputs"):
+        curvfx.ggn(model, nn.CrossEntropyLoss(weight=torch.ones(3)), (x, y)).to_dense()
+    conv = nn.Conv1d(2, 3, 1).double()
+    seq_x, seq_y = torch.randn(6, 2, 5, dtype=torch.float64), torch.randint(0, 3, (6, 5), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"targets: .* takes uint8 class indices for outputs \[N, C\] only"):
+        curvfx.ggn(conv, nn.CrossEntropyLoss(), (seq_x, seq_y)).to_dense()
+    with pytest.raises(ValueError, match=r"data: a batch has no targets \(y of shape \[0, 3\]\)"):
+        curvfx.ggn(
+            model,
+            nn.MSELoss(),
+            [(x, torch.randn(6, 3, dtype=torch.float64)), (x[:0], y[:0, None].expand(0, 3).double())],
+        ).to_dense()

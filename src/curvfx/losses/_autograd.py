@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from curvfx.losses._base import Loss
@@ -29,6 +30,7 @@ class AutogradLoss(Loss):
     def __init__(self, loss_fn, reduction: str = "mean"):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        _check_two_inputs(loss_fn)
         if reduction not in ("mean", "batchmean", "sum"):
             raise ValueError(
                 f"reduction: expected 'mean', 'batchmean' or 'sum' (a scalar loss), got {reduction!r}"
@@ -37,8 +39,12 @@ class AutogradLoss(Loss):
         self.name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``loss_fn(outputs, targets)``."""
-        return self.loss_fn(outputs, targets)
+        """``loss_fn(outputs, targets)``, checked to be a scalar tensor."""
+        value = self.loss_fn(outputs, targets)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"loss_fn: {self.name} must return a scalar tensor, got {shape}")
+        return value
 
     def checked_call(self, outputs: Any, targets: Tensor) -> Tensor:
         """The value as written: a callable loss may take any outputs (a tuple with an auxiliary term)."""
@@ -77,8 +83,28 @@ class AutogradLoss(Loss):
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``∇²_f L · v`` as the vjp of ``∇_f L`` (the Hessian is symmetric)."""
-        _, vjp_fn = vjp(grad(lambda f: self.loss_fn(f, targets)), outputs)
+        _, vjp_fn = vjp(grad(lambda f: self(f, targets)), outputs)
         return vjp_fn(v)[0]
+
+
+def _check_two_inputs(loss_fn) -> None:
+    """Raise ``ValueError`` if ``loss_fn`` cannot be called as ``loss_fn(outputs, targets)``.
+
+    E.g. ``nn.GaussianNLLLoss`` (input, target, var). Callables without an inspectable
+    signature (some builtins) pass.
+    """
+    try:
+        signature = inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+        raise ValueError(
+            f"loss_fn: curvfx calls loss_fn(outputs, targets), but {name}{signature} does not take "
+            "two arguments; wrap it, e.g. lambda outputs, targets: loss(outputs, targets, var)"
+        ) from None
 
 
 def one_sample_gradient(loss_fn) -> Callable[[Tensor, Tensor], Tensor]:

@@ -67,7 +67,7 @@ class CrossEntropyLoss(Loss):
         _check_class_targets(
             outputs, targets, self.name, allow_probabilities=True, ignore_index=self.ignore_index
         )
-        _check_weight(self.weight, outputs)
+        _check_weight(self.weight, outputs, targets)
 
     def normalizer(self, targets: Tensor) -> Tensor | float:
         """Z: counted positions weighted by ``w_{y_i}`` (class indices) or all positions."""
@@ -188,7 +188,7 @@ class NLLLoss(Loss):
         _check_class_targets(
             outputs, targets, self.name, allow_probabilities=False, ignore_index=self.ignore_index
         )
-        _check_weight(self.weight, outputs)
+        _check_weight(self.weight, outputs, targets)
 
     def _hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """Zero: the loss is linear in the outputs."""
@@ -234,6 +234,11 @@ def _check_class_targets(
     if targets.is_floating_point() and allow_probabilities:
         check_same_shape(outputs, targets, loss)
     elif targets.dtype in (torch.int64, torch.uint8):  # the index dtypes torch's losses take
+        if targets.dtype == torch.uint8 and outputs.dim() > 2:
+            raise ValueError(
+                f"targets: {loss} takes uint8 class indices for outputs [N, C] only (torch refuses "
+                f"them for {list(outputs.shape)}); pass int64 indices"
+            )
         if tuple(targets.shape) != index_shape:
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
@@ -252,8 +257,12 @@ def _check_class_targets(
         raise ValueError(f"targets: {loss} needs {kinds}, got dtype {targets.dtype}")
 
 
-def _check_weight(weight: Tensor | None, outputs: Tensor) -> None:
-    """Raise ``ValueError`` unless ``weight`` is None or floating-point class weights [C] (static checks)."""
+def _check_weight(weight: Tensor | None, outputs: Tensor, targets: Tensor) -> None:
+    """Raise ``ValueError`` unless ``weight`` is None or class weights [C] torch takes with these inputs.
+
+    Floating point, on the outputs' device, and for class indices of the outputs' dtype
+    (torch refuses other dtypes there).
+    """
     if weight is None:
         return
     c = outputs.shape[1]
@@ -266,6 +275,11 @@ def _check_weight(weight: Tensor | None, outputs: Tensor) -> None:
         raise ValueError(f"weight: expected floating-point class weights [C] = [{c}], got {got}")
     if weight.device != outputs.device:
         raise ValueError(f"weight: on {weight.device}, the outputs on {outputs.device}")
+    if weight.dtype != outputs.dtype and not targets.is_floating_point():
+        raise ValueError(
+            f"weight: {weight.dtype} class weights with {outputs.dtype} outputs (torch refuses them "
+            "with class indices); convert the loss's weight to the outputs' dtype"
+        )
 
 
 def _class_weight(weight: Any) -> Tensor | None:

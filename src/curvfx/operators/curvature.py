@@ -430,6 +430,8 @@ def _check_all_ignored(loss: Loss, y: Tensor) -> None:
     Z = 0 with every position ignored is a batch without loss (skipped); class weights that
     cancel (Z = Σ w_y = 0 over counted positions) make torch's weighted mean 0/0 = nan.
     """
+    if y.numel() == 0:
+        raise ValueError(f"data: a batch has no targets (y of shape {list(y.shape)})")
     ignored = getattr(loss, "ignore_index", None)
     if ignored is None or y.is_floating_point() or not bool((y == ignored).all()):
         raise ValueError(
