@@ -86,7 +86,7 @@ class BCEWithLogitsLoss(Loss):
         self._check_weights(outputs)
         return F.binary_cross_entropy_with_logits(
             outputs,
-            targets,
+            targets.to(outputs.dtype),  # as torch promotes; torch.func.grad would round to the targets'
             weight=self.weight,
             pos_weight=self.pos_weight,
             reduction=self.reduction,
