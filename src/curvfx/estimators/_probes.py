@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from curvfx._arguments import check_count
@@ -71,11 +72,10 @@ def probes(
     where = generator.device
     if distribution == "rademacher":  # each random byte gives 8 signs: 8× fewer draws than randint(0, 2)
         count = size * num
-        draws = torch.randint(
-            0, 256, ((count + 7) // 8,), generator=generator, device=where, dtype=torch.uint8
-        )
-        bits = (draws.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=where)) & 1
-        omega = bits.reshape(-1)[:count].reshape(num, size).to(dtype).mul_(2).sub_(1)
+        draws = torch.randint(0, 256, ((count + 7) // 8,), generator=generator, device=where)
+        bits = (torch.arange(256, device=where).unsqueeze(1) >> torch.arange(8, device=where)) & 1
+        signs = (2 * bits - 1).to(dtype)  # [256, 8]: the signs of each byte's bits, low bit first
+        omega = F.embedding(draws, signs).reshape(-1)[:count].reshape(num, size)  # one pass writes Ω
     else:
         omega = torch.randn(num, size, generator=generator, device=where, dtype=dtype)
     return omega.to(device if device is not None else where).T

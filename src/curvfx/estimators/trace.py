@@ -157,7 +157,7 @@ def _hutchinson(op, m, distribution, generator, bar) -> tuple[Tensor, Tensor]:
         V = probes(P, min(per_block, m - start), distribution, generator, op.dtype, op.device)
         AV = products(op, V, "trace")
         bar.update(V.shape[1])
-        terms.append(torch.einsum("pk,pk->k", V, AV))  # ω_iᵀ A ω_i (batched dots, no [P, m] temporary)
+        terms.append(torch.linalg.vecdot(V, AV, dim=0))  # ω_iᵀ A ω_i (einsum's bmm: 20× slower at P = 1.9M)
     terms = torch.cat(terms)
     return terms.mean(), _standard_error(terms)
 
