@@ -412,3 +412,20 @@ def test_losses_torch_cannot_evaluate_are_refused_clearly():
             nn.MSELoss(),
             [(x, torch.randn(6, 3, dtype=torch.float64)), (x[:0], y[:0, None].expand(0, 3).double())],
         ).to_dense()
+
+
+def test_uint8_class_indices_that_wrap_onto_ignore_index_and_weights_under_autocast():
+    """uint8 156 == -100 in torch's comparison, though torch's loss counts class 156: refused
+    (before: dropped as ignored). Class weights in float32 with bfloat16 outputs under
+    autocast are what torch takes (its loss runs in float32): accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 200)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.tensor([156, 3, 7], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8 class 156 would read as ignore_index = -100"):
+        curvfx.ggn(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    small = nn.Sequential(nn.Linear(4, 3))
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = curvfx.ggn(small, weighted, (x.float(), torch.tensor([0, 1, 2]))) @ torch.ones(15)
+    assert out.shape == (15,) and torch.isfinite(out).all()

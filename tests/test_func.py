@@ -181,6 +181,13 @@ def test_a_parameter_read_past_the_swap_is_refused():
         curvfx.per_sample_grad(model, nn.CrossEntropyLoss(), None, x, y)
     with pytest.raises(ValueError, match=r"'a\.weight'"):
         curvfx.per_sample_jacobian(model, None, x)
+    own = dict(model.named_parameters())  # the module's own tensors: a list read looks like theirs
+    with pytest.raises(ValueError, match=r"'a\.weight'"):
+        curvfx.per_sample_grad(_ListAlias().double(), nn.CrossEntropyLoss(), None, x, y)
+    fn, _ = curvfx.make_functional(model)
+    fn(own, x)  # cannot tell: the check stays pending
+    assert not fn.aliases_checked
+    fn({k: v for k, v in params.items() if k != "a.weight"}, x)  # a.weight held fixed: harmless
     plain = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     fn, _ = curvfx.make_functional(plain)
     scaled = {k: 2.0 * p for k, p in plain.named_parameters()}  # graphs back to the parameters

@@ -272,6 +272,23 @@ def test_callable_losses_over_batches_are_checked_against_their_reduction():
     summed = curvfx.losses.AutogradLoss(squares, "sum")
     split = curvfx.ggn(model, summed, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
     assert_close_rel(split, curvfx.ggn(model, summed, (x, t)).to_dense(), tol=1e-12)
+    coupled = curvfx.losses.AutogradLoss(lambda o, t: ((o - t).mean(0) ** 2).sum(), "sum")  # declared
+    two = curvfx.hessian(model, coupled, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
+    halves = [curvfx.hessian(model, coupled, (x[a:b], t[a:b])).to_dense() for a, b in ((0, 3), (3, 7))]
+    assert_close_rel(two, halves[0] + halves[1], tol=1e-12)  # trusted as declared: a sum over batches
+    tupled = lambda o, t: F.mse_loss(o[0], t)  # noqa: E731  (outputs that are not one tensor: unchecked)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, inputs):
+            return self.lin(inputs), inputs
+
+    pair = Pair()
+    split = curvfx.hessian(pair, tupled, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
+    assert_close_rel(split, curvfx.hessian(pair, tupled, (x, t)).to_dense(), tol=1e-12)
     per_sample = lambda o, t: ((o - t) ** 2).sum(1).mean()  # noqa: E731  (a true "batchmean")
     split = curvfx.hessian(model, per_sample, [(x[:3], t[:3]), (x[3:], t[3:])]).to_dense()
     assert_close_rel(split, curvfx.hessian(model, per_sample, (x, t)).to_dense(), tol=1e-12)

@@ -288,11 +288,11 @@ def _check_reads(fn, params: PyTree, x: Any) -> None:
 
     The vmapped routes never call the model outside a transform, where that check
     (:meth:`FunctionalModel._check_aliases`) runs: a model function not checked yet gets a
-    forward pass of the first sample in grad mode (the parameters as given: only such
-    reads record a graph).
+    forward pass of the first sample in grad mode (the parameters detached: only such reads
+    record a graph).
     """
     if isinstance(fn, FunctionalModel) and not fn.aliases_checked:
-        _forward(fn, params, _leading(x, 1), graph=True)
+        _forward(fn, {k: v.detach() for k, v in params.items()}, _leading(x, 1), graph=True)
 
 
 def _check_independent_samples(fn, transform: str) -> None:

@@ -276,6 +276,8 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     try:
         out = _engines.gauss_newton_vp(model_at, params, tree, product_at, check, engine)
     except (NotImplementedError, CheckpointError) as err:  # explicit forward mode ("auto" falls back)
+        if strategy not in ("forward-ad", "func"):
+            raise
         raise ValueError(
             f"strategy: {strategy!r} cannot differentiate this model in forward mode ({err}); "
             "use 'auto' or 'autograd'"

@@ -120,35 +120,39 @@ class FunctionalModel:
             for m, attributes in hooked:
                 _put_back(m, attributes)
         if not self.aliases_checked:
-            self._check_aliases(outputs, state)
+            self._check_aliases(params, outputs, state)
         return outputs
 
-    def _check_aliases(self, outputs: Any, state: dict[str, Tensor]) -> None:
-        """Raise ``ValueError`` if ``outputs`` depend on a trainable parameter read past the swap.
+    def _check_aliases(self, params: Mapping[str, Tensor], outputs: Any, state: dict[str, Tensor]) -> None:
+        """Raise ``ValueError`` if ``outputs`` depend on a parameter of ``params`` read past the swap.
 
         ``functional_call`` swaps the module's attributes; a parameter the forward also reads
         through an unregistered reference (a Python list, a closure) stays the model's own
         tensor there, so every derivative would silently treat that use as a constant. The
         graph of the outputs shows it (the walk stops at the call's values, which may be
-        computed from the parameters). Checked once per model function, at its first call
-        that records a graph outside ``torch.func`` transforms (one visit per operation).
+        computed from the parameters). Checked once per model function, at its first call in
+        grad mode outside ``torch.func`` transforms whose values are not the module's own
+        parameters (reads through a list would then look like the module's; one visit per
+        operation of the graph).
         """
         if not torch.is_grad_enabled() or inside_transform() or torch.compiler.is_compiling():
             return
-        roots = [t for t in leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is not None]
-        if not roots:
+        named = self.module.named_parameters()
+        own = {id(p): name for name, p in named if p.requires_grad and name in params}  # those differentiated
+        if any(id(v) in own for v in state.values()):
             return
         stops = {v.grad_fn for v in state.values() if v.grad_fn is not None}
         values = {id(v) for v in state.values()}
-        others = {id(leaf) for root in roots for leaf in leaf_inputs(root, stops) if id(leaf) not in values}
-        for name, p in self.module.named_parameters() if others else ():
-            if id(p) in others:
-                raise ValueError(
-                    f"model: its forward reads the parameter {name!r} other than as a module "
-                    "attribute (e.g. from a Python list), where curvfx cannot put the parameter "
-                    "values of a call: derivatives would treat that use as a constant; reach it "
-                    "through registered modules (a shared submodule, nn.ParameterList)"
-                )
+        roots = [t for t in leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is not None]
+        for root in roots:
+            for leaf in leaf_inputs(root, stops):
+                if id(leaf) in own and id(leaf) not in values:
+                    raise ValueError(
+                        f"model: its forward reads the parameter {own[id(leaf)]!r} other than as a module "
+                        "attribute (e.g. from a Python list), where curvfx cannot put the parameter "
+                        "values of a call: derivatives would treat that use as a constant; reach it "
+                        "through registered modules (a shared submodule, nn.ParameterList)"
+                    )
         self.aliases_checked = True
 
     def _state(
@@ -192,13 +196,15 @@ class FunctionalModel:
             elif held:
                 value = held[0]
             else:
-                value = t.detach() if is_param else t.clone()
+                value = t.detach() if is_param else t
+            if not is_param:  # a forward may update buffers in place (BatchNorm in train mode)
+                value = value.clone()
             if self.renormed.intersection(names):  # embeddings with max_norm write their weight
                 value = value.clone()
             state.update(dict.fromkeys(swapped, value))
         unknown = [k for k in params if k not in known]
         if unknown:
-            raise ValueError(f"params: {unknown} are not parameters of the model")
+            raise ValueError(f"params: {unknown} are not parameters or buffers of the model")
         return state, hooked
 
     @property

@@ -93,8 +93,9 @@ def _check_two_inputs(loss_fn) -> None:
     E.g. ``nn.GaussianNLLLoss`` (input, target, var). Callables without an inspectable
     signature (some builtins) pass.
     """
+    module_call = isinstance(loss_fn, nn.Module) and type(loss_fn).__call__ is nn.Module.__call__
     try:
-        signature = inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
+        signature = inspect.signature(loss_fn.forward if module_call else loss_fn)
     except (TypeError, ValueError):
         return
     try:

@@ -88,7 +88,8 @@ class Loss:
         """Targets drawn from the model's predictive distribution at ``outputs``.
 
         ``observed`` (optional): the data's targets; positions they ignore (``ignore_index``)
-        stay ignored in the draw.
+        stay ignored in the draw for :meth:`likelihood_loss` (which takes the draws): marked
+        with ``ignore_index``, or with -1 where ``ignore_index`` is a class a draw could hit.
         """
         check_batch(outputs)
         if observed is not None:

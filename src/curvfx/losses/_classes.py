@@ -239,6 +239,13 @@ def _check_class_targets(
                 f"targets: {loss} takes uint8 class indices for outputs [N, C] only (torch refuses "
                 f"them for {list(outputs.shape)}); pass int64 indices"
             )
+        wrapped = ignore_index % 256  # uint8 == ignore_index compares the wrapped byte
+        if targets.dtype == torch.uint8 and not 0 <= ignore_index < 256 and holds_values(targets):
+            if bool((targets == wrapped).any()):
+                raise ValueError(
+                    f"targets: uint8 class {wrapped} would read as ignore_index = {ignore_index} "
+                    "(torch counts it); pass int64 class indices"
+                )
         if tuple(targets.shape) != index_shape:
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
@@ -275,7 +282,8 @@ def _check_weight(weight: Tensor | None, outputs: Tensor, targets: Tensor) -> No
         raise ValueError(f"weight: expected floating-point class weights [C] = [{c}], got {got}")
     if weight.device != outputs.device:
         raise ValueError(f"weight: on {weight.device}, the outputs on {outputs.device}")
-    if weight.dtype != outputs.dtype and not targets.is_floating_point():
+    autocast = torch.is_autocast_enabled(outputs.device.type)  # the loss then runs in float32
+    if weight.dtype != outputs.dtype and not targets.is_floating_point() and not autocast:
         raise ValueError(
             f"weight: {weight.dtype} class weights with {outputs.dtype} outputs (torch refuses them "
             "with class indices); convert the loss's weight to the outputs' dtype"

@@ -116,6 +116,8 @@ class CurvatureOperator(LinearOperator):
         """
         self.model_fn, self.params = model_fn, fixed_params(params)
         self.loss, self.data = get_loss(loss_fn), Batches(data, batch_size_fn)
+        # a callable's reduction curvfx took (not an AutogradLoss the user declared): checked per batch
+        self._guessed_reduction = isinstance(self.loss, AutogradLoss) and not isinstance(loss_fn, Loss)
         self.factor, self.chunk_size = real_number(factor, "factor"), check_chunk_size(chunk_size)
         self.process_group = resolve_process_group(process_group)
         self.randomness = check_randomness(randomness, model_fn)
@@ -272,22 +274,25 @@ class CurvatureOperator(LinearOperator):
     def _check_reduction(self, b: int, x: Any, y: Tensor) -> None:
         """A callable loss's declared reduction against batch ``b`` (:meth:`AutogradLoss.check_reduction`).
 
-        Batches are weighted by the normalizer ``Z_b`` the reduction declares (a lambda is
-        taken as "batchmean"); a callable that normalizes by its targets (``ignore_index``,
-        class weights) or sums contradicts it, and the weighted sum would silently differ
-        from the concatenated batch's curvature. Checked once per batch index, on the outputs
-        of a forward pass without graph (one random state for it, as for the products).
+        Batches are weighted by the normalizer ``Z_b`` of the reduction curvfx took for a
+        callable (a lambda: "batchmean"); one that normalizes by its targets
+        (``ignore_index``, class weights) or sums contradicts it, and the weighted sum would
+        silently differ from the concatenated batch's curvature. Checked once per batch
+        index, on the outputs of one forward pass (one random state for it, as for the
+        products); a :class:`~curvfx.losses.AutogradLoss` the user built declares its
+        reduction and is not checked (a loss that couples the samples can only be declared).
         """
-        if not isinstance(self.loss, AutogradLoss) or inside_transform() or b in self._checked_reductions:
+        if not self._guessed_reduction or inside_transform() or b in self._checked_reductions:
             return
         devices = [self.device] if self.device.type == "cuda" else []
         with (
-            torch.no_grad(),
+            torch.enable_grad(),  # a forward pass may differentiate (forces as -dE/dx)
             torch.random.fork_rng(devices=devices),
             batch_randomness(self.randomness, self.model_seed, b, self.model_fn, self.device),
         ):
             outputs = self.model_fn(self.params, x)
-        check_reduction_at(self.loss, outputs, y)
+        if isinstance(outputs, Tensor):  # other outputs are the callable's own business
+            check_reduction_at(self.loss, outputs.detach(), y)
         self._checked_reductions = self._checked_reductions | {b}
 
     def _with_randomness(
