@@ -28,7 +28,7 @@ from curvfx._pytree import (
     unsqueeze_leaves,
 )
 from curvfx._structured import check_backend, sample_grads_route, sample_squares, structured_sample_grads
-from curvfx.functional import FunctionalModel, as_function, check_independent_samples
+from curvfx.functional import as_function, check_independent_samples, check_reads
 from curvfx.losses import get_loss
 from curvfx.losses._autograd import one_sample_gradient
 
@@ -97,7 +97,7 @@ def per_sample_grad(
 
     if not all(isinstance(t, Tensor) for t in leaves(batch_tree(x))):
         _check_rows_per_sample(fn, params, x, n)
-    _check_reads(fn, params, x)
+    check_reads(fn, params, _leading(x, 1))  # the vmapped route never can
 
     targets_checked = []  # once per call, not per vmapped chunk or looped sample
 
@@ -187,7 +187,7 @@ def per_sample_jacobian(
     fn, params = as_function(fn, params)
     check_batch(x, None)
     _check_independent_samples(fn, "per_sample_jacobian")
-    _check_reads(fn, params, x)
+    check_reads(fn, params, _leading(x, 1))  # the vmapped route never can
     n, c, p = batch_size(x), _sample_output_numel(fn, params, x), num_params(params)
     check_fits(
         f"per_sample_jacobian: the result [N={n}, C={c}, P={p}]", n * c * p, leaves(params)[0].dtype, _FEWER
@@ -275,24 +275,11 @@ def _leading(x: Any, k: int) -> Any:
     return tree_map(lambda t: t[:k] if isinstance(t, Tensor) else t, sample_split(x)[0])
 
 
-def _forward(fn, params: PyTree, x: Any, graph: bool = False) -> Any:
-    """``fn(params, x)`` (without a graph unless ``graph``), the random number state kept."""
+def _forward(fn, params: PyTree, x: Any) -> Any:
+    """``fn(params, x)`` without a graph, the random number state kept."""
     device = leaves(params)[0].device
-    devices = [device] if device.type == "cuda" else []
-    with torch.set_grad_enabled(graph), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return fn(params, x)
-
-
-def _check_reads(fn, params: PyTree, x: Any) -> None:
-    """A model function's check of parameters read past the swap, on one sample.
-
-    The vmapped routes never call the model outside a transform, where that check
-    (:meth:`FunctionalModel._check_aliases`) runs: a model function not checked yet gets a
-    forward pass of the first sample in grad mode (the parameters detached: only such reads
-    record a graph).
-    """
-    if isinstance(fn, FunctionalModel) and not fn.aliases_checked:
-        _forward(fn, {k: v.detach() for k, v in params.items()}, _leading(x, 1), graph=True)
 
 
 def _check_independent_samples(fn, transform: str) -> None:

@@ -45,7 +45,7 @@ from curvfx._factors import FISHER_KINDS, factor_product, output_factor
 from curvfx._kernels import with_composed_ops
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
 from curvfx._pytree import as_columns, as_tree, leaves, ravel
-from curvfx.functional import as_function
+from curvfx.functional import as_function, check_reads
 from curvfx.losses import get_loss
 
 __all__ = [
@@ -231,8 +231,11 @@ def model_jvp(
     tree, _ = as_tree(v, params)
     check_batch(x, None)
     check_real(params, "params")
+    differentiable = needs_graph((params, tree, x))
+    if differentiable:  # torch.func only: check the model's reads first
+        check_reads(fn, params, x)
     model_at = lambda p: check_output(fn(p, x))  # noqa: E731
-    return _engines.model_jvp(model_at, params, tree, needs_graph((params, tree, x)))[1]
+    return _engines.model_jvp(model_at, params, tree, differentiable)[1]
 
 
 def model_vjp(
@@ -250,7 +253,10 @@ def model_vjp(
     check_real(params, "params")
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a tensor shaped like the outputs, got {describe(u)}")
-    return _engines.model_vjp(lambda p: check_output(fn(p, x)), params, u, needs_graph((params, u, x)))
+    differentiable = needs_graph((params, u, x))
+    if differentiable:  # torch.func only: check the model's reads first
+        check_reads(fn, params, x)
+    return _engines.model_vjp(lambda p: check_output(fn(p, x)), params, u, differentiable)
 
 
 def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -> PyTree | Tensor:
@@ -262,6 +268,8 @@ def _gauss_newton(fn, loss_fn, params, x, y, v, strategy: str, output_product) -
     engine = _engines.pick(
         strategy, GGN_STRATEGIES, eager="auto-eager", composable="auto-func", inputs=(params, v, x, y)
     )
+    if engine in ("auto-func", "func", "func-vjp"):  # torch.func only: check the model's reads first
+        check_reads(fn, params, x)
     columns = as_columns(v, params)
     if columns is not None and engine in ("auto-func", "func", "func-vjp"):
         return _vmapped_columns(

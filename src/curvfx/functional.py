@@ -22,6 +22,7 @@ __all__ = [
     "as_function",
     "call_with_inputs",
     "check_independent_samples",
+    "check_reads",
     "holding",
     "make_functional",
 ]
@@ -119,7 +120,7 @@ class FunctionalModel:
         finally:  # tensors the modules' pre-hooks set (old weight_norm, prune) are put back
             for m, attributes in hooked:
                 _put_back(m, attributes)
-        if not self.aliases_checked:
+        if not torch.compiler.is_compiling() and not self.aliases_checked:  # traced: no guard on the flag
             self._check_aliases(params, outputs, state)
         return outputs
 
@@ -135,7 +136,7 @@ class FunctionalModel:
         parameters (reads through a list would then look like the module's; one visit per
         operation of the graph).
         """
-        if not torch.is_grad_enabled() or inside_transform() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or inside_transform():
             return
         named = self.module.named_parameters()
         own = {id(p): name for name, p in named if p.requires_grad and name in params}  # those differentiated
@@ -264,6 +265,22 @@ def check_independent_samples(fn: Any, what: str, advice: str) -> None:
             "with batch statistics, coupling the samples (train mode, or "
             f"track_running_stats=False); {advice}"
         )
+
+
+def check_reads(fn: Any, params: Mapping[str, Tensor], x: Any) -> None:
+    """Run a model function's pending check of parameters read past the swap, on input ``x``.
+
+    For routes that call the model only inside ``torch.func`` transforms, where
+    :meth:`FunctionalModel._check_aliases` cannot look: one forward pass in grad mode at the
+    parameters detached (only such reads then record a graph), the random state kept.
+    """
+    if torch.compiler.is_compiling() or not isinstance(fn, FunctionalModel):  # traced: checked eagerly
+        return
+    if fn.aliases_checked or inside_transform():
+        return
+    device = next(iter(params.values())).device
+    with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        fn({k: v.detach() for k, v in params.items()}, x)
 
 
 def holding(fn: Callable, fixed: dict[str, Tensor], order: list[str]) -> Callable:
