@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from curvfx._engines import kept_rng
 from curvfx._pytree import leaves, tree_map
 
 __all__ = ["COLUMN_NUMBERS", "SAMPLE_NUMBERS", "columns_per_call"]
@@ -50,9 +51,7 @@ def columns_per_call(model_fn: Callable, params: Any, x: Any) -> int:
         if t.untyped_storage().data_ptr() not in params_storage:
             largest = max(largest, t.numel())
 
-    device = param_leaves[0].device
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with rng, torch.enable_grad(), saved_tensors_hooks(pack, _never_unpacked):  # no RNG side effect
+    with kept_rng(param_leaves[0].device), torch.enable_grad(), saved_tensors_hooks(pack, _never_unpacked):
         model_fn(tree_map(lambda leaf: leaf.detach().requires_grad_(), params), x)
     return max(1, COLUMN_NUMBERS // max(largest, 1))
 

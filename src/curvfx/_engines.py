@@ -10,6 +10,7 @@ space: the loss's Hessian for the GGN, a factor product for the Fisher kinds.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -29,7 +30,7 @@ from curvfx._errors import (
     needs_graph,
 )
 from curvfx._forward_rules import ForwardRules, UntrustedTangents
-from curvfx._kernels import derivable_kernels
+from curvfx._kernels import derivable_kernels, within
 from curvfx._pytree import flatten, unflatten
 
 __all__ = [
@@ -149,7 +150,7 @@ def _reverse_over_forward(
         p = [leaf.detach().requires_grad_() for leaf in p_leaves]
         with fwad.dual_level():
             duals = [fwad.make_dual(pi, vi) for pi, vi in zip(p, spec.flatten_up_to(v))]
-            rules = _within(lambda: ForwardRules(differentiable=True, decompose=decompose), f)
+            rules = within(lambda: ForwardRules(differentiable=True, decompose=decompose), f)
             value = _scalar(_in_derivable_kernels(rules))(unflatten(spec, duals))  # checks outside the rules
             slope = fwad.unpack_dual(value).tangent  # ∇f·v, with its graph
         if slope is None or not slope.requires_grad:  # f is at most linear in θ
@@ -388,6 +389,14 @@ def rng_state() -> tuple:
     return torch.get_rng_state(), cuda
 
 
+def kept_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Torch's global random state (CPU, and ``device``'s if CUDA) restored on exit.
+
+    Draws inside (dropout in a checking forward pass) leave the global streams as they were.
+    """
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def draw_seed(generator: torch.Generator | None) -> int:
     """A seed drawn from ``generator`` (on its own device) or, if None, from torch's global RNG."""
     device = generator.device if check_generator(generator) is not None else None
@@ -413,22 +422,12 @@ def set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _within(context, f):
-    """``f`` run inside a fresh ``context()`` at every call."""
-
-    def wrapped(p):
-        with context():
-            return f(p)
-
-    return wrapped
-
-
 def _in_forward_rules(f):
-    return _within(ForwardRules, f)
+    return within(ForwardRules, f)
 
 
 def _in_derivable_kernels(f):
-    return _within(derivable_kernels, f)
+    return within(derivable_kernels, f)
 
 
 def _fill_zeros(spec, p: list[Tensor], grads) -> PyTree:

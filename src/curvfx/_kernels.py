@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ComposedOps", "derivable_kernels", "needs_composed_ops", "with_composed_ops"]
+__all__ = ["ComposedOps", "derivable_kernels", "needs_composed_ops", "within"]
 
 _active = threading.local()  # .attention: an enclosing derivable_kernels chose the SDPA kernel
 _cuda = torch.backends.cuda
@@ -185,20 +185,20 @@ class ComposedOps(TorchFunctionMode):
         return (composed or func)(*args, **(kwargs or {}))
 
 
-def with_composed_ops(f: Callable) -> Callable:
-    """``f`` run inside a fresh :class:`ComposedOps` at every call.
+def within(context: Callable[[], contextlib.AbstractContextManager], f: Callable) -> Callable:
+    """``f`` run inside a fresh ``context()`` at every call.
 
-    For functions whose modules curvfx does not see (a user's pure function, a loss
-    closure): the mode costs one Python call per torch function, not measurable on an
-    MLP's HVP (2.39 against 2.40 ms).
+    ``within(ComposedOps, f)`` for functions whose modules curvfx does not see (a user's
+    pure function, a loss closure): the mode costs one Python call per torch function, not
+    measurable on an MLP's HVP (2.39 against 2.40 ms).
     """
 
     @functools.wraps(f)
-    def composed(*args: Any, **kwargs: Any) -> Any:
-        with ComposedOps():
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with context():
             return f(*args, **kwargs)
 
-    return composed
+    return wrapped
 
 
 def needs_composed_ops(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
+from curvfx._engines import kept_rng
 from curvfx._errors import check_batch, check_targets, describe, sample_row
 from curvfx._memory import check_fits
 from curvfx._pytree import (
@@ -277,8 +278,7 @@ def _leading(x: Any, k: int) -> Any:
 
 def _forward(fn, params: PyTree, x: Any) -> Any:
     """``fn(params, x)`` without a graph, the random number state kept."""
-    device = leaves(params)[0].device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.no_grad(), kept_rng(leaves(params)[0].device):
         return fn(params, x)
 
 

@@ -42,7 +42,7 @@ from curvfx import _engines
 from curvfx._arguments import check_count
 from curvfx._errors import check_batch, check_output, check_real, check_targets, describe, needs_graph
 from curvfx._factors import FISHER_KINDS, factor_product, output_factor
-from curvfx._kernels import with_composed_ops
+from curvfx._kernels import ComposedOps, within
 from curvfx._per_sample import per_sample_grad, per_sample_grad_norms, per_sample_jacobian
 from curvfx._pytree import as_columns, as_tree, leaves, ravel
 from curvfx.functional import as_function, check_reads
@@ -107,7 +107,7 @@ def hvp(
     engine = _engines.pick(
         strategy, HVP_STRATEGIES, eager="auto-eager", composable="rev-rev", inputs=(params, v)
     )
-    f = with_composed_ops(f)  # weight norm, PReLU in f: see curvfx._kernels
+    f = within(ComposedOps, f)  # weight norm, PReLU in f: see curvfx._kernels
     columns = as_columns(v, params)
     if columns is not None:
         if engine in ("auto-eager", "autograd"):  # one forward and first backward for all columns

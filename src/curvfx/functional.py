@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from curvfx._engines import kept_rng
 from curvfx._errors import describe, inside_transform
 from curvfx._graph import leaf_inputs
 from curvfx._kernels import ComposedOps, derivable_kernels, needs_composed_ops
@@ -278,8 +279,7 @@ def check_reads(fn: Any, params: Mapping[str, Tensor], x: Any) -> None:
         return
     if fn.aliases_checked or inside_transform():
         return
-    device = next(iter(params.values())).device
-    with torch.enable_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.enable_grad(), kept_rng(next(iter(params.values())).device):
         fn({k: v.detach() for k, v in params.items()}, x)
 
 

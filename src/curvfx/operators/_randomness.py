@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from curvfx._capture import supported_layers
-from curvfx._engines import draw_seed
+from curvfx._engines import draw_seed, kept_rng
 from curvfx.functional import FunctionalModel
 from curvfx.operators._distributed import rank_stream_seed
 
@@ -70,7 +70,7 @@ def batch_randomness(
 ) -> Iterator[None]:
     """The randomness of batch ``b`` for the duration of one product (see the module docstring)."""
     if randomness == "fixed":
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with kept_rng(device):
             for generator in _generators(device):
                 generator.manual_seed(seed + b)
             yield

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from curvfx._arguments import check_chunk_size, real_number
 from curvfx._chunking import SAMPLE_NUMBERS, columns_per_call
-from curvfx._engines import draw_seed
+from curvfx._engines import draw_seed, kept_rng
 from curvfx._errors import check_batch, inside_transform
 from curvfx._factors import check_reduction_at, output_factor
 from curvfx._memory import fitting_chunk
@@ -284,10 +284,9 @@ class CurvatureOperator(LinearOperator):
         """
         if not self._guessed_reduction or inside_transform() or b in self._checked_reductions:
             return
-        devices = [self.device] if self.device.type == "cuda" else []
         with (
             torch.enable_grad(),  # a forward pass may differentiate (forces as -dE/dx)
-            torch.random.fork_rng(devices=devices),
+            kept_rng(self.device),
             batch_randomness(self.randomness, self.model_seed, b, self.model_fn, self.device),
         ):
             outputs = self.model_fn(self.params, x)
