@@ -144,11 +144,10 @@ class FunctionalModel:
         if any(id(v) in own for v in state.values()):
             return
         stops = {v.grad_fn for v in state.values() if v.grad_fn is not None}
-        values = {id(v) for v in state.values()}
         roots = [t for t in leaves(outputs) if isinstance(t, Tensor) and t.grad_fn is not None]
         for root in roots:
             for leaf in leaf_inputs(root, stops):
-                if id(leaf) in own and id(leaf) not in values:
+                if id(leaf) in own:  # none of own is a value of this call (returned above)
                     raise ValueError(
                         f"model: its forward reads the parameter {own[id(leaf)]!r} other than as a module "
                         "attribute (e.g. from a Python list), where curvfx cannot put the parameter "

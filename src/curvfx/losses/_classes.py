@@ -240,12 +240,12 @@ def _check_class_targets(
                 f"them for {list(outputs.shape)}); pass int64 indices"
             )
         wrapped = ignore_index % 256  # uint8 == ignore_index compares the wrapped byte
-        if targets.dtype == torch.uint8 and not 0 <= ignore_index < 256 and holds_values(targets):
-            if bool((targets == wrapped).any()):
-                raise ValueError(
-                    f"targets: uint8 class {wrapped} would read as ignore_index = {ignore_index} "
-                    "(torch counts it); pass int64 class indices"
-                )
+        uint8_wraps = targets.dtype == torch.uint8 and not 0 <= ignore_index < 256
+        if uint8_wraps and holds_values(targets) and bool((targets == wrapped).any()):
+            raise ValueError(
+                f"targets: uint8 class {wrapped} would read as ignore_index = {ignore_index} "
+                "(torch counts it); pass int64 class indices"
+            )
         if tuple(targets.shape) != index_shape:
             raise ValueError(
                 f"targets: {loss} needs class indices of shape {list(index_shape)}, got {list(targets.shape)}"
